@@ -1,0 +1,9 @@
+"""``python -m pytest_gpushare``: the ``gpushare`` command."""
+
+from __future__ import annotations
+
+import sys
+
+from pytest_gpushare.cli import main
+
+sys.exit(main())

@@ -1,0 +1,57 @@
+"""The plugin's exceptions: small, picklable, with their data in attributes.
+
+They cross process boundaries (an xdist worker's failure is pickled into its report),
+so every class keeps the arguments it was built with in ``args``.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "GpuShareError",
+    "LeaseTimeout",
+    "LedgerError",
+    "NeverFits",
+    "SettingError",
+]
+
+
+class GpuShareError(Exception):
+    """Base of every error raised by pytest-gpushare."""
+
+
+class SettingError(GpuShareError, ValueError):
+    """A setting, marker argument or size that cannot be used.
+
+    The message is one line that quotes the bad value and names where it came from;
+    the pytest edge turns it into a usage error (exit code 4) or a failed test.
+    """
+
+
+class LedgerError(GpuShareError):
+    """The ledger folder or a ledger file cannot be used safely (never a silent fallback)."""
+
+
+class NeverFits(GpuShareError):
+    """A need that no GPU of this box could ever serve; ``reason`` says why."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class LeaseTimeout(GpuShareError, TimeoutError):
+    """A lease was not granted within its timeout.
+
+    ``holders`` describes who held the GPU(s) when the wait gave up, one line each.
+    """
+
+    def __init__(self, message: str, waited: float, holders: tuple[str, ...] = ()) -> None:
+        super().__init__(message, waited, holders)
+        self.message = message
+        self.waited = waited
+        self.holders = holders
+
+    def __str__(self) -> str:
+        if not self.holders:
+            return self.message
+        return f"{self.message}; held by: " + "; ".join(self.holders)
