@@ -1,0 +1,181 @@
+"""Text of the VRAM analysis (header, summary) and the JSON report: pure formatting, no I/O."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from pytest_gpushare.planner import GpuPlan, Plan, WorkerCount
+from pytest_gpushare.units import format_size
+
+__all__ = ["WorkerLine", "header_lines", "json_report", "peak_concurrent", "summarize", "summary_lines"]
+
+
+@dataclass(frozen=True)
+class WorkerLine:
+    """What the session really runs with, next to what the plan says.
+
+    ``mode`` is ``auto`` (``-n auto``/``-n logical``: the plan decided), ``fixed`` (``-n N``),
+    or ``single`` (no xdist, or ``-n 0``).
+    """
+
+    mode: str
+    workers: int
+    planned: WorkerCount
+
+
+def _gpu_line(g: GpuPlan) -> str:
+    gpu = g.gpu
+    parts = [f"total {format_size(gpu.total_bytes)}", f"free {format_size(g.free_bytes)}"]
+    if g.credited_bytes:
+        parts[-1] += f" (incl. {format_size(g.credited_bytes)} our lease holders use)"
+    if g.reservations:
+        parts += [f"{r.reason} {format_size(r.bytes)}" for r in g.reservations]
+    else:
+        parts.append("reserve 0B")
+    parts.append(f"safety {format_size(g.safety_bytes)}")
+    return (
+        f"  GPU {gpu.index} {gpu.name} ({gpu.uuid}): "
+        + ", ".join(parts)
+        + f" -> usable {format_size(g.usable_bytes)}"
+    )
+
+
+def workers_line(line: WorkerLine) -> str:
+    planned = line.planned
+    if line.mode == "auto":
+        return f"  workers: {line.workers} ({planned.derivation}; bound by {planned.bound_by})"
+    if line.mode == "fixed":
+        return (
+            f"  workers: {line.workers} (set by -n {line.workers}; -n auto would give "
+            f"{planned.workers}: {planned.derivation})"
+        )
+    return f"  workers: 1 (no xdist workers; -n auto would give {planned.workers}: {planned.derivation})"
+
+
+def header_lines(
+    plan: Plan,
+    workers: WorkerLine,
+    *,
+    ledger: str,
+    extra: Sequence[str] = (),
+) -> list[str]:
+    """The ``gpushare: VRAM analysis`` block, one string per line."""
+    inv = plan.inventory
+    lines = [f"gpushare: VRAM analysis (source: {inv.source})"]
+    if inv.error:
+        lines.append(f"  NVML failed: {inv.error}")
+    lines += [f"  unusable: {u}" for u in inv.unusable]
+    if not plan.gpus:
+        lines.append("  no GPU: GPU tests follow --gpushare-fallback")
+    lines += [_gpu_line(g) for g in plan.gpus]
+    if plan.gpus and not plan.per_process_trusted:
+        lines.append(
+            "  per-process figures unavailable or untrusted (another PID namespace, WSL2?): "
+            "all used memory counts as other applications' (the safe side)"
+        )
+    lines.append(workers_line(workers))
+    lines += [f"  {x}" for x in extra]
+    lines += [f"  note: {n}" for n in plan.notes]
+    lines.append(f"  ledger: {ledger}")
+    return lines
+
+
+REPORT_VERSION = 1
+
+
+def peak_concurrent(intervals: Sequence[tuple[float, float, int]]) -> int:
+    """Largest sum of ``bytes`` over intervals ``(start, end, bytes)`` alive at one moment."""
+    events: list[tuple[float, int]] = []
+    for start, end, n_bytes in intervals:
+        events.append((start, n_bytes))
+        events.append((end, -n_bytes))
+    # Ends sort before starts at the same instant: a release and a grant at one time never overlap.
+    events.sort(key=lambda e: (e[0], e[1]))
+    peak = current = 0
+    for _, delta in events:
+        current += delta
+        peak = max(peak, current)
+    return peak
+
+
+def summarize(collected: Sequence[dict[str, Any]], lost: Sequence[str], now: float) -> dict[str, Any]:
+    """Fold the per-test records the controller received into the run's lease summary.
+
+    A lease never given back (its process died) counts as held until ``now``.
+    """
+    leases: list[dict[str, Any]] = []
+    not_run: list[dict[str, Any]] = []
+    log: list[str] = []
+    for entry in collected:
+        log += entry.get("log", [])
+        if "lease" in entry:
+            lease = dict(entry["lease"])
+            lease["outcome"] = entry.get("outcome")
+            leases.append(lease)
+        elif entry.get("fallback"):
+            not_run.append({"test_id": entry["test_id"], "fallback": entry["fallback"]})
+    per_gpu: dict[str, dict[str, Any]] = {}
+    for lease in leases:
+        end = lease["released_at"] or max(now, lease["taken_at"])
+        for part in lease["gpus"]:
+            slot = per_gpu.setdefault(part["uuid"], {"index": part["index"], "leases": 0, "intervals": []})
+            slot["leases"] += 1
+            slot["intervals"].append((lease["taken_at"], end, part["bytes"]))
+    gpus = {
+        uuid: {"index": v["index"], "leases": v["leases"], "peak_bytes": peak_concurrent(v["intervals"])}
+        for uuid, v in per_gpu.items()
+    }
+    waited = sorted((x for x in leases if x["waited_s"] >= 0.01), key=lambda x: -x["waited_s"])
+    return {
+        "leases": leases,
+        "not_run": not_run,
+        "gpus": gpus,
+        "waited_longest": [{"test_id": x["test_id"], "waited_s": x["waited_s"]} for x in waited[:5]],
+        "lost": list(lost),
+        "log": log,
+    }
+
+
+def summary_lines(plan: Plan, data: dict[str, Any]) -> list[str]:
+    """The ``gpushare`` terminal summary section."""
+    lines: list[str] = []
+    if plan.inventory.error:
+        lines.append(f"NVML failed: {plan.inventory.error}")
+    for g in plan.gpus:
+        got = data["gpus"].get(g.gpu.uuid, {"leases": 0, "peak_bytes": 0})
+        lines.append(
+            f"GPU {g.gpu.index} {g.gpu.name}: peak leased {format_size(got['peak_bytes'])} of "
+            f"{format_size(g.usable_bytes)} usable, {got['leases']} lease(s)"
+        )
+    if data["waited_longest"]:
+        lines.append("waited longest for memory:")
+        lines += [f"  {w['waited_s']:.1f}s {w['test_id']}" for w in data["waited_longest"]]
+    if data["not_run"]:
+        modes = sorted({x["fallback"] for x in data["not_run"]})
+        lines.append(
+            f"{len(data['not_run'])} GPU tests not run ({', '.join(modes)}: no GPU could serve them)"
+        )
+    lines += [f"lost: {x}" for x in data["lost"]]
+    lines += [f"ledger: {x}" for x in data["log"]]
+    if not lines:
+        lines.append("no GPU tests ran")
+    return lines
+
+
+def json_report(plan: Plan, data: dict[str, Any], started: float, finished: float) -> dict[str, Any]:
+    """The ``--gpushare-report`` document (schema version ``REPORT_VERSION``, see docs)."""
+    return {
+        "version": REPORT_VERSION,
+        "started": started,
+        "finished": finished,
+        "plan": plan.to_dict(),
+        "usable_bytes": {g.gpu.uuid: g.usable_bytes for g in plan.gpus},
+        "leases": data["leases"],
+        "gpus": data["gpus"],
+        "waited_longest": data["waited_longest"],
+        "not_run": data["not_run"],
+        "lost": data["lost"],
+        "log": data["log"],
+    }
