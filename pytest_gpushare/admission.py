@@ -1,0 +1,191 @@
+"""Who may take memory on a GPU now: the ledger's rules, as pure functions over a ledger's state.
+
+No I/O: :mod:`pytest_gpushare.ledger` loads the ledgers under their locks, asks these functions,
+and writes the outcome.
+
+* **Admission.** A grant keeps a GPU's bookings (test leases + CUDA contexts) within its
+  *limit*: the least usable memory that any live owner recorded for that GPU, so the most
+  conservative live session's reservations hold for everyone. Each GPU of a multi-GPU request is
+  checked on its own; the sum over GPUs never stands in for one GPU.
+* **Context.** The first lease of a process on a GPU also books the process's CUDA context there.
+* **Exclusive.** An exclusive lease needs no other test on the GPU and takes the limit less every
+  live process's CUDA context booking, so an idle sibling's context does not block it.
+* **Placement.** ``prefer`` (the home GPU) when it can serve now; otherwise ``spread`` (most
+  memory left after the lease) or ``pack`` (least left: best fit).
+* **Never.** A need above a GPU's capacity (less this process's context when not booked there
+  yet) on too many candidate GPUs can never be served: the caller says so at once.
+
+Fairness
+--------
+A request that cannot be served registers as a waiter on each of its candidate GPUs. Once a
+waiter has waited ``fair_after`` seconds (default :data:`FAIR_AFTER_S`) it is *aged*: a younger
+request may no longer take memory on that waiter's GPUs if what would be left there is less than
+the aged waiter's need, context included (for an exclusive waiter: at all). Requests compare by
+the time they started, so the oldest aged waiter is never held back by anyone, while small
+requests keep flowing around a large one until it has aged and wherever it does not need room.
+
+Bound: with ``H`` the longest time one lease is held, ``P`` the longest pause between a waiter's
+retries (:data:`pytest_gpushare.ledger.FULL_CHECK_S`) and ``n`` the number of requests older than
+a waiter ``W`` that wait on GPUs it also waits on, ``W`` is granted within
+``fair_after + (n + 1) * (H + P)`` of starting to wait, however many younger requests arrive,
+provided that the GPUs' limits less the CUDA contexts of live processes can hold its need
+(memory that strangers take outside the ledger is beyond its control). Once ``W`` is the oldest
+aged waiter, no grant cuts below its need on its GPUs, so it is served at its first retry after
+the leases present at that moment end; each older waiter ahead of it takes at most as long.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from pytest_gpushare.ledgerstate import CONTEXT, GpuState
+from pytest_gpushare.units import MemRequest, format_size
+
+__all__ = ["FAIR_AFTER_S", "Fit", "LedgerGpu", "Need", "evaluate", "gpu_label", "never_fits", "place"]
+
+#: After this long a waiter is protected from younger requests.
+FAIR_AFTER_S = 2.0
+
+
+@dataclass(frozen=True)
+class LedgerGpu:
+    """A GPU as the ledger needs it.
+
+    ``capacity_bytes``: what it could give with nothing else of ours running (total less
+    reservations, Ollama's reserve and the safety buffer); needs above it (less this process's
+    context) never fit. ``usable_bytes``: this session's admission limit now (free memory less
+    the same), recorded in the ledger so other sessions respect it too.
+    """
+
+    uuid: str
+    index: int
+    name: str
+    total_bytes: int
+    capacity_bytes: int
+    usable_bytes: int
+
+
+@dataclass(frozen=True)
+class Need:
+    """What a test asks for: ``mem`` on each of ``count`` distinct GPUs.
+
+    ``prefer`` (a GPU uuid, the worker's home GPU) is used whenever it can serve now;
+    ``allowed`` restricts the candidate GPUs (None: all of the ledger's GPUs).
+    """
+
+    mem: MemRequest
+    count: int = 1
+    exclusive: bool = False
+    prefer: str | None = None
+    allowed: tuple[str, ...] | None = None
+
+    def describe(self) -> str:
+        text = self.mem.describe() + (" exclusive" if self.exclusive else "")
+        return text if self.count == 1 else f"{text} on each of {self.count} GPUs"
+
+
+@dataclass(frozen=True)
+class Fit:
+    """Whether one GPU can serve a request now, and on what terms."""
+
+    ok: bool
+    grant: int  # bytes of the test booking
+    context: int  # bytes of the CUDA context booked with it (0 when already booked)
+    left: int  # limit left after the grant
+    why: str = ""
+
+
+def gpu_label(gpu: LedgerGpu) -> str:
+    return f"GPU {gpu.index} ({gpu.name}, {gpu.uuid})"
+
+
+def evaluate(
+    state: GpuState,
+    gpu: LedgerGpu,
+    need: Need,
+    *,
+    owner: str,
+    context_bytes: int,
+    ticket: str,
+    since: float,
+    now: float,
+    fair_after: float,
+) -> Fit:
+    """Can ``owner``'s request (``ticket``, started at ``since``) take ``need`` on this GPU now?
+
+    ``state`` must already hold ``owner``'s record (its usable memory counts in the limit).
+    """
+    want = need.mem.resolve(gpu.total_bytes)
+    limit = state.limit()
+    if limit is None:
+        return Fit(False, want, context_bytes, 0, "no usable memory recorded")
+    used = state.booked()
+    context = 0 if state.has_context(owner) else context_bytes
+    if need.exclusive:
+        contexts = sum(b.bytes for b in state.bookings if b.kind == CONTEXT)
+        grant = limit - contexts - context
+        others = [b for b in state.bookings if b.kind != CONTEXT]
+        if others:
+            return Fit(False, grant, context, 0, f"exclusive use waits for {len(others)} lease(s) to end")
+        if grant < want or grant <= 0:
+            free = format_size(max(grant, 0))
+            return Fit(
+                False, grant, context, 0, f"{free} free besides CUDA contexts, {format_size(want)} needed"
+            )
+    else:
+        grant = want
+        if used + grant + context > limit:
+            free = f"{format_size(max(limit - used, 0))} of {format_size(limit)} free"
+            return Fit(False, grant, context, 0, f"{free}, {format_size(grant + context)} needed")
+    left = limit - used - grant - context
+    for w in state.waiters:
+        older = (w.since, w.ticket) < (since, ticket)
+        if w.ticket == ticket or not older or now - w.since < fair_after:
+            continue
+        if w.exclusive or left < w.bytes + w.context_bytes:
+            return Fit(False, grant, context, left, f"kept for {w.test_id}, waiting {now - w.since:.1f}s")
+    return Fit(True, grant, context, left)
+
+
+def place(
+    need: Need, fits: Mapping[str, Fit], candidates: Sequence[str], policy: str, index: Mapping[str, int]
+) -> list[str] | None:
+    """The GPUs to lease on, in the order the holder should use them, or None if too few fit."""
+    ok = [u for u in candidates if fits[u].ok]
+    if len(ok) < need.count:
+        return None
+    first = [need.prefer] if need.prefer in ok else []
+    rest = [u for u in ok if u not in first]
+    sign = -1 if policy == "spread" else 1
+    rest.sort(key=lambda u: (sign * fits[u].left, index[u]))
+    return (first + rest)[: need.count]
+
+
+def never_fits(need: Need, candidates: Sequence[LedgerGpu], context_bytes: int, test_id: str) -> str | None:
+    """Why ``need`` can never be served on ``candidates``, or None if it could be.
+
+    Judged against what each GPU could give with no other test running: its capacity less this
+    process's CUDA context (``context_bytes``), which is there, booked or about to be, whenever
+    this process holds a lease on the GPU.
+    """
+    if need.count > len(candidates):
+        names = ", ".join(gpu_label(g) for g in candidates)
+        available = f"only {len(candidates)} can serve it ({names})" if candidates else "no GPU can serve it"
+        return f"{test_id} needs {need.count} GPUs, but {available}"
+    fitting = 0
+    reasons = []
+    for gpu in candidates:
+        want = need.mem.resolve(gpu.total_bytes)
+        room = gpu.capacity_bytes - context_bytes
+        if 0 < want <= room:
+            fitting += 1
+            continue
+        text = f"{gpu_label(gpu)} can give at most {format_size(max(room, 0))}"
+        if context_bytes:
+            capacity = format_size(gpu.capacity_bytes)
+            text += f" (capacity {capacity} less this process's {format_size(context_bytes)} CUDA context)"
+        reasons.append(text)
+    if fitting >= need.count:
+        return None
+    return f"{test_id} needs {need.describe()}, which this box can never give: " + "; ".join(reasons)

@@ -1,0 +1,439 @@
+"""What a ledger file and an owner's holdings file contain, read strictly.
+
+A ledger (``gpu-<uuid>.json``) lists, for one GPU, the owners that use it with the usable memory
+each one's session computed, the bookings (test leases, CUDA contexts) and the waiters. An
+owner's holdings (the content of its liveness file) list what it holds on every GPU: they are
+the source of truth from which a damaged ledger is rebuilt.
+
+Parsing never trusts the data: any wrong type, missing field, absurd number or dangling
+reference raises :class:`Damaged`, and the ledger treats the whole file as unreadable. Pure
+functions over bytes; the files themselves are handled by :mod:`.ledgerfs` and :mod:`.liveness`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, TypeGuard
+
+from pytest_gpushare.liveness import KEY_RE
+
+__all__ = [
+    "CONTEXT",
+    "TEST",
+    "UNKNOWN",
+    "Booking",
+    "Damaged",
+    "GpuState",
+    "Holdings",
+    "OwnerRecord",
+    "Waiter",
+    "dump_gpu_state",
+    "dump_holdings",
+    "parse_gpu_state",
+    "parse_holdings",
+]
+
+VERSION = 1
+TEST = "test"
+CONTEXT = "context"
+#: Stands for what a live owner holds when its holdings file could not be read during a rebuild:
+#: the whole GPU, until that owner rewrites its bookings itself.
+UNKNOWN = "unknown"
+_KINDS = (TEST, CONTEXT, UNKNOWN)
+_KEY_MATCH = KEY_RE.match
+#: More than any GPU will hold for decades: a larger number is damage.
+MAX_BYTES = 2**60
+MAX_TEXT = 10_000
+HISTORY_KEEP = 20
+
+
+class Damaged(Exception):
+    """The content of a ledger or holdings file cannot be used; ``str()`` says why."""
+
+
+@dataclass
+class OwnerRecord:
+    """An owner as a ledger records it; ``usable_bytes`` is what its session may use on the GPU."""
+
+    key: str
+    pid: int
+    host: str
+    start_time: str
+    session_id: str
+    worker_id: str
+    command: str | None
+    usable_bytes: int | None
+    joined_at: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "key": self.key,
+            "pid": self.pid,
+            "host": self.host,
+            "start_time": self.start_time,
+            "session_id": self.session_id,
+            "worker_id": self.worker_id,
+            "command": self.command,
+            "usable_bytes": self.usable_bytes,
+            "joined_at": self.joined_at,
+        }
+
+    def describe(self) -> str:
+        where = f"pid {self.pid} on {self.host}, session {self.session_id}, worker {self.worker_id}"
+        return where if self.command is None else f"{where}, command {self.command!r}"
+
+
+@dataclass(frozen=True)
+class Booking:
+    """Memory booked on one GPU: a test's lease (one part of it) or a process's CUDA context."""
+
+    lease_id: str
+    owner: str
+    test_id: str
+    bytes: int
+    kind: str
+    taken_at: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "lease_id": self.lease_id,
+            "owner": self.owner,
+            "test_id": self.test_id,
+            "bytes": self.bytes,
+            "kind": self.kind,
+            "taken_at": self.taken_at,
+        }
+
+
+@dataclass(frozen=True)
+class Waiter:
+    """A request that waits for memory on this GPU.
+
+    ``bytes`` is what it needs here, ``context_bytes`` the context it would book here first.
+    """
+
+    ticket: str
+    owner: str
+    test_id: str
+    bytes: int
+    context_bytes: int
+    count: int
+    exclusive: bool
+    since: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "ticket": self.ticket,
+            "owner": self.owner,
+            "test_id": self.test_id,
+            "bytes": self.bytes,
+            "context_bytes": self.context_bytes,
+            "count": self.count,
+            "exclusive": self.exclusive,
+            "since": self.since,
+        }
+
+
+@dataclass
+class GpuState:
+    """One GPU's ledger."""
+
+    uuid: str
+    name: str = ""
+    total_bytes: int = 0
+    owners: dict[str, OwnerRecord] = field(default_factory=dict)
+    bookings: list[Booking] = field(default_factory=list)
+    waiters: list[Waiter] = field(default_factory=list)
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def limit(self) -> int | None:
+        """The admission limit: the least usable memory any live owner's session computed."""
+        values = [o.usable_bytes for o in self.owners.values() if o.usable_bytes is not None]
+        return min(values) if values else None
+
+    def booked(self) -> int:
+        return sum(b.bytes for b in self.bookings)
+
+    def has_context(self, key: str) -> bool:
+        return any(b.owner == key and b.kind == CONTEXT for b in self.bookings)
+
+    def remember(self, at: float, event: str, text: str) -> None:
+        self.history.append({"at": at, "event": event, "text": text})
+        del self.history[:-HISTORY_KEEP]
+
+
+@dataclass
+class Holdings:
+    """What one owner holds: its record, its usable memory per GPU, its bookings per GPU."""
+
+    owner: OwnerRecord
+    usable: dict[str, int]
+    bookings: dict[str, list[Booking]]
+
+
+# --- strict reading ---------------------------------------------------------------------------
+
+
+def _get(data: dict[str, Any], key: str) -> Any:
+    if key not in data:
+        raise Damaged(f"missing {key!r}")
+    return data[key]
+
+
+def _int(data: dict[str, Any], key: str, *, low: int = 0, high: int = MAX_BYTES, null: bool = False) -> Any:
+    value = _get(data, key)
+    if value is None and null:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise Damaged(f"{key!r} is not a number in [{low}, {high}]: {str(value)[:40]!r}")
+    return value
+
+
+def _float(data: dict[str, Any], key: str) -> float:
+    value = _get(data, key)
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value < 0
+    ):
+        raise Damaged(f"{key!r} is not a time: {str(value)[:40]!r}")
+    return float(value)
+
+
+def _text(data: dict[str, Any], key: str, *, null: bool = False) -> Any:
+    value = _get(data, key)
+    if value is None and null:
+        return None
+    if not isinstance(value, str) or len(value) > MAX_TEXT:
+        raise Damaged(f"{key!r} is not a text: {str(value)[:40]!r}")
+    return value
+
+
+def _key(data: dict[str, Any], key: str) -> str:
+    value = _get(data, key)
+    if not isinstance(value, str) or not KEY_RE.match(value):
+        raise Damaged(f"{key!r} is not an owner key: {str(value)[:40]!r}")
+    return value
+
+
+def _object(value: Any, what: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise Damaged(f"{what} is not an object")
+    return value
+
+
+def _list(data: dict[str, Any], key: str) -> list[Any]:
+    value = _get(data, key)
+    if not isinstance(value, list):
+        raise Damaged(f"{key!r} is not a list")
+    return value
+
+
+def _owner_checked(data: Any) -> OwnerRecord:
+    d = _object(data, "an owner")
+    return OwnerRecord(
+        key=_key(d, "key"),
+        pid=_int(d, "pid", high=2**31),
+        host=_text(d, "host"),
+        start_time=_text(d, "start_time"),
+        session_id=_text(d, "session_id"),
+        worker_id=_text(d, "worker_id"),
+        command=_text(d, "command", null=True),
+        usable_bytes=_int(d, "usable_bytes", null=True),
+        joined_at=_float(d, "joined_at"),
+    )
+
+
+def _booking_checked(data: Any) -> Booking:
+    d = _object(data, "a booking")
+    kind = _text(d, "kind")
+    if kind not in _KINDS:
+        raise Damaged(f"unknown booking kind {kind[:40]!r}")
+    return Booking(
+        lease_id=_text(d, "lease_id"),
+        owner=_key(d, "owner"),
+        test_id=_text(d, "test_id"),
+        bytes=_int(d, "bytes"),
+        kind=kind,
+        taken_at=_float(d, "taken_at"),
+    )
+
+
+def _waiter_checked(data: Any) -> Waiter:
+    d = _object(data, "a waiter")
+    exclusive = _get(d, "exclusive")
+    if not isinstance(exclusive, bool):
+        raise Damaged("'exclusive' is not true or false")
+    return Waiter(
+        ticket=_text(d, "ticket"),
+        owner=_key(d, "owner"),
+        test_id=_text(d, "test_id"),
+        bytes=_int(d, "bytes"),
+        context_bytes=_int(d, "context_bytes"),
+        count=_int(d, "count", low=1, high=4096),
+        exclusive=exclusive,
+        since=_float(d, "since"),
+    )
+
+
+# The fast readers below accept exactly what the checked readers accept when every field is
+# well-formed, in one expression each; anything else goes to the checked reader, which says
+# what is wrong. A ledger is read on every access under its lock, so this is the hot path.
+
+
+def _is_text(value: Any) -> TypeGuard[str]:
+    return type(value) is str and len(value) <= MAX_TEXT
+
+
+def _is_size(value: Any) -> TypeGuard[int]:
+    return type(value) is int and 0 <= value <= MAX_BYTES
+
+
+def _is_time(value: Any) -> TypeGuard[float]:
+    return type(value) in (int, float) and 0 <= value < math.inf
+
+
+def _owner(d: Any) -> OwnerRecord:
+    if (
+        type(d) is dict
+        and type(key := d.get("key")) is str
+        and _KEY_MATCH(key)
+        and type(pid := d.get("pid")) is int
+        and 0 <= pid <= 2**31
+        and _is_text(host := d.get("host"))
+        and _is_text(start := d.get("start_time"))
+        and _is_text(session := d.get("session_id"))
+        and _is_text(worker := d.get("worker_id"))
+        and ((command := d.get("command", 0)) is None or _is_text(command))
+        and ((usable := d.get("usable_bytes", -1)) is None or _is_size(usable))
+        and _is_time(joined := d.get("joined_at"))
+    ):
+        return OwnerRecord(key, pid, host, start, session, worker, command, usable, float(joined))
+    return _owner_checked(d)
+
+
+def _booking(d: Any) -> Booking:
+    if (
+        type(d) is dict
+        and _is_text(lease_id := d.get("lease_id"))
+        and type(owner := d.get("owner")) is str
+        and _KEY_MATCH(owner)
+        and _is_text(test_id := d.get("test_id"))
+        and _is_size(size := d.get("bytes"))
+        and (kind := d.get("kind")) in _KINDS
+        and _is_time(taken := d.get("taken_at"))
+    ):
+        return Booking(lease_id, owner, test_id, size, kind, float(taken))
+    return _booking_checked(d)
+
+
+def _waiter(d: Any) -> Waiter:
+    if (
+        type(d) is dict
+        and _is_text(ticket := d.get("ticket"))
+        and type(owner := d.get("owner")) is str
+        and _KEY_MATCH(owner)
+        and _is_text(test_id := d.get("test_id"))
+        and _is_size(size := d.get("bytes"))
+        and _is_size(context := d.get("context_bytes"))
+        and type(count := d.get("count")) is int
+        and 1 <= count <= 4096
+        and type(exclusive := d.get("exclusive")) is bool
+        and _is_time(since := d.get("since"))
+    ):
+        return Waiter(ticket, owner, test_id, size, context, count, exclusive, float(since))
+    return _waiter_checked(d)
+
+
+def _history(data: Any) -> dict[str, Any]:
+    d = _object(data, "a history entry")
+    return {"at": _float(d, "at"), "event": _text(d, "event"), "text": _text(d, "text")}
+
+
+def _load(data: bytes, what: str) -> dict[str, Any]:
+    try:
+        parsed = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise Damaged(f"not JSON ({str(exc)[:80]})") from None
+    d = _object(parsed, what)
+    if d.get("version") != VERSION:
+        raise Damaged(f"unknown version {str(d.get('version'))[:20]!r}")
+    return d
+
+
+def parse_gpu_state(data: bytes, uuid: str) -> GpuState:
+    """The ledger of GPU ``uuid`` from a file's bytes, or :class:`Damaged`."""
+    d = _load(data, "the ledger")
+    if _text(d, "uuid") != uuid:
+        raise Damaged(f"it belongs to another GPU ({str(d['uuid'])[:60]})")
+    owners_raw = _object(_get(d, "owners"), "'owners'")
+    owners: dict[str, OwnerRecord] = {}
+    for key, raw in owners_raw.items():
+        owner = _owner(raw)
+        if owner.key != key:
+            raise Damaged(f"owner {key[:40]!r} is filed under another key")
+        owners[key] = owner
+    state = GpuState(
+        uuid=uuid,
+        name=_text(d, "name"),
+        total_bytes=_int(d, "total_bytes"),
+        owners=owners,
+        bookings=[_booking(b) for b in _list(d, "bookings")],
+        waiters=[_waiter(w) for w in _list(d, "waiters")],
+        history=[_history(h) for h in _list(d, "history")][-HISTORY_KEEP:],
+    )
+    for ref in [b.owner for b in state.bookings] + [w.owner for w in state.waiters]:
+        if ref not in owners:
+            raise Damaged(f"a booking or waiter names owner {ref}, who is not recorded")
+    return state
+
+
+def dump_gpu_state(state: GpuState) -> bytes:
+    return json.dumps(
+        {
+            "version": VERSION,
+            "uuid": state.uuid,
+            "name": state.name,
+            "total_bytes": state.total_bytes,
+            "owners": {k: o.to_dict() for k, o in state.owners.items()},
+            "bookings": [b.to_dict() for b in state.bookings],
+            "waiters": [w.to_dict() for w in state.waiters],
+            "history": state.history,
+        },
+        separators=(",", ":"),
+    ).encode()
+
+
+def parse_holdings(data: bytes, key: str) -> Holdings:
+    """An owner's holdings file, or :class:`Damaged`."""
+    d = _load(data, "the holdings")
+    owner = _owner(_get(d, "owner"))
+    if owner.key != key:
+        raise Damaged("it names another owner")
+    usable: dict[str, int] = {}
+    for uuid, value in _object(_get(d, "usable"), "'usable'").items():
+        usable[uuid] = _int({"usable": value}, "usable")
+    bookings: dict[str, list[Booking]] = {}
+    for uuid, items in _object(_get(d, "bookings"), "'bookings'").items():
+        if not isinstance(items, list):
+            raise Damaged("bookings of a GPU are not a list")
+        parsed = [_booking(b) for b in items]
+        if any(b.owner != key for b in parsed):
+            raise Damaged("it lists bookings of another owner")
+        bookings[uuid] = parsed
+    return Holdings(owner=owner, usable=usable, bookings=bookings)
+
+
+def dump_holdings(holdings: Holdings) -> bytes:
+    return json.dumps(
+        {
+            "version": VERSION,
+            "owner": holdings.owner.to_dict(),
+            "usable": holdings.usable,
+            "bookings": {u: [b.to_dict() for b in items] for u, items in holdings.bookings.items() if items},
+        },
+        separators=(",", ":"),
+    ).encode()

@@ -1,0 +1,350 @@
+"""Who owns a lease, and whether that process still lives.
+
+Each owning process holds an exclusive ``flock`` on its own liveness file
+(``live-<key>.lock``) for as long as it lives. The kernel drops the lock when the process dies,
+however it dies (SIGKILL included), so "can the lock be taken?" answers "is the owner dead?"
+without guessing from PIDs: it survives PID reuse and PID namespaces (containers sharing the
+folder), where a PID names another process or none.
+
+Probes take a *shared* lock without waiting: two processes probing one dead owner at the same
+moment both see it dead, and a live owner's exclusive lock refuses both. The file is locked
+before it gets its final name, so a probe never finds it unlocked while its owner starts.
+
+The file's content is the owner's *holdings* (what it holds on every GPU, see
+:mod:`.ledgerstate`): the source of truth from which a damaged ledger is rebuilt. Only its owner
+writes it, in place (no new inode per change: creating and renaming files is what costs on a
+journalling filesystem), framed with its length and a CRC so that a reader that catches a write
+half-way reads again, and one that cannot get a whole copy treats the holdings as unknown.
+
+Raw ``fcntl.flock`` rather than filelock: this lock lives as long as the process and is probed
+from outside without waiting, which filelock's acquire/release cycle does not model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import re
+import secrets
+import socket
+import stat
+import threading
+import time
+import zlib
+from dataclasses import dataclass, field
+from typing import Any
+
+from pytest_gpushare.errors import LedgerError
+from pytest_gpushare.ledgerfs import MAX_FILE_BYTES, LedgerFolder, remove_file
+
+__all__ = [
+    "KEY_RE",
+    "HoldingsUnreadable",
+    "Liveness",
+    "Owner",
+    "live_name",
+    "probe_alive",
+    "read_holdings",
+    "remove_owner_files",
+]
+
+KEY_RE = re.compile(r"^[0-9]{1,10}-[0-9a-f]{8,64}$")
+_HEADER = re.compile(rb"GPUSHARE-HOLDINGS ([0-9]{1,9}) ([0-9a-f]{8})\n")
+#: A reader that catches the owner mid-write tries again this many times before giving up.
+_READ_TRIES = 50
+
+_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+
+
+def _process_start_time() -> str:
+    """This boot's id and the process's start time in clock ticks (``/proc/self/stat`` field 22)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
+            boot = f.read().strip()
+        with open("/proc/self/stat", encoding="ascii", errors="replace") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        # fields[0] is field 3 of the file (the state), so field 22 is fields[19].
+        return f"{boot}:{fields[19]}"
+    except (OSError, IndexError):
+        return "unknown"
+
+
+@dataclass(frozen=True)
+class Owner:
+    """One process that takes leases.
+
+    ``worker_id`` is ``"controller"``, ``"gw0"``..., ``"main"`` without xdist, or
+    ``"gpushare-run"``; ``command`` is the command line that ``gpushare run`` holds a lease for.
+    ``token`` makes the owner unique among all processes that ever used the folder (PIDs are
+    reused, and repeat across PID namespaces); ``key`` names its files.
+    """
+
+    pid: int
+    host: str
+    start_time: str
+    session_id: str
+    worker_id: str
+    command: str | None = None
+    token: str = field(default_factory=lambda: secrets.token_hex(8))
+
+    @property
+    def key(self) -> str:
+        return f"{self.pid}-{self.token}"
+
+    @classmethod
+    def current(cls, session_id: str, worker_id: str, command: str | None = None) -> Owner:
+        """The owner record of the calling process."""
+        return cls(
+            pid=os.getpid(),
+            host=socket.gethostname(),
+            start_time=_process_start_time(),
+            session_id=session_id,
+            worker_id=worker_id,
+            command=command,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "key": self.key,
+            "pid": self.pid,
+            "host": self.host,
+            "start_time": self.start_time,
+            "session_id": self.session_id,
+            "worker_id": self.worker_id,
+            "command": self.command,
+        }
+
+
+def live_name(key: str) -> str:
+    return f"live-{key}.lock"
+
+
+class HoldingsUnreadable(Exception):
+    """An owner's holdings could not be read whole; ``str()`` says why."""
+
+
+def _frame(payload: bytes) -> bytes:
+    return b"GPUSHARE-HOLDINGS %d %08x\n" % (len(payload), zlib.crc32(payload)) + payload
+
+
+class Liveness:
+    """This process's liveness lock for one owner in one folder, held until :meth:`close`,
+    carrying the owner's holdings (``payload``)."""
+
+    def __init__(self, folder: LedgerFolder, owner: Owner, payload: bytes) -> None:
+        self.folder = folder
+        self.key = owner.key
+        self._payload = payload
+        self._slot = (str(folder.path), owner.key)
+        with _REGISTRY_GUARD:
+            if self._slot in _REGISTRY:
+                raise LedgerError(
+                    f"this process already has a ledger open for owner {owner.key} in {folder.path}; reuse it"
+                )
+            self._fd: int | None = self._create()
+            _REGISTRY[self._slot] = self
+
+    def _create(self) -> int:
+        tmp = self.folder.path / f".tmp-{self.key}-live"
+        try:
+            fd = os.open(
+                tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC, self.folder.file_mode
+            )
+        except OSError as exc:
+            raise LedgerError(
+                f"cannot create a liveness file in {self.folder.path}: {exc.strerror}"
+            ) from None
+        try:
+            if self.folder.shared:
+                os.fchmod(fd, self.folder.file_mode)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.pwrite(fd, _frame(self._payload), 0)
+            os.replace(tmp, self.folder.path / live_name(self.key))
+        except OSError as exc:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise LedgerError(f"cannot hold a liveness lock in {self.folder.path}: {exc.strerror}") from None
+        return fd
+
+    def write(self, payload: bytes) -> None:
+        """Replace the holdings in place. The file never shrinks: the frame says where they end."""
+        if self._fd is None:
+            raise LedgerError(f"the liveness lock of owner {self.key} was closed")
+        data = _frame(payload)
+        if len(data) > MAX_FILE_BYTES:
+            raise LedgerError(f"the holdings of owner {self.key} would grow past the ledger size cap")
+        try:
+            os.pwrite(self._fd, data, 0)
+        except OSError as exc:
+            raise LedgerError(f"cannot write the holdings of owner {self.key}: {exc.strerror}") from None
+        self._payload = payload
+
+    def ensure(self) -> bool:
+        """Recreate the liveness file if someone removed it (a temp cleaner, a person); True if so.
+
+        Without it, every other process would take this live owner for dead.
+        """
+        if self._fd is None:
+            raise LedgerError(f"the liveness lock of owner {self.key} was closed")
+        if os.fstat(self._fd).st_nlink > 0:
+            return False
+        with _REGISTRY_GUARD:
+            old, self._fd = self._fd, self._create()
+            os.close(old)
+        return True
+
+    def close(self) -> None:
+        """Give the lock up and remove the owner's files."""
+        with _REGISTRY_GUARD:
+            if self._fd is None:
+                return
+            remove_owner_files(self.folder, self.key, names=())
+            os.close(self._fd)
+            self._fd = None
+            _REGISTRY.pop(self._slot, None)
+
+    def _forget_in_child(self) -> None:
+        # The child shares the parent's open file description; closing the child's descriptor
+        # leaves the parent's lock in place (LOCK_UN here would drop the parent's lock).
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self._fd = None
+
+
+_REGISTRY: dict[tuple[str, str], Liveness] = {}
+_REGISTRY_GUARD = threading.RLock()
+
+
+#: Descriptors of other owners' liveness files, kept open between probes (a probe is then an
+#: fstat and a flock instead of four system calls); dropped when the owner is found dead, when
+#: its file was unlinked, and all at once past :data:`_PROBE_CACHE_MAX`.
+_PROBE_FDS: dict[tuple[str, str], int] = {}
+_PROBE_GUARD = threading.Lock()
+_PROBE_CACHE_MAX = 256
+
+
+def _drop_probe(slot: tuple[str, str]) -> None:
+    fd = _PROBE_FDS.pop(slot, None)
+    if fd is not None:
+        os.close(fd)
+
+
+def _probe_fd(folder: LedgerFolder, key: str, slot: tuple[str, str]) -> int | bool:
+    """A descriptor of the owner's liveness file, or the verdict when there is nothing to lock."""
+    fd = _PROBE_FDS.get(slot)
+    if fd is not None:
+        if os.fstat(fd).st_nlink > 0:
+            return fd
+        _drop_probe(slot)  # removed (the owner closed) or recreated: look again
+    try:
+        fd = os.open(folder.path / live_name(key), os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return False
+    except PermissionError:
+        return True  # another account's file we cannot read: the safe side is "alive"
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return False  # we never make links: whatever planted it is no live owner
+        raise LedgerError(f"cannot check the liveness of owner {key}: {exc.strerror}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        return False
+    if len(_PROBE_FDS) >= _PROBE_CACHE_MAX:
+        for old in list(_PROBE_FDS):
+            _drop_probe(old)
+    _PROBE_FDS[slot] = fd
+    return fd
+
+
+def probe_alive(folder: LedgerFolder, key: str) -> bool:
+    """Whether the owner ``key`` lives: its liveness lock is held by someone."""
+    slot = (str(folder.path), key)
+    if slot in _REGISTRY:
+        # Our own owners live by definition. Probing them would also be wrong on filesystems
+        # that emulate flock with record locks, which drop when any descriptor closes.
+        return True
+    with _PROBE_GUARD:
+        fd = _probe_fd(folder, key, slot)
+        if isinstance(fd, bool):
+            return fd
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):
+                return True
+            _drop_probe(slot)
+            raise LedgerError(f"cannot check the liveness of owner {key}: {exc.strerror}") from None
+        _drop_probe(slot)  # closing our only descriptor also lets go of the shared lock
+        return False
+
+
+def read_holdings(folder: LedgerFolder, key: str) -> bytes | None:
+    """The holdings an owner last wrote, or None when its liveness file is gone.
+
+    Raises :class:`HoldingsUnreadable` when no whole copy can be read.
+    """
+    path = folder.path / live_name(key)
+    try:
+        fd = os.open(path, os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise HoldingsUnreadable(f"cannot open {path.name}: {exc.strerror}") from None
+    try:
+        try:
+            folder.check_file(os.fstat(fd), path)
+        except LedgerError as exc:
+            raise HoldingsUnreadable(str(exc)) from None
+        why = "empty"
+        for _ in range(_READ_TRIES):
+            data = os.pread(fd, MAX_FILE_BYTES + 1, 0)
+            match = _HEADER.match(data)
+            if match is None:
+                why = "no holdings header"
+            else:
+                size = int(match.group(1))
+                payload = data[match.end() : match.end() + size]
+                if len(payload) == size and b"%08x" % zlib.crc32(payload) == match.group(2):
+                    return payload
+                why = "holdings do not match their checksum"
+            time.sleep(0.0002)  # the owner may be writing right now
+        raise HoldingsUnreadable(f"{path.name}: {why}")
+    finally:
+        os.close(fd)
+
+
+def remove_owner_files(
+    folder: LedgerFolder, key: str, names: tuple[str, ...] | list[str] | None = None
+) -> None:
+    """Remove a gone owner's liveness file and half-written temporary files.
+
+    ``names`` is a listing of the folder to search for temporary files (None lists it; an empty
+    sequence skips them).
+    """
+    remove_file(folder, live_name(key))
+    listing = os.listdir(folder.path) if names is None else names
+    prefix = f".tmp-{key}-"
+    for name in listing:
+        if name.startswith(prefix):
+            remove_file(folder, name)
+
+
+def _forget_in_child() -> None:
+    global _REGISTRY_GUARD, _PROBE_GUARD
+    for live in _REGISTRY.values():
+        live._forget_in_child()
+    _REGISTRY.clear()
+    _REGISTRY_GUARD = threading.RLock()
+    for fd in _PROBE_FDS.values():
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _PROBE_FDS.clear()
+    _PROBE_GUARD = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_in_child)
