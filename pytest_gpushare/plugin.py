@@ -1,0 +1,321 @@
+"""pytest hooks only: options, the marker, wiring of the pure core to pytest and xdist.
+
+Everything is resolved on first use, not in ``pytest_configure``: xdist asks for the worker
+count from its ``pytest_cmdline_main``, before ``pytest_configure`` runs. ``--help``,
+``--version`` and ``--markers`` never reach a path that starts NVML or contacts Ollama.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from pytest_gpushare import hookspecs, planner, report
+from pytest_gpushare import settings as _settings
+from pytest_gpushare.devices import Gpu, GpuInventory, probe_for
+from pytest_gpushare.errors import GpuShareError
+from pytest_gpushare.fixtures import GpuLease
+from pytest_gpushare.ollama import OllamaStatus, attribute_held, query_ollama
+from pytest_gpushare.planner import Budget, Plan, Reservation, WorkerCount
+from pytest_gpushare.units import format_size
+
+__all__ = ["get_plan", "get_settings", "is_worker", "ollama_status", "session_id"]
+
+SETTINGS_KEY = pytest.StashKey[_settings.Settings]()
+PLAN_KEY = pytest.StashKey[Plan]()
+OLLAMA_KEY = pytest.StashKey[OllamaStatus]()
+AUTO_KEY = pytest.StashKey[WorkerCount]()
+SESSION_KEY = pytest.StashKey[str]()
+
+MARKER_HELP = (
+    "gpu(mem=None, count=1, exclusive=False): the test needs `mem` (a size such as '4GiB', or "
+    "'N%' of the device) on each of `count` distinct GPUs; pytest-gpushare leases it for the "
+    "test's duration. exclusive=True holds all usable memory of each GPU."
+)
+
+
+def is_worker(config: pytest.Config) -> bool:
+    return hasattr(config, "workerinput")
+
+
+def never_plans(config: pytest.Config) -> bool:
+    """True for invocations that must not start NVML or contact anything."""
+    opt = config.option
+    return bool(
+        getattr(opt, "help", False) or getattr(opt, "version", False) or getattr(opt, "markers", False)
+    )
+
+
+def session_id(config: pytest.Config) -> str:
+    """One id per pytest session, shared by the controller and its workers (ledger records)."""
+    try:
+        return config.stash[SESSION_KEY]
+    except KeyError:
+        pass
+    if is_worker(config) and "gpushare_session" in config.workerinput:  # type: ignore[attr-defined]
+        sid = str(config.workerinput["gpushare_session"])  # type: ignore[attr-defined]
+    else:
+        sid = uuid.uuid4().hex[:12]
+    config.stash[SESSION_KEY] = sid
+    return sid
+
+
+def get_settings(config: pytest.Config) -> _settings.Settings:
+    """The session's settings, resolved once; a bad value is a usage error naming its source."""
+    try:
+        return config.stash[SETTINGS_KEY]
+    except KeyError:
+        pass
+    try:
+        resolved = _settings.resolve_settings(config)
+    except GpuShareError as exc:
+        raise pytest.UsageError(str(exc)) from None
+    config.stash[SETTINGS_KEY] = resolved
+    return resolved
+
+
+def ollama_status(config: pytest.Config) -> OllamaStatus:
+    """What Ollama holds: asked once per session in the controller, received by workers."""
+    try:
+        return config.stash[OLLAMA_KEY]
+    except KeyError:
+        pass
+    if is_worker(config) and "gpushare_ollama" in config.workerinput:  # type: ignore[attr-defined]
+        status = OllamaStatus.from_dict(config.workerinput["gpushare_ollama"])  # type: ignore[attr-defined]
+    else:
+        status = query_ollama(get_settings(config).ollama, os.environ)
+    config.stash[OLLAMA_KEY] = status
+    return status
+
+
+def _call_each(pm_config: pytest.Config, name: str, **kwargs: Any) -> Iterator[tuple[str, Any]]:
+    """Call every implementation of one of our hooks, naming the one that raises.
+
+    A failing planning hook is a usage error that names the plugin and the hook: a silent zero
+    reservation could push another application off the GPU.
+    """
+    caller = getattr(pm_config.hook, name)
+    for impl in reversed(caller.get_hookimpls()):
+        args = {k: kwargs[k] for k in impl.argnames}
+        try:
+            result = impl.function(**args)
+        except pytest.UsageError:
+            raise
+        except Exception as exc:
+            raise pytest.UsageError(
+                f"gpushare: {name} in {impl.plugin_name} raised {type(exc).__name__}: {exc}"
+            ) from None
+        yield impl.plugin_name, result
+
+
+def _probe(config: pytest.Config) -> GpuInventory:
+    for plugin_name, result in _call_each(config, "pytest_gpushare_probe", config=config):
+        if result is None:
+            continue
+        if not isinstance(result, GpuInventory):
+            raise pytest.UsageError(
+                f"gpushare: pytest_gpushare_probe in {plugin_name} returned {type(result).__name__}, "
+                "not a GpuInventory"
+            )
+        return result
+    return GpuInventory(gpus=(), source="no probe answered")
+
+
+def _reservations(config: pytest.Config, gpus: tuple[Gpu, ...]) -> list[Reservation]:
+    out: list[Reservation] = []
+    indices = {g.index for g in gpus}
+    for plugin_name, result in _call_each(config, "pytest_gpushare_reservations", config=config, gpus=gpus):
+        for r in result or ():
+            if not isinstance(r, Reservation) or r.bytes < 0 or r.gpu_index not in indices:
+                raise pytest.UsageError(
+                    f"gpushare: pytest_gpushare_reservations in {plugin_name} returned {r!r}: "
+                    f"expected Reservation values with bytes >= 0 for GPU indices {sorted(indices)}"
+                )
+            out.append(r)
+    return out
+
+
+def compute_plan(config: pytest.Config) -> Plan:
+    """Probe, ask every reservation hook, and apply the formula (controller only)."""
+    s = get_settings(config)
+    inventory = _probe(config)
+    reservations = _reservations(config, inventory.gpus)
+    budget = Budget(
+        safety_bytes=s.safety_bytes,
+        worker_mem_bytes=s.worker_mem_bytes,
+        context_bytes=s.context_mem_bytes,
+        workers_per_gb=s.workers_per_gb,
+        max_workers=s.max_workers,
+    )
+    notes = list(s.notes)
+    notes += [
+        f"--gpushare-reserve names GPU {i}, which this box does not have"
+        for i in sorted(set(s.reserve.per_index) - {g.index for g in inventory.gpus})
+    ]
+    return planner.make_plan(inventory, budget, reservations=reservations, notes=notes)
+
+
+def get_plan(config: pytest.Config) -> Plan:
+    """The session's plan: computed once in the controller, received by xdist workers."""
+    try:
+        return config.stash[PLAN_KEY]
+    except KeyError:
+        pass
+    if is_worker(config) and "gpushare_plan" in config.workerinput:  # type: ignore[attr-defined]
+        plan = Plan.from_dict(config.workerinput["gpushare_plan"])  # type: ignore[attr-defined]
+    else:
+        plan = compute_plan(config)
+    config.stash[PLAN_KEY] = plan
+    return plan
+
+
+# --- hooks -----------------------------------------------------------------------------------
+
+
+def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
+    pluginmanager.add_hookspecs(hookspecs)
+    # xdist asks for the worker count before pytest_configure: register its hooks now.
+    from pytest_gpushare import workers
+
+    if not pluginmanager.is_registered(workers):
+        pluginmanager.register(workers, "gpushare-xdist")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    _settings.add_options(parser)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_gpushare_probe(config: pytest.Config) -> GpuInventory:
+    return probe_for(get_settings(config).simulate).probe()
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_gpushare_reservations(config: pytest.Config, gpus: tuple[Gpu, ...]) -> list[Reservation]:
+    """The plugin's own reservations: ``--gpushare-reserve`` and the Ollama hold."""
+    s = get_settings(config)
+    out = planner.reservations_from_sizes(s.reserve, gpus, "reserve")
+    status = ollama_status(config)
+    held, _note = attribute_held(status, gpus)
+    for gpu in gpus:
+        want = s.ollama_reserve.for_index(gpu.index)
+        if want <= 0:
+            continue
+        have = held.get(gpu.index, 0)
+        hold = max(0, want - have)
+        out.append(
+            Reservation(
+                gpu.index,
+                hold,
+                "Ollama hold",
+                kind="ollama",
+                full_bytes=want,
+            )
+        )
+    return out
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_load_initial_conftests(early_config: pytest.Config) -> None:
+    """Before any conftest can touch CUDA: make ``cuda:N`` count GPUs in PCI order, as NVML does.
+
+    Only when the user has not chosen an order; xdist workers get it in their tx spec.
+    """
+    os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", MARKER_HELP)
+    if never_plans(config):
+        return
+    from pytest_gpushare.lifecycle import LeasePlugin
+
+    config.pluginmanager.register(LeasePlugin(config), "gpushare-leases")
+
+
+def _granted(request: pytest.FixtureRequest) -> list[GpuLease]:
+    from pytest_gpushare.lifecycle import GRANT_KEY
+
+    grant = request.node.stash.get(GRANT_KEY, None)
+    if grant is None:
+        raise GpuShareError("gpushare: no lease for this test (is the plugin disabled for it?)")
+    return list(grant.gpus)
+
+
+@pytest.fixture
+def gpu(request: pytest.FixtureRequest) -> GpuLease:
+    """The :class:`GpuLease` of the running test (its first device when ``count > 1``)."""
+    return _granted(request)[0]
+
+
+@pytest.fixture
+def gpus(request: pytest.FixtureRequest) -> list[GpuLease]:
+    """One :class:`GpuLease` per device of the running test, in the order it should use them."""
+    return _granted(request)
+
+
+def _worker_line(config: pytest.Config, plan: Plan) -> report.WorkerLine:
+    auto = config.stash.get(AUTO_KEY, None)
+    n = getattr(config.option, "numprocesses", None)
+    if auto is not None:
+        return report.WorkerLine("auto", int(n or auto.workers), auto)
+    planned = plan.worker_count(xdist_default_count(config))
+    if isinstance(n, int) and n > 0:
+        return report.WorkerLine("fixed", n, planned)
+    return report.WorkerLine("single", 1, planned)
+
+
+def xdist_default_count(config: pytest.Config) -> int | None:
+    """xdist's own ``-n auto`` answer (it honours PYTEST_XDIST_AUTO_NUM_WORKERS and ``-n logical``)."""
+    if not config.pluginmanager.hasplugin("xdist"):
+        return None
+    me = config.pluginmanager.get_plugin("gpushare-xdist")
+    remove = [me] if me is not None else []
+    caller = config.pluginmanager.subset_hook_caller("pytest_xdist_auto_num_workers", remove)
+    result = caller(config=config)
+    return int(result) if result is not None else None
+
+
+def header(config: pytest.Config, workers: report.WorkerLine | None = None) -> list[str]:
+    """The VRAM analysis block."""
+    plan = get_plan(config)
+    s = get_settings(config)
+    extra = _ollama_lines(ollama_status(config), plan)
+    from pytest_gpushare.ledger import default_ledger_dir
+
+    ledger_dir = s.ledger_dir or f"{default_ledger_dir()} (this account's private folder)"
+    line = workers or _worker_line(config, plan)
+    return report.header_lines(plan, line, ledger=ledger_dir, extra=extra)
+
+
+def plan_lines(config: pytest.Config) -> list[str]:
+    """What ``gpushare plan`` prints: the header as ``pytest -n auto`` would show it here."""
+    if never_plans(config):
+        return []
+    count = get_plan(config).worker_count(xdist_default_count(config))
+    return header(config, report.WorkerLine("auto", count.workers, count))
+
+
+def _ollama_lines(status: OllamaStatus, plan: Plan) -> list[str]:
+    if not status.asked:
+        return ["ollama: not asked (--gpushare-ollama=off)"]
+    if not status.answered:
+        return [f"ollama: {status.address} did not answer usefully ({status.problem}); nothing credited"]
+    lines = [f"ollama: {status.address} answered: {len(status.models)} model(s) loaded"]
+    lines += [
+        f"  {m.name}: {format_size(m.vram_bytes)} on GPU"
+        + (f", {format_size(m.cpu_bytes)} on CPU (spilling!)" if m.cpu_bytes else "")
+        for m in status.models
+    ]
+    return lines
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_report_header(config: pytest.Config) -> list[str] | None:
+    if is_worker(config):
+        return None
+    return header(config)
