@@ -1,0 +1,499 @@
+"""What a GPU test really uses: the sampler on a fake NVML, torch through a stand-in module."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import os
+import platform
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from types import SimpleNamespace
+
+import pytest
+from fake_pynvml import NVML_ERROR_GPU_IS_LOST, NVML_ERROR_LIBRARY_NOT_FOUND, FakeGpu, FakeMig, FakeNvml
+from fake_torch import FakeLease, install_fake_torch
+
+from pytest_gpushare import devices, nvml
+from pytest_gpushare.advice import NOT_MEASURABLE, observation_record
+from pytest_gpushare.devices import GpuProcess, NvmlProbe
+from pytest_gpushare.errors import GpuShareError, SettingError
+from pytest_gpushare.nvml import process_usage
+from pytest_gpushare.observe import (
+    Sampler,
+    Watch,
+    release_cached,
+    split_context,
+    torch_peak_start,
+    torch_peak_stop,
+)
+from pytest_gpushare.units import GiB, MiB
+
+PID = os.getpid()
+A = "GPU-aaaaaaaa-0000-0000-0000-000000000000"
+B = "GPU-bbbbbbbb-0000-0000-0000-000000000000"
+NO_SUCH_PID = 2**22 + 12345  # above Linux's pid_max ceiling: never a process here
+Processes = list[tuple[int, int | None]]
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met within the deadline")
+        time.sleep(0.001)
+
+
+def wait_reads(fake: FakeNvml, more: int) -> None:
+    target = fake.process_reads + more
+    wait_for(lambda: fake.process_reads >= target)
+
+
+class Schedule:
+    """A process list that changes at each read: ``steps[i]`` at read i, the last one after."""
+
+    def __init__(self, *steps: Processes) -> None:
+        self.steps = steps
+        self.reads = 0
+
+    def __call__(self) -> Processes:
+        step = self.steps[min(self.reads, len(self.steps) - 1)]
+        self.reads += 1
+        return step
+
+
+@pytest.fixture
+def box(fake_nvml: Callable[..., FakeNvml]) -> Callable[..., FakeNvml]:
+    return fake_nvml
+
+
+def sampler(interval_s: float = 0.001) -> Sampler:
+    return Sampler(interval_s, detect_platform=False)
+
+
+# --- NVML per process (nvml.process_usage, the sampler's source) ------------------------------
+
+
+def test_process_usage_reads_the_per_process_list_by_uuid(box: Callable[..., FakeNvml]) -> None:
+    fake = box([FakeGpu(A, processes=[(PID, 3 * GiB), (1, None)]), FakeGpu(B)])
+    assert process_usage(A) == {PID: 3 * GiB, 1: None}
+    assert process_usage(B) == {}
+    assert fake.init_calls == 1
+
+
+def test_process_usage_finds_mig_devices_and_sums_a_process_listed_twice(
+    box: Callable[..., FakeNvml],
+) -> None:
+    mig = FakeMig("MIG-11111111-2222-3333-4444-555555555555", processes=[(PID, GiB), (PID, 2 * GiB), (7, 1)])
+    box([FakeGpu(A, name="NVIDIA A100-SXM4-80GB", mig=[mig])])
+    assert process_usage(mig.uuid) == {PID: 3 * GiB, 7: 1}
+    mig.processes.append((7, None))
+    assert process_usage(mig.uuid) == {PID: 3 * GiB, 7: None}
+
+
+def test_process_usage_looks_each_handle_up_once(
+    box: Callable[..., FakeNvml], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake = box([FakeGpu(A, processes=[(PID, GiB)])])
+    lookups: list[object] = []
+    real_lookup = fake.module.nvmlDeviceGetHandleByUUID
+
+    def counted_lookup(uuid: str) -> object:
+        lookups.append(uuid)
+        return real_lookup(uuid)
+
+    monkeypatch.setattr(fake.module, "nvmlDeviceGetHandleByUUID", counted_lookup)
+    for _ in range(5):
+        process_usage(A)
+    assert lookups == [A]
+
+
+def test_process_usage_starts_nvml_again_after_someone_shut_it_down(box: Callable[..., FakeNvml]) -> None:
+    fake = box([FakeGpu(A, processes=[(PID, GiB)])])
+    assert process_usage(A) == {PID: GiB}
+    fake.drop_all_references()
+    assert process_usage(A) == {PID: GiB}
+    assert fake.init_calls == 2
+
+
+def test_process_usage_errors_quote_nvml(box: Callable[..., FakeNvml]) -> None:
+    box([FakeGpu(A, fail={"nvmlDeviceGetComputeRunningProcesses_v3": NVML_ERROR_GPU_IS_LOST})])
+    with pytest.raises(GpuShareError, match="GPU is lost"):
+        process_usage(A)
+    with pytest.raises(GpuShareError, match="Not Found"):
+        process_usage(B)
+
+
+def test_process_usage_without_a_driver_says_so(box: Callable[..., FakeNvml]) -> None:
+    box([FakeGpu(A)], init_error=NVML_ERROR_LIBRARY_NOT_FOUND)
+    with pytest.raises(GpuShareError, match="no NVIDIA driver is installed"):
+        process_usage(A)
+    box(import_error=True)
+    with pytest.raises(GpuShareError, match="cannot be imported"):
+        process_usage(A)
+
+
+def test_fake_handle_by_uuid_matches_the_real_binding(
+    box: Callable[..., FakeNvml], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delitem(sys.modules, "pynvml", raising=False)
+    real = importlib.import_module("pynvml")
+    fake = box().module
+    for name in ("nvmlDeviceGetHandleByUUID", "nvmlDeviceGetComputeRunningProcesses"):
+        assert list(inspect.signature(getattr(fake, name)).parameters) == list(
+            inspect.signature(getattr(real, name)).parameters
+        )
+
+
+def test_the_probe_sums_a_process_listed_once_per_compute_instance(box: Callable[..., FakeNvml]) -> None:
+    # One list reader serves the probe and process_usage: the planner credits a process once.
+    mig = FakeMig("MIG-11111111-2222-3333-4444-555555555555", processes=[(PID, GiB), (PID, 2 * GiB)])
+    box([FakeGpu(A, name="NVIDIA A100-SXM4-80GB", mig=[mig])])
+    (gpu,) = NvmlProbe(None).probe().gpus
+    assert gpu.processes == (GpuProcess(PID, 3 * GiB),)
+
+
+def test_devices_re_exports_the_nvml_names_in_either_import_order() -> None:
+    assert devices.NvmlProbe is nvml.NvmlProbe
+    assert devices.process_usage is nvml.process_usage
+    assert devices.FROM_ENVIRONMENT is nvml.FROM_ENVIRONMENT
+    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+        devices.nothing  # noqa: B018
+    for first in ("nvml", "devices", "observe", "enforce", "advice"):
+        code = (
+            f"import sys, pytest_gpushare.{first}\n"
+            "from pytest_gpushare.devices import NvmlProbe, probe_for\n"
+            "import pytest_gpushare.observe, pytest_gpushare.enforce, pytest_gpushare.advice\n"
+            "assert isinstance(probe_for(None), NvmlProbe)\n"
+            "print(sorted({'pynvml', 'torch'} & set(sys.modules)))"
+        )
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        assert result.stdout.strip() == "[]", first
+
+
+# --- the sampler ---------------------------------------------------------------------------
+
+
+def test_sampler_catches_a_spike_that_lasts_one_reading(box: Callable[..., FakeNvml]) -> None:
+    schedule = Schedule([(PID, 100 * MiB)], [(PID, 3 * GiB)], [(PID, 100 * MiB)])
+    box([FakeGpu(A, usage=schedule)])
+    s = sampler()
+    s.start([A])
+    # Reading 0 is the baseline at start; reading 1, the spike, is the thread's first.
+    wait_for(lambda: schedule.reads >= 4)
+    peak = s.stop()[A]
+    assert peak.measurable
+    assert peak.baseline_bytes == 100 * MiB
+    assert peak.peak_bytes == 3 * GiB
+    assert peak.samples == schedule.reads >= 5
+    assert not any(t.name == "gpushare-observe" for t in threading.enumerate())
+
+
+def test_sampler_follows_usage_that_changes_while_the_test_runs(box: Callable[..., FakeNvml]) -> None:
+    usage = {"now": 0}
+    fake = box([FakeGpu(A, usage=lambda: [(PID, usage["now"])] if usage["now"] else [])])
+    s = sampler()
+    s.start([A])
+    for step in (GiB, 5 * GiB, 2 * GiB):
+        usage["now"] = step
+        wait_reads(fake, 2)  # one of them surely began after the change
+    peak = s.stop()[A]
+    assert (peak.baseline_bytes, peak.peak_bytes) == (0, 5 * GiB)
+
+
+def test_sampler_with_interval_zero_reads_only_at_start_and_stop(box: Callable[..., FakeNvml]) -> None:
+    schedule = Schedule([(PID, GiB)], [(PID, 2 * GiB)])
+    box([FakeGpu(A, usage=schedule)])
+    s = sampler(0)
+    s.start([A])
+    assert not s.running
+    peak = s.stop()[A]
+    assert (peak.baseline_bytes, peak.peak_bytes, peak.samples) == (GiB, 2 * GiB, 2)
+
+
+def test_sampler_samples_each_gpu(box: Callable[..., FakeNvml]) -> None:
+    box([FakeGpu(A, processes=[(PID, GiB)]), FakeGpu(B, processes=[(PID, 2 * GiB)])])
+    s = sampler(0)
+    s.start([A, B, A])
+    peaks = s.stop()
+    assert {u: p.peak_bytes for u, p in peaks.items()} == {A: GiB, B: 2 * GiB}
+
+
+def test_not_measurable_when_nvml_withholds_our_figure(box: Callable[..., FakeNvml]) -> None:
+    box([FakeGpu(A, processes=[(PID, None)])])
+    s = sampler(0)
+    s.start([A])
+    peak = s.stop()[A]
+    assert not peak.measurable
+    assert (peak.baseline_bytes, peak.peak_bytes) == (None, None)
+    assert "usedGpuMemory" in (peak.reason or "")
+
+
+def test_one_withheld_reading_makes_the_whole_test_not_measurable(box: Callable[..., FakeNvml]) -> None:
+    schedule = Schedule([(PID, GiB)], [(PID, None)], [(PID, GiB)])
+    box([FakeGpu(A, usage=schedule)])
+    s = sampler()
+    s.start([A])
+    wait_for(lambda: schedule.reads >= 3)  # the thread's first reading is the withheld one
+    peak = s.stop()[A]
+    assert peak.peak_bytes is None
+    assert "usedGpuMemory" in (peak.reason or "")
+
+
+def test_not_measurable_when_our_pid_is_missing_among_processes_we_cannot_see(
+    box: Callable[..., FakeNvml],
+) -> None:
+    # Another PID namespace: NVML lists host PIDs; ours is there under a number we do not know.
+    box([FakeGpu(A, processes=[(NO_SUCH_PID, 3 * GiB)])])
+    s = sampler(0)
+    s.start([A])
+    peak = s.stop()[A]
+    assert peak.peak_bytes is None
+    assert "PID namespace" in (peak.reason or "")
+
+
+def test_absent_among_visible_processes_means_nothing_used(box: Callable[..., FakeNvml]) -> None:
+    box([FakeGpu(A, processes=[(os.getppid(), 3 * GiB)]), FakeGpu(B)])
+    s = sampler(0)
+    s.start([A, B])
+    peaks = s.stop()
+    assert [(p.measurable, p.peak_bytes) for p in peaks.values()] == [(True, 0), (True, 0)]
+
+
+def test_an_early_unmatched_reading_counts_as_zero_once_our_pid_shows_up(
+    box: Callable[..., FakeNvml],
+) -> None:
+    foreign = (NO_SUCH_PID, GiB)
+    box([FakeGpu(A, usage=Schedule([foreign], [foreign, (PID, 2 * GiB)]))])
+    s = sampler(0)
+    s.start([A])
+    peak = s.stop()[A]
+    assert (peak.baseline_bytes, peak.peak_bytes) == (0, 2 * GiB)
+
+
+def test_not_measurable_when_nvml_fails(box: Callable[..., FakeNvml]) -> None:
+    box([FakeGpu(A, fail={"nvmlDeviceGetComputeRunningProcesses_v3": NVML_ERROR_GPU_IS_LOST})])
+    s = sampler(0)
+    s.start([A])
+    peak = s.stop()[A]
+    assert peak.peak_bytes is None
+    assert peak.reason == "NVML: GPU is lost"
+
+
+def test_not_measurable_on_wsl2_without_reading_nvml(
+    box: Callable[..., FakeNvml], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake = box([FakeGpu(A, processes=[])])
+    monkeypatch.setattr(
+        platform, "uname", lambda: SimpleNamespace(release="5.15.153.1-microsoft-standard-WSL2")
+    )
+    s = Sampler()
+    s.start([A])
+    assert not s.running
+    peak = s.stop()[A]
+    assert peak.peak_bytes is None
+    assert "WSL2" in (peak.reason or "")
+    assert fake.process_reads == 0
+
+
+def test_a_hung_nvml_call_neither_hangs_the_test_nor_leaks_into_the_next(
+    box: Callable[..., FakeNvml],
+) -> None:
+    release = threading.Event()
+    hang = threading.Event()
+
+    def processes() -> Processes:
+        if hang.is_set():
+            hang.clear()
+            release.wait(10)
+            return [(PID, 9 * GiB)]  # what the hung call says when it finally returns
+        return [(PID, GiB)]
+
+    fake = box([FakeGpu(A, usage=processes)])
+    s = sampler()
+    s.stop_timeout_s = 0.05
+    s.start([A])
+    hang.set()
+    wait_for(lambda: not hang.is_set())  # the old thread is inside the hung call
+    peak = s.stop()[A]
+    assert peak.peak_bytes is None
+    assert peak.reason == "NVML did not answer within 0.05s"
+    s.stop_timeout_s = 5.0
+    s.start([A])
+    release.set()
+    wait_for(lambda: sum(t.name == "gpushare-observe" for t in threading.enumerate()) == 1)
+    wait_reads(fake, 2)
+    peak = s.stop()[A]
+    assert (peak.baseline_bytes, peak.peak_bytes) == (GiB, GiB)
+
+
+def test_sampler_rejects_a_bad_interval() -> None:
+    for bad in (-1, float("nan"), float("inf"), True):
+        with pytest.raises(SettingError, match="observe interval"):
+            Sampler(bad)
+
+
+def test_start_and_stop_cost_little_on_a_trivial_test(box: Callable[..., FakeNvml]) -> None:
+    box([FakeGpu(A, processes=[(PID, GiB)])])
+    s = Sampler(detect_platform=False)  # the default interval
+    rounds = 100
+    began = time.perf_counter()
+    for _ in range(rounds):
+        s.start([A])
+        sum(range(100))  # the trivial test
+        s.stop()
+    per_test = (time.perf_counter() - began) / rounds
+    print(f"sampler start+stop on a trivial test: {per_test * 1e6:.0f} us")
+    assert per_test < 0.05  # generous: timing goals live in bench/
+
+
+# --- context and test peaks ------------------------------------------------------------------
+
+
+def test_split_context() -> None:
+    assert split_context(500 * MiB, 3 * GiB, None) == (3 * GiB - 500 * MiB, 500 * MiB, False)
+    assert split_context(0, 3 * GiB, 500 * MiB) == (3 * GiB - 500 * MiB, 500 * MiB, True)
+    assert split_context(0, 3 * GiB, 0) == (3 * GiB, None, False)
+    assert split_context(0, 3 * GiB, None) == (3 * GiB, None, False)
+    assert split_context(GiB, 512 * MiB, None) == (0, GiB, False)
+
+
+def test_the_test_that_creates_the_context_is_not_charged_for_it(box: Callable[..., FakeNvml]) -> None:
+    ctx = 480 * MiB
+    # Readings: start (no context yet), stop (context + 2GiB), after releasing the cache (context).
+    first = Schedule([], [(PID, ctx + 2 * GiB)], [(PID, ctx)])
+    gpu = FakeGpu(A, usage=first)
+    box([gpu])
+    watch = Watch(sampler=sampler(0))
+    watch.begin([FakeLease()])
+    (obs,) = watch.end()
+    assert (obs.peak_bytes, obs.source, obs.context_bytes, obs.context_from_test) == (
+        2 * GiB,
+        "nvml",
+        ctx,
+        True,
+    )
+    assert first.reads == 3
+    # The next test starts with the context in place: baseline, no extra reading.
+    second = Schedule([(PID, ctx)], [(PID, ctx + GiB)])
+    gpu.usage = second
+    watch.begin([FakeLease()])
+    (obs,) = watch.end()
+    assert (obs.peak_bytes, obs.baseline_bytes, obs.context_bytes, obs.context_from_test) == (
+        GiB,
+        ctx,
+        ctx,
+        False,
+    )
+    assert second.reads == 2
+    assert watch.contexts == {A: ctx}
+
+
+def test_a_context_made_before_the_first_test_is_its_baseline(box: Callable[..., FakeNvml]) -> None:
+    # A conftest initialised CUDA at import: the first test starts with the context in place.
+    box([FakeGpu(A, usage=Schedule([(PID, 300 * MiB)], [(PID, 300 * MiB + 3 * GiB)]))])
+    watch = Watch(sampler=sampler(0))
+    watch.begin([FakeLease()])
+    (obs,) = watch.end()
+    assert (obs.peak_bytes, obs.context_bytes, obs.context_from_test) == (3 * GiB, 300 * MiB, False)
+
+
+def test_torch_peak_catches_what_sampling_missed(
+    box: Callable[..., FakeNvml], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    torch = install_fake_torch(monkeypatch)
+    torch.allocate("cuda:0", GiB)  # a module fixture's tensor, alive across tests
+    box([FakeGpu(A, processes=[(PID, 300 * MiB + GiB)])])  # NVML never sees the spike
+    watch = Watch(sampler=sampler(0))
+    watch.begin([FakeLease()])
+    torch.allocate("cuda:0", 3 * GiB)
+    torch.free("cuda:0", 3 * GiB)
+    (obs,) = watch.end()
+    assert (obs.peak_bytes, obs.source, obs.nvml_peak_bytes, obs.torch_peak_bytes) == (
+        3 * GiB,
+        "torch",
+        0,
+        3 * GiB,
+    )
+    assert ("reset_peak_memory_stats", "cuda:0") in torch.calls
+    assert torch.calls[-1] == ("empty_cache", None)
+    assert torch.devices[0].reserved == GiB  # the cache was released, the fixture's tensor kept
+    assert torch.violations == []
+
+
+def test_nvml_wins_when_it_saw_more_than_torch(
+    box: Callable[..., FakeNvml], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    torch = install_fake_torch(monkeypatch)
+    torch.allocate("cuda:0", 1)
+    box([FakeGpu(A, usage=Schedule([(PID, 300 * MiB)], [(PID, 300 * MiB + 2 * GiB)]))])
+    watch = Watch(sampler=sampler(0))
+    watch.begin([FakeLease()])
+    torch.allocate("cuda:0", GiB)  # plus 1GiB outside torch (CuPy, say), seen only by NVML
+    (obs,) = watch.end()
+    assert (obs.peak_bytes, obs.source, obs.torch_peak_bytes) == (2 * GiB, "nvml", GiB)
+
+
+def test_nothing_is_asked_of_torch_before_cuda_is_initialised(
+    box: Callable[..., FakeNvml], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    torch = install_fake_torch(monkeypatch, initialized=False)
+    box([FakeGpu(A, processes=[])])
+    watch = Watch(sampler=sampler(0))
+    watch.begin([FakeLease()])
+    assert torch_peak_start(["cuda:0"]) == {}
+    assert torch_peak_stop(["cuda:0"]) == {}
+    assert release_cached() is False
+    (obs,) = watch.end()
+    assert torch.calls == []
+    assert torch.violations == []
+    assert not torch.initialized
+    assert (obs.peak_bytes, obs.source, obs.torch_peak_bytes) == (0, "nvml", None)
+
+
+def test_a_test_that_starts_cuda_gets_its_torch_peak_from_the_start(
+    box: Callable[..., FakeNvml], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    torch = install_fake_torch(monkeypatch, initialized=False)
+    box([FakeGpu(A, processes=[(PID, None)])])
+    watch = Watch(sampler=sampler(0))
+    watch.begin([FakeLease()])
+    torch.allocate("cuda:0", 2 * GiB)
+    (obs,) = watch.end()
+    assert (obs.peak_bytes, obs.source) == (2 * GiB, "torch")
+    assert "usedGpuMemory" in (obs.note or "") and "PyTorch's allocator only" in (obs.note or "")
+    assert torch.violations == []
+    assert ("empty_cache", None) in torch.calls
+
+
+def test_not_measurable_is_never_zero(box: Callable[..., FakeNvml], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delitem(sys.modules, "torch", raising=False)
+    box([FakeGpu(A, processes=[(NO_SUCH_PID, GiB)])])
+    watch = Watch(sampler=sampler(0))
+    watch.begin([FakeLease()])
+    (obs,) = watch.end()
+    assert (obs.peak_bytes, obs.source) == (None, NOT_MEASURABLE)
+    assert "PID namespace" in (obs.note or "")
+    assert observation_record("t::x", [obs])["observed_bytes"] is None
+
+
+def test_simulated_and_cpu_leases(box: Callable[..., FakeNvml]) -> None:
+    fake = box([FakeGpu(A)])
+    watch = Watch(sampler=sampler(0))
+    cpu = FakeLease(device="cpu", uuid=None, mem=0, is_cpu=True)
+    watch.begin([FakeLease(device="cpu", uuid=B, simulated=True), cpu])
+    (obs,) = watch.end()
+    assert (obs.uuid, obs.source, obs.peak_bytes) == (B, NOT_MEASURABLE, None)
+    assert "simulated" in (obs.note or "")
+    assert fake.process_reads == 0
+
+
+def test_release_cached_empties_torchs_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    torch = install_fake_torch(monkeypatch)
+    torch.allocate(0, 2 * GiB)
+    torch.free(0, 2 * GiB)
+    assert release_cached() is True
+    assert torch.devices[0].reserved == 0
