@@ -1,0 +1,500 @@
+"""``gpushare timeline``: an SVG picture of a run's leases per GPU, from the ``--gpushare-report`` JSON.
+
+One panel per GPU: x is seconds since the run started, y is leased memory. Each lease part on the
+GPU is one band, coloured by worker, with a tooltip. Bands are stacked like a stacked area chart:
+a new lease sits on top of the leases alive when it starts, and when a lease ends the leases above
+it settle down by its size. A band that settles is drawn as several rects, one per stretch at one
+height. A fixed y per lease (first-fit interval packing) cannot do this in general: it leaves holes
+once a lower lease ends, so the stack would rise above the leased total and could cross the usable
+line although the ledger never overcommitted. Stacking this way keeps the top of the stack equal to
+the leased total at every moment, which is what the picture is for.
+
+``render_svg`` is pure (no I/O); ``cmd_timeline`` is the command around it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from pytest_gpushare.report import REPORT_VERSION, peak_concurrent
+from pytest_gpushare.units import GiB, KiB, MiB, format_size
+
+__all__ = ["cmd_timeline", "render_svg"]
+
+# Tableau 10: distinct in print and for the common colour-vision deficiencies.
+PALETTE = (
+    "#4e79a7",
+    "#f28e2b",
+    "#e15759",
+    "#76b7b2",
+    "#59a14f",
+    "#edc948",
+    "#b07aa1",
+    "#ff9da7",
+    "#9c755f",
+    "#bab0ac",
+)
+WIDTH = 960
+PLOT_LEFT = 80
+PLOT_RIGHT = WIDTH - 120  # room for the "usable"/"total" labels at the right end of their lines
+PLOT_HEIGHT = 180
+PANEL_TITLE = 26
+PANEL_AXIS = 40
+HEADER = 64
+HEADROOM = 1.06  # so the total line does not sit on the panel's top edge
+SEPARATE_BANDS_BELOW = 400  # a white outline tells neighbouring leases apart until bands get too thin
+
+
+@dataclass(frozen=True)
+class _Part:
+    """One lease on one GPU, as drawn."""
+
+    test_id: str
+    worker: str
+    start: float
+    end: float
+    bytes: int
+    gpu_index: int
+    gpu_count: int
+    waited_s: float
+    held_s: float | None  # None: still held when the run finished
+    outcome: str | None
+
+
+@dataclass
+class _Panel:
+    uuid: str
+    index: int
+    name: str | None  # None: the GPU is not in the report's plan
+    total: int | None
+    usable: int | None
+    parts: list[_Part] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _Run:
+    started: float
+    t0: float
+    t1: float
+    panels: list[_Panel]
+    workers: list[str]
+    leases: int
+    not_run: int
+    lost: int
+
+
+# --- reading the report ------------------------------------------------------------------------
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _get(obj: object, key: str, where: str) -> Any:
+    if not isinstance(obj, dict):
+        raise ValueError(f"{where}: expected an object, got {_short(obj)}")
+    if key not in obj:
+        raise ValueError(f"{where}: missing {key!r}")
+    return obj[key]
+
+
+def _number(obj: object, key: str, where: str) -> float:
+    value = _get(obj, key, where)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{where}: {key!r} must be a finite number, got {_short(value)}")
+    return float(value)
+
+
+def _count(obj: object, key: str, where: str) -> int:
+    value = _get(obj, key, where)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{where}: {key!r} must be a whole number >= 0, got {_short(value)}")
+    return value
+
+
+def _text(obj: object, key: str, where: str) -> str:
+    value = _get(obj, key, where)
+    if not isinstance(value, str):
+        raise ValueError(f"{where}: {key!r} must be a string, got {_short(value)}")
+    return value
+
+
+def _list(obj: object, key: str, where: str) -> list[Any]:
+    value = _get(obj, key, where)
+    if not isinstance(value, list):
+        raise ValueError(f"{where}: {key!r} must be a list, got {_short(value)}")
+    return value
+
+
+def _read_lease(raw: object, where: str, finished: float) -> list[tuple[str, int, _Part]]:
+    """The parts of one lease as ``(uuid, index the lease names, part)``."""
+    start = _number(raw, "taken_at", where)
+    released = _get(raw, "released_at", where)
+    end = finished if released is None else _number(raw, "released_at", where)
+    outcome = raw.get("outcome") if isinstance(raw, dict) else None
+    gpus = _list(raw, "gpus", where)
+    template = _Part(
+        test_id=_text(raw, "test_id", where),
+        worker=_text(raw, "worker", where),
+        start=start,
+        end=max(start, end),
+        bytes=0,
+        gpu_index=0,
+        gpu_count=len(gpus),
+        waited_s=_number(raw, "waited_s", where),
+        held_s=None if released is None else max(0.0, end - start),
+        outcome=outcome if isinstance(outcome, str) else None,
+    )
+    parts = []
+    for i, entry in enumerate(gpus):
+        at = f"{where}.gpus[{i}]"
+        index = _count(entry, "index", at)
+        part = replace(template, bytes=_count(entry, "bytes", at), gpu_index=index)
+        parts.append((_text(entry, "uuid", at), index, part))
+    return parts
+
+
+def _parse(report: object) -> _Run:
+    if not isinstance(report, dict):
+        raise ValueError(f"not a gpushare report: expected a JSON object, got {_short(report)}")
+    version = report.get("version")
+    if version != REPORT_VERSION:
+        raise ValueError(
+            f"unsupported report version {_short(version)} (this gpushare reads version {REPORT_VERSION})"
+        )
+    started = _number(report, "started", "report")
+    finished = max(started, _number(report, "finished", "report"))
+    raw_usable = _get(report, "usable_bytes", "report")
+    if not isinstance(raw_usable, dict):
+        raise ValueError(f"report: 'usable_bytes' must be an object, got {_short(raw_usable)}")
+    usable_by_uuid = {uuid: _count(raw_usable, uuid, "report usable_bytes") for uuid in raw_usable}
+
+    panels: dict[str, _Panel] = {}
+    for i, entry in enumerate(_list(_get(report, "plan", "report"), "gpus", "report plan")):
+        where = f"report plan.gpus[{i}]"
+        gpu = _get(entry, "gpu", where)
+        uuid = _text(gpu, "uuid", f"{where}.gpu")
+        panels[uuid] = _Panel(
+            uuid=uuid,
+            index=_count(gpu, "index", f"{where}.gpu"),
+            name=_text(gpu, "name", f"{where}.gpu"),
+            total=_count(gpu, "total_bytes", f"{where}.gpu"),
+            usable=_count(entry, "usable_bytes", where),
+        )
+    for uuid, usable in usable_by_uuid.items():
+        if uuid in panels:
+            panels[uuid].usable = usable
+
+    leases = _list(report, "leases", "report")
+    for i, raw in enumerate(leases):
+        for uuid, index, part in _read_lease(raw, f"report leases[{i}]", finished):
+            if uuid not in panels:
+                # A lease on a GPU the plan does not list: draw it rather than hide memory.
+                panels[uuid] = _Panel(uuid, index, None, None, usable_by_uuid.get(uuid))
+            panels[uuid].parts.append(replace(part, gpu_index=panels[uuid].index))
+
+    parts = [p for panel in panels.values() for p in panel.parts]
+    not_run, lost = report.get("not_run", []), report.get("lost", [])
+    return _Run(
+        started=started,
+        t0=min([started, *(p.start for p in parts)]),
+        t1=max([finished, *(p.end for p in parts)]),
+        panels=sorted(panels.values(), key=lambda p: (p.index, p.uuid)),
+        workers=sorted({p.worker for p in parts}, key=_natural),
+        leases=len(leases),
+        not_run=len(not_run) if isinstance(not_run, list) else 0,
+        lost=len(lost) if isinstance(lost, list) else 0,
+    )
+
+
+def _natural(text: str) -> list[Any]:
+    """``gw2`` before ``gw10``."""
+    return [(0, int(c), "") if c.isdigit() else (1, 0, c) for c in re.split(r"(\d+)", text) if c]
+
+
+# --- stacking ----------------------------------------------------------------------------------
+
+
+def _stack(parts: Sequence[_Part]) -> list[list[tuple[float, float, int]]]:
+    """For each part, its ``(start, end, offset)`` stretches, ``offset`` in bytes from the bottom.
+
+    Alive parts are kept in the order they started, each on top of the ones before it, so at any
+    moment they fill ``[0, leased total)`` with no hole and no overlap. Releases at an instant are
+    applied before grants at the same instant, as the ledger does.
+    """
+    # kind 0: end of a part that lasts; 1: start; 2: end of a part of zero length (after its start)
+    events = []
+    for i, p in enumerate(parts):
+        events.append((p.start, 1, i))
+        events.append((p.end, 0 if p.end > p.start else 2, i))
+    events.sort()
+    stretches: list[list[tuple[float, float, int]]] = [[] for _ in parts]
+    alive: list[int] = []
+    offset: dict[int, int] = {}
+    since: dict[int, float] = {}
+    top = 0
+
+    def close(i: int, now: float) -> None:
+        if now > since[i]:
+            stretches[i].append((since[i], now, offset[i]))
+        since[i] = now
+
+    for now, kind, i in events:
+        if kind == 1:
+            alive.append(i)
+            offset[i], since[i] = top, now
+            top += parts[i].bytes
+            continue
+        pos = alive.index(i)
+        close(i, now)
+        del alive[pos]
+        top -= parts[i].bytes
+        for j in alive[pos:]:
+            close(j, now)
+            offset[j] -= parts[i].bytes
+    return stretches
+
+
+# --- drawing -----------------------------------------------------------------------------------
+
+# Characters XML 1.0 cannot carry at all (control characters, lone surrogates from JSON "\ud800").
+_NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
+
+
+def _esc(text: str) -> str:
+    text = _NOT_XML.sub("\ufffd", text)
+    return (
+        text.replace("&", "&amp;")
+        .replace("<", "&lt;")
+        .replace(">", "&gt;")
+        .replace('"', "&quot;")
+        .replace("'", "&#39;")
+    )
+
+
+def _n(value: float) -> str:
+    """A coordinate with at most two decimals and no trailing zeros."""
+    text = f"{value:.2f}".rstrip("0").rstrip(".")
+    return "0" if text == "-0" else text
+
+
+def _nice_step(span: float, steps: Sequence[float]) -> float:
+    for step in steps:
+        if step >= span:
+            return step
+    return steps[-1] * math.ceil(span / steps[-1])
+
+
+def _size_step(ymax: float) -> float:
+    unit = GiB if ymax >= 2 * GiB else MiB if ymax >= 2 * MiB else KiB if ymax >= 2 * KiB else 1
+    decades = [m * 10**e for e in range(7) for m in (1, 2, 5)]
+    return unit * _nice_step(ymax / unit / 5, decades)
+
+
+def _time_step(span: float) -> float:
+    steps = [m * 10.0**e for e in range(-3, 1) for m in (1, 2, 5)]
+    steps += [10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 10800, 21600, 43200, 86400]
+    return _nice_step(span / 8, steps)
+
+
+def _duration(seconds: float, step: float) -> str:
+    if step < 60:
+        return f"{seconds:.{max(0, -math.floor(math.log10(step)))}f}s"
+    hours, minutes = divmod(round(seconds / 60), 60)
+    if not hours:
+        return f"{minutes}m"
+    return f"{hours}h{minutes:02d}m" if minutes else f"{hours}h"
+
+
+def _tooltip(p: _Part) -> str:
+    where = f"GPU {p.gpu_index}" + (f" (one of {p.gpu_count} GPUs)" if p.gpu_count > 1 else "")
+    held = "still held when the run finished" if p.held_s is None else f"held {p.held_s:.1f}s"
+    lines = [p.test_id, f"{format_size(p.bytes)} on {where}", f"worker {p.worker}"]
+    lines.append(f"waited {p.waited_s:.1f}s, {held}")
+    if p.outcome:
+        lines.append(p.outcome)
+    return "\n".join(lines)
+
+
+def _panel(out: list[str], run: _Run, panel: _Panel, top: float, colour: Mapping[str, str]) -> None:
+    intervals = [(p.start, p.end, p.bytes) for p in panel.parts]
+    peak = peak_concurrent(intervals)
+    ymax = max(panel.total or 0, panel.usable or 0, peak, 1) * HEADROOM
+    base = top + PANEL_TITLE + PLOT_HEIGHT
+    span = run.t1 - run.t0 or 1.0
+
+    def x_at(t: float) -> float:
+        return round(PLOT_LEFT + (t - run.t0) / span * (PLOT_RIGHT - PLOT_LEFT), 2)
+
+    def y_at(n_bytes: float) -> float:
+        return round(base - n_bytes / ymax * PLOT_HEIGHT, 2)
+
+    name = panel.name if panel.name is not None else "(not in the plan)"
+    usable = "unknown" if panel.usable is None else format_size(panel.usable)
+    title = (
+        f"GPU {panel.index} {name}: peak {format_size(peak)} of {usable} usable, {len(panel.parts)} lease(s)"
+    )
+    out.append(f'<g class="panel" data-uuid="{_esc(panel.uuid)}" data-gpu="{panel.index}">')
+    out.append(f'<text x="{PLOT_LEFT}" y="{_n(top + 17)}" font-weight="bold">{_esc(title)}</text>')
+
+    step = _size_step(ymax / HEADROOM)
+    for k in range(int(ymax // step) + 1):
+        y = _n(y_at(k * step))
+        out.append(f'<line x1="{PLOT_LEFT}" x2="{PLOT_RIGHT}" y1="{y}" y2="{y}" stroke="#eee"/>')
+        out.append(
+            f'<text x="{PLOT_LEFT - 6}" y="{y}" dy="4" text-anchor="end">{format_size(k * step)}</text>'
+        )
+    tstep = _time_step(span)
+    # Ticks count from the start of the run, which may lie after the first lease (clocks of workers).
+    first = math.ceil((run.t0 - run.started) / tstep - 1e-9)
+    last = math.floor((run.t1 - run.started) / tstep + 1e-9)
+    for k in range(first, last + 1):
+        x = _n(x_at(run.started + k * tstep))
+        out.append(f'<line x1="{x}" x2="{x}" y1="{_n(base)}" y2="{_n(base + 4)}" stroke="#333"/>')
+        label = _duration(k * tstep, tstep)
+        out.append(f'<text x="{x}" y="{_n(base + 17)}" text-anchor="middle">{label}</text>')
+
+    outline = ' stroke="#fff" stroke-width="0.5"' if len(panel.parts) < SEPARATE_BANDS_BELOW else ""
+    out.append(f'<g class="bands"{outline}>')
+    for p, stretches in zip(panel.parts, _stack(panel.parts), strict=True):
+        out.append(f'<g class="band" fill="{colour[p.worker]}"><title>{_esc(_tooltip(p))}</title>')
+        for start, end, offset in stretches:
+            x1, x2 = x_at(start), x_at(end)
+            y1, y2 = y_at(offset + p.bytes), y_at(offset)
+            out.append(f'<rect x="{_n(x1)}" y="{_n(y1)}" width="{_n(x2 - x1)}" height="{_n(y2 - y1)}"/>')
+        out.append("</g>")
+    out.append("</g>")
+    if not panel.parts:
+        mid = _n(top + PANEL_TITLE + PLOT_HEIGHT / 2)
+        out.append(
+            f'<text x="{(PLOT_LEFT + PLOT_RIGHT) // 2}" y="{mid}" text-anchor="middle" fill="#777">'
+            "no leases on this GPU</text>"
+        )
+
+    left, right = _n(x_at(run.t0)), _n(x_at(run.t1))
+    for cls, n_bytes, dash in (
+        ("total", panel.total, ""),
+        ("usable", panel.usable, ' stroke-dasharray="6 4"'),
+    ):
+        if n_bytes is None:
+            continue
+        y = _n(y_at(n_bytes))
+        out.append(f'<line class="{cls}" x1="{left}" x2="{right}" y1="{y}" y2="{y}" stroke="#000"{dash}/>')
+        out.append(f'<text x="{_n(PLOT_RIGHT + 6)}" y="{y}" dy="4">{cls} {format_size(n_bytes)}</text>')
+    b = _n(base)
+    out.append(f'<line class="baseline" x1="{left}" x2="{right}" y1="{b}" y2="{b}" stroke="#333"/>')
+    out.append("</g>")
+
+
+def _header(out: list[str], run: _Run, colour: Mapping[str, str]) -> None:
+    when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(run.started))
+    title = f"gpushare timeline: run started {when}, lasted {run.t1 - run.started:.1f}s"
+    if run.leases:
+        title += f", {run.leases} lease(s) on {sum(1 for p in run.panels if p.parts)} GPU(s)"
+    notes = [f"{run.not_run} GPU test(s) not run"] if run.not_run else []
+    notes += [f"{run.lost} worker(s) lost"] if run.lost else []
+    out.append(f'<text x="12" y="20" font-size="14" font-weight="bold">{_esc(title)}</text>')
+    if not run.leases:
+        notes.insert(0, "no leases: no GPU test held memory in this run")
+    if notes:
+        out.append(f'<text x="12" y="38" fill="#a00">{_esc("; ".join(notes))}</text>')
+    x, y = 12, HEADER - 10
+    for worker in run.workers:
+        label = f"worker {worker}"
+        out.append(f'<rect x="{x}" y="{y - 9}" width="10" height="10" fill="{colour[worker]}"/>')
+        out.append(f'<text x="{x + 14}" y="{y}">{_esc(label)}</text>')
+        x += 24 + 7 * len(label)
+        if x > WIDTH - 150:
+            break  # more workers than a row holds: the tooltips still name every worker
+    out.append(
+        f'<line x1="{x}" x2="{x + 24}" y1="{y - 4}" y2="{y - 4}" stroke="#000" stroke-dasharray="6 4"/>'
+    )
+    out.append(f'<text x="{x + 28}" y="{y}">usable</text>')
+    out.append(f'<line x1="{x + 80}" x2="{x + 104}" y1="{y - 4}" y2="{y - 4}" stroke="#000"/>')
+    out.append(f'<text x="{x + 108}" y="{y}">total</text>')
+
+
+def render_svg(report: dict[str, Any]) -> str:
+    """The SVG picture of a ``--gpushare-report`` document.
+
+    Raises ``ValueError`` with a one-line message when ``report`` is not a version-1 report or a
+    field the picture needs is missing or of the wrong type.
+    """
+    run = _parse(report)
+    colour = {w: PALETTE[i % len(PALETTE)] for i, w in enumerate(run.workers)}
+    panel_height = PANEL_TITLE + PLOT_HEIGHT + PANEL_AXIS
+    height = HEADER + max(1, len(run.panels)) * panel_height
+    out = [
+        '<?xml version="1.0" encoding="UTF-8"?>',
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{height}" '
+        f'viewBox="0 0 {WIDTH} {height}" font-family="sans-serif" font-size="11">',
+        f'<rect width="{WIDTH}" height="{height}" fill="#fff"/>',
+    ]
+    _header(out, run, colour)
+    if not run.panels:
+        out.append(f'<text x="12" y="{HEADER + 20}" fill="#777">no GPU in this report</text>')
+    for i, panel in enumerate(run.panels):
+        _panel(out, run, panel, HEADER + i * panel_height, colour)
+    out.append("</svg>")
+    return "\n".join(out) + "\n"
+
+
+# --- the command -------------------------------------------------------------------------------
+
+
+def _arguments(args: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="gpushare timeline",
+        description="Draw the leases of a run per GPU over time from a --gpushare-report JSON file.",
+    )
+    parser.add_argument("report", metavar="REPORT", help="the JSON file --gpushare-report wrote")
+    parser.add_argument(
+        "-o", "--output", metavar="FILE", help="where to write the SVG (default: REPORT with .svg suffix)"
+    )
+    return parser.parse_args(list(args))
+
+
+def cmd_timeline(args: list[str]) -> int:
+    """``gpushare timeline REPORT [-o FILE]``: write the SVG and print its path; 2 on bad input."""
+    try:
+        options = _arguments(args)
+    except SystemExit as exc:  # argparse has printed usage or help already
+        return exc.code if isinstance(exc.code, int) else 2
+    source = Path(options.report)
+    if options.output is not None:
+        target = Path(options.output)
+    elif source.suffix == ".svg":
+        target = source.with_name(source.name + ".svg")  # never write over the report itself
+    else:
+        target = source.with_suffix(".svg")
+    try:
+        text = source.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        return _fail(f"cannot read {source}: {exc}")
+    try:
+        svg = render_svg(json.loads(text))
+    except json.JSONDecodeError as exc:
+        return _fail(f"{source} is not JSON: {exc}")
+    except ValueError as exc:
+        return _fail(f"{source}: {exc}")
+    try:
+        target.write_text(svg, encoding="utf-8")
+    except OSError as exc:
+        return _fail(f"cannot write {target}: {exc}")
+    print(target)
+    return 0
+
+
+def _fail(message: str) -> int:
+    print(f"gpushare timeline: {message}", file=sys.stderr)
+    return 2
