@@ -74,7 +74,7 @@ def cmd_plan(args: Sequence[str]) -> int:
             "of the plugin (with or without the gpushare- prefix) and pytest's -c, --rootdir, -p."
         )
         return 0
-    code = pytest.main([*translate_flags(args), "-p", "no:cacheprovider"], plugins=[_PlanCommand()])
+    code = pytest.main(translate_flags(args), plugins=[_PlanCommand()])
     return int(code)
 
 

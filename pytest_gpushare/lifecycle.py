@@ -17,13 +17,16 @@ from typing import Any
 
 import pytest
 
-from pytest_gpushare import report
+from pytest_gpushare import advice, observe, report
+from pytest_gpushare.enforce import Enforcement, annotate_oom, enforce
 from pytest_gpushare.errors import GpuShareError, LeaseTimeout, NeverFits, SettingError
 from pytest_gpushare.fixtures import _ACTIVE, GpuLease, GpuNeed, Grant, Runtime, need_from_marker
 from pytest_gpushare.plugin import get_plan, get_settings, is_worker, session_id
 from pytest_gpushare.workers import home_gpu
 
 GRANT_KEY = pytest.StashKey[Grant]()
+OBSERVED_KEY = pytest.StashKey[list[dict[str, Any]]]()
+ENFORCE_KEY = pytest.StashKey[Enforcement]()
 REPORT_ATTR = "gpushare"
 WAIT_NOTICE_AFTER_S = 10.0
 WAIT_REPEAT_S = 30.0
@@ -39,6 +42,8 @@ class LeasePlugin:
         self.lost: list[str] = []
         self.started = time.time()
         self._waiter: WaitWatcher | None = None
+        self._watch: observe.Watch | None = None
+        self._enforce_said = False
 
     # -- this process's runtime -----------------------------------------------------------
 
@@ -63,6 +68,33 @@ class LeasePlugin:
             )
             _ACTIVE.append(self._runtime)
         return self._runtime
+
+    @property
+    def watch(self) -> observe.Watch:
+        if self._watch is None:
+            s = get_settings(self.config)
+            self._watch = observe.Watch(s.observe_interval_s, release_cached=s.framework_defaults)
+        return self._watch
+
+    def _observe_begin(self, item: pytest.Item, grant: Grant) -> None:
+        """Cap (``--gpushare-enforce``) then measure the test; the cap's empty_cache comes first
+        so the measuring baseline is taken after it."""
+        if get_settings(self.config).enforce:
+            result = enforce(grant.gpus)
+            if isinstance(result, str):
+                if not self._enforce_said:
+                    self.runtime.log.append(f"--gpushare-enforce: {result}")
+                    self._enforce_said = True
+            else:
+                item.stash[ENFORCE_KEY] = result
+                self.runtime.log.extend(result.notes)
+        self.watch.begin(grant.gpus)
+
+    def _observe_end(self, item: pytest.Item, grant: Grant) -> None:
+        cap = item.stash.get(ENFORCE_KEY, None)
+        if cap is not None:
+            self.runtime.log.extend(cap.restore())
+        item.stash[OBSERVED_KEY] = [o.to_dict() for o in self.watch.end()]
 
     def pytest_unconfigure(self) -> None:
         if self._waiter is not None:
@@ -120,18 +152,26 @@ class LeasePlugin:
             self._not_run(item, need, _no_gpu_reason(rt))
             return None
         try:
-            item.stash[GRANT_KEY] = rt.acquire(need, item.nodeid, anywhere=anywhere)
+            grant = rt.acquire(need, item.nodeid, anywhere=anywhere)
         except NeverFits as exc:
             self._not_run(item, need, exc.reason)
         except LeaseTimeout as exc:
             return str(exc)
         except GpuShareError as exc:
             return f"cannot lease GPU memory: {exc}"
+        else:
+            item.stash[GRANT_KEY] = grant
+            self._observe_begin(item, grant)
         return None
 
     def _release(self, item: pytest.Item) -> None:
         grant = item.stash.get(GRANT_KEY, None)
-        if grant is not None and self._runtime is not None:
+        if grant is None or self._runtime is None or grant.released:
+            return
+        try:
+            if grant.record is not None:
+                self._observe_end(item, grant)
+        finally:
             self._runtime.release(grant)
 
     @pytest.hookimpl(wrapper=True, tryfirst=True)
@@ -155,8 +195,14 @@ class LeasePlugin:
     ) -> Generator[None, Any, Any]:
         rep = yield
         grant = item.stash.get(GRANT_KEY, None)
+        if grant is not None and call.when == "call" and rep.failed and call.excinfo is not None:
+            declared = max((g.mem for g in grant.gpus), default=0)
+            note = annotate_oom(call.excinfo.value, declared)
+            if note:
+                rep.sections.append(("gpushare", note))
         if grant is not None and call.when == "teardown":
             info: dict[str, Any] = {"fallback": grant.fallback}
+            info["observed"] = item.stash.get(OBSERVED_KEY, [])
             if grant.record is not None:
                 info["lease"] = grant.record.to_dict()
             info["log"] = list(self._runtime.log) if self._runtime else []
@@ -194,7 +240,12 @@ class LeasePlugin:
             self._waiter.start()
 
     def summary_data(self) -> dict[str, Any]:
-        return report.summarize(self.collected, self.lost, time.time())
+        data = report.summarize(self.collected, self.lost, time.time())
+        observed = [e for e in self.collected if e.get("observed")]
+        records = [advice.observation_record(e["test_id"], e["observed"]) for e in observed]
+        data["observed"] = advice.observed_table(records)
+        data["observed_records"] = records
+        return data
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
         if is_worker(self.config):
@@ -210,15 +261,27 @@ class LeasePlugin:
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
         if is_worker(self.config):
             return
+        data = self.summary_data()
+        self._remember(data["observed_records"])
         path = get_settings(self.config).report
         if not path:
             return
-        doc = report.json_report(get_plan(self.config), self.summary_data(), self.started, time.time())
+        doc = report.json_report(get_plan(self.config), data, self.started, time.time())
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(target.name + f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps(doc, indent=2, sort_keys=True))
         os.replace(tmp, target)
+
+    def _remember(self, records: list[dict[str, Any]]) -> None:
+        """Keep this run's per-test peaks in pytest's cache for the next run's worker budget."""
+        cache = getattr(self.config, "cache", None)
+        if cache is None or not records:
+            return
+        peaks, context = advice.run_observations(records)
+        if peaks:
+            merged = advice.merge_history(cache.get(advice.HISTORY_KEY, None), peaks, context, time.time())
+            cache.set(advice.HISTORY_KEY, merged)
 
 
 def _no_gpu_reason(rt: Runtime) -> str:

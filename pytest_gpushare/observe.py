@@ -359,8 +359,15 @@ class Watch:
     (``contexts``, by UUID).
     """
 
-    def __init__(self, interval_s: float = DEFAULT_INTERVAL_S, *, sampler: Sampler | None = None) -> None:
+    def __init__(
+        self,
+        interval_s: float = DEFAULT_INTERVAL_S,
+        *,
+        sampler: Sampler | None = None,
+        release_cached: bool = True,
+    ) -> None:
         self.sampler = sampler if sampler is not None else Sampler(interval_s)
+        self.release_cached = release_cached
         self.contexts: dict[str, int] = {}
         self._leases: list[LeasedDevice] = []
         self._torch_base: dict[str, int] = {}
@@ -380,7 +387,8 @@ class Watch:
         leases, self._leases = self._leases, []
         devs = [lease.device for lease in leases]
         torch_peaks = torch_peak_stop(devs, self._torch_base)
-        release_cached()
+        if self.release_cached:  # --gpushare-framework-defaults=off keeps torch's cache
+            release_cached()
         return [
             self._observe(lease, nvml.get(lease.uuid or ""), torch_peaks.get(lease.device))
             for lease in leases

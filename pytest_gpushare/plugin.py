@@ -7,6 +7,7 @@ count from its ``pytest_cmdline_main``, before ``pytest_configure`` runs. ``--he
 
 from __future__ import annotations
 
+import json
 import os
 import uuid
 from collections.abc import Iterator
@@ -14,9 +15,10 @@ from typing import Any
 
 import pytest
 
-from pytest_gpushare import hookspecs, planner, report
+from pytest_gpushare import advice, hookspecs, planner, report
 from pytest_gpushare import settings as _settings
 from pytest_gpushare.devices import Gpu, GpuInventory, probe_for
+from pytest_gpushare.enforce import framework_env
 from pytest_gpushare.errors import GpuShareError
 from pytest_gpushare.fixtures import GpuLease
 from pytest_gpushare.ollama import OllamaStatus, attribute_held, query_ollama
@@ -144,19 +146,48 @@ def compute_plan(config: pytest.Config) -> Plan:
     s = get_settings(config)
     inventory = _probe(config)
     reservations = _reservations(config, inventory.gpus)
+    notes = list(s.notes)
+    worker_mem = s.worker_mem_bytes
+    if s.sources.get("worker_mem_bytes") == _settings.DEFAULT_SOURCE and s.worker_mem_from != "off":
+        learned = advice.budget_from_history(
+            _read_history(config), s.worker_mem_from, context_fallback=s.context_mem_bytes
+        )
+        if learned is not None:
+            worker_mem = learned.bytes
+            notes.append(
+                f"worker mem {learned.describe()} (--gpushare-worker-mem sets it; "
+                "--gpushare-worker-mem-from=off ignores history)"
+            )
     budget = Budget(
         safety_bytes=s.safety_bytes,
-        worker_mem_bytes=s.worker_mem_bytes,
+        worker_mem_bytes=worker_mem,
         context_bytes=s.context_mem_bytes,
         workers_per_gb=s.workers_per_gb,
         max_workers=s.max_workers,
     )
-    notes = list(s.notes)
     notes += [
         f"--gpushare-reserve names GPU {i}, which this box does not have"
         for i in sorted(set(s.reserve.per_index) - {g.index for g in inventory.gpus})
     ]
     return planner.make_plan(inventory, budget, reservations=reservations, notes=notes)
+
+
+def _read_history(config: pytest.Config) -> object:
+    """Observed peaks of earlier runs, from pytest's cache file.
+
+    ``config.cache`` does not exist yet when xdist asks for the worker count (the cache
+    provider makes it in ``pytest_configure``), so the file is read directly; without the
+    cache provider there is no history.
+    """
+    try:
+        cache_dir = config.rootpath / os.path.expanduser(str(config.getini("cache_dir")))
+    except (ValueError, KeyError):
+        return None
+    path = cache_dir / "v" / advice.HISTORY_KEY
+    try:
+        return json.loads(path.read_text("utf-8"))
+    except (OSError, ValueError):
+        return None
 
 
 def get_plan(config: pytest.Config) -> Plan:
@@ -232,6 +263,10 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", MARKER_HELP)
     if never_plans(config):
         return
+    if not is_worker(config) and get_settings(config).framework_defaults:
+        # Workers inherit the controller's environment: one place covers -n N and no xdist.
+        for key, value in framework_env(os.environ).items():
+            os.environ.setdefault(key, value)
     from pytest_gpushare.lifecycle import LeasePlugin
 
     config.pluginmanager.register(LeasePlugin(config), "gpushare-leases")

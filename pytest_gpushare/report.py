@@ -157,10 +157,40 @@ def summary_lines(plan: Plan, data: dict[str, Any]) -> list[str]:
         lines.append(
             f"{len(data['not_run'])} GPU tests not run ({', '.join(modes)}: no GPU could serve them)"
         )
+    rows = data.get("observed", [])
+    if any(g.gpu.simulated for g in plan.gpus):  # nothing to measure on a simulated GPU
+        rows = [r for r in rows if r["verdict"] != "not measurable"]
+    lines += observed_lines(rows)
     lines += [f"lost: {x}" for x in data["lost"]]
     lines += [f"ledger: {x}" for x in data["log"]]
     if not lines:
         lines.append("no GPU tests ran")
+    return lines
+
+
+def observed_lines(rows: Sequence[dict[str, Any]], limit: int = 10) -> list[str]:
+    """Declared against observed: over-users first with their factor, then generous ones."""
+    over = [r for r in rows if r["verdict"] == "over"]
+    generous = [r for r in rows if r["verdict"] == "generous"]
+    unmeasured = [r for r in rows if r["verdict"] == "not measurable"]
+    lines: list[str] = []
+    if over:
+        lines.append("tests that used more than they declared (suggested mem= in brackets):")
+        lines += [
+            f"  {r['factor']:.1f}x {r['test_id']}: declared {format_size(r['declared_bytes'])}, "
+            f"peak {format_size(r['observed_bytes'])} ({r['source']}) "
+            f'[mem="{format_size(r["suggested_bytes"])}"]'
+            for r in over[:limit]
+        ]
+    if generous:
+        lines.append("tests that declared far more than they used (hint):")
+        lines += [
+            f"  {r['test_id']}: declared {format_size(r['declared_bytes'])}, "
+            f'peak {format_size(r["observed_bytes"])} [mem="{format_size(r["suggested_bytes"])}"]'
+            for r in generous[:limit]
+        ]
+    if unmeasured and len(unmeasured) == len(rows):
+        lines.append(f"observed VRAM: not measurable for {len(unmeasured)} GPU test(s)")
     return lines
 
 
@@ -178,4 +208,5 @@ def json_report(plan: Plan, data: dict[str, Any], started: float, finished: floa
         "not_run": data["not_run"],
         "lost": data["lost"],
         "log": data["log"],
+        "observed": data.get("observed", []),
     }

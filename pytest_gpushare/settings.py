@@ -37,6 +37,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from pytest_gpushare.advice import parse_budget_mode
 from pytest_gpushare.devices import parse_simulate
 from pytest_gpushare.errors import SettingError
 from pytest_gpushare.units import (
@@ -100,6 +101,9 @@ class Settings:
     report: str | None
     config_file: str | None
     enforce: bool
+    observe_interval_s: float
+    worker_mem_from: str
+    framework_defaults: bool
     sources: Mapping[str, str]
     notes: tuple[str, ...] = ()
 
@@ -267,6 +271,11 @@ class Option:
     is_path: bool = False
 
 
+def _parse_on_off(value: object, source: str) -> bool:
+    """A switch that takes a value on the command line too (``--x=off``)."""
+    return parse_bool(value, source)
+
+
 def _option(
     field: str,
     key: str,
@@ -334,6 +343,13 @@ OPTION_NAMES: tuple[Option, ...] = (
             "a JSON file with a gpu_resource_management object (below the ini file in precedence)"),
     _option("enforce",           "enforce",        "off",    parse_bool,             "",
             "cap each test at its lease where the framework allows it (PyTorch)"),
+    _option("observe_interval_s", "observe_interval", "0.05", _parse_seconds,       "SECONDS",
+            "how often a GPU test's own VRAM use is sampled through NVML (0: at start and end only)"),
+    _option("worker_mem_from",   "worker_mem_from", "p95",   parse_budget_mode,      "{off,p95,max}",
+            "when the worker mem is not set: size it from the per-test peaks earlier runs observed"),
+    _option("framework_defaults", "framework_defaults", "on", _parse_on_off,         "{on,off}",
+            "in workers, where unset: JAX preallocation off, TensorFlow allow-growth on; "
+            "torch's cached memory released after each GPU test"),
 )
 # fmt: on
 

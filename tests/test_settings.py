@@ -128,6 +128,10 @@ def test_the_table_holds_the_spec_names() -> None:
         "--gpushare-report",
         "--gpushare-config",
         "--gpushare-enforce",
+        # beyond SPEC's table (issue 6): observed memory
+        "--gpushare-observe-interval",
+        "--gpushare-worker-mem-from",
+        "--gpushare-framework-defaults",
     ]
 
 
@@ -196,6 +200,9 @@ GOOD: dict[str, tuple[tuple[object, object], tuple[object, object]]] = {
     "gpushare_simulate": (("24GiB", "24GiB"), ("2x80GiB:used=1GiB", "2x80GiB:used=1GiB")),
     "gpushare_report": (("/tmp/a.json", "/tmp/a.json"), ("/tmp/b.json", "/tmp/b.json")),
     "gpushare_enforce": (("1", True), ("off", False)),
+    "gpushare_observe_interval": (("0", 0.0), ("0.2", 0.2)),
+    "gpushare_worker_mem_from": (("off", "off"), ("MAX", "max")),
+    "gpushare_framework_defaults": (("off", False), ("on", True)),
 }
 
 
@@ -276,6 +283,9 @@ BAD: dict[str, list[tuple[str, str]]] = {
         ("24GiB:foo=1", "unknown GPU option"),
     ],
     "gpushare_enforce": [("maybe", "not a flag"), ("2", "not a flag")],
+    "gpushare_observe_interval": [("-1", "negative"), ("often", "not a number")],
+    "gpushare_worker_mem_from": [("p50", "expected one of off, p95, max")],
+    "gpushare_framework_defaults": [("maybe", "not a flag")],
 }
 BAD_CASES = [(name, raw, why) for name, cases in BAD.items() for raw, why in cases]
 

@@ -1,0 +1,150 @@
+"""Declared against observed, end to end: real ``pytest -n 2`` on a fake NVML box.
+
+The suite's conftest installs the fake ``pynvml`` (tests/fake_pynvml.py) in the controller and
+in every worker; a test "uses" memory by writing a file named after its PID, which the fake's
+per-process list reads. Nothing is simulated on the plugin's side: the NVML probe, the worker
+devices, the sampler and the report run as they would on a real box.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest_plugins = ["pytester"]
+
+TESTS = Path(__file__).parent
+UUID = "GPU-0f0f0f0f-1111-2222-3333-444455556666"
+
+CONFTEST = f"""
+import os, sys, tempfile, time
+sys.path.insert(0, {str(TESTS)!r})
+from fake_pynvml import FakeGpu, FakeNvml
+
+GiB = 2**30
+USAGE = os.environ["USAGE_DIR"]
+
+def usage():
+    out = []
+    for name in os.listdir(USAGE):
+        if name.startswith("."):
+            continue
+        with open(os.path.join(USAGE, name)) as f:
+            out.append((int(name), int(f.read())))
+    return out
+
+box = FakeNvml(gpus=[FakeGpu(uuid={UUID!r}, total=24 * GiB, used=2 * GiB, usage=usage)])
+sys.modules["pynvml"] = box.module
+
+def use(n_bytes):
+    # Atomic, as the other worker's sampler may read the folder at any moment.
+    # PID_OFFSET stands in for another PID namespace: NVML lists host PIDs, not ours.
+    pid = os.getpid() + int(os.environ.get("PID_OFFSET", "0"))
+    fd, tmp = tempfile.mkstemp(dir=USAGE, prefix=".")
+    with os.fdopen(fd, "w") as f:
+        f.write(str(n_bytes))
+    os.replace(tmp, os.path.join(USAGE, str(pid)))
+
+def wait_for_samples(n=3, deadline_s=10.0):
+    start = box.process_reads
+    end = time.monotonic() + deadline_s
+    while box.process_reads < start + n:
+        assert time.monotonic() < end, "the sampler did not read the process list"
+        time.sleep(0.005)
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    use(300 * 2**20)  # this worker's CUDA context, there before any test
+"""
+
+SUITE = f"""
+import os
+import sys
+import pytest
+from conftest import GiB, use, wait_for_samples
+
+CONTEXT = 300 * 2**20
+
+@pytest.mark.gpu(mem="1GiB")
+def test_liar(gpu):
+    assert os.environ["CUDA_VISIBLE_DEVICES"].split(",")[0] == {UUID!r}
+    assert gpu.device == "cuda:0" and gpu.uuid == {UUID!r}
+    use(CONTEXT + 3 * GiB)
+    wait_for_samples()
+    use(CONTEXT)
+
+@pytest.mark.gpu(mem="2GiB")
+def test_honest(gpu):
+    use(CONTEXT + GiB)
+    wait_for_samples()
+    use(CONTEXT)
+
+@pytest.mark.gpu(mem="8GiB")
+def test_generous(gpu):
+    use(CONTEXT + 512 * 2**20)
+    wait_for_samples()
+    use(CONTEXT)
+"""
+
+
+@pytest.fixture
+def box(pytester: pytest.Pytester, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    usage = tmp_path / "usage"
+    usage.mkdir()
+    monkeypatch.setenv("USAGE_DIR", str(usage))
+    monkeypatch.setenv("GPUSHARE_LEDGER_DIR", str(tmp_path / "ledger"))
+    monkeypatch.setenv("GPUSHARE_OLLAMA", "off")
+    monkeypatch.setenv("PYTEST_XDIST_AUTO_NUM_WORKERS", "2")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    pytester.makeconftest(CONFTEST)
+    pytester.makepyfile(test_suite=SUITE)
+    return usage
+
+
+def test_over_users_are_flagged_with_a_suggestion(pytester: pytest.Pytester, box: Path) -> None:
+    result = pytester.runpytest_subprocess(
+        "-n", "2", "--gpushare-observe-interval=0.005", "--gpushare-report=report.json", timeout=120
+    )
+    result.assert_outcomes(passed=3)
+    result.stdout.fnmatch_lines(
+        [
+            "gpushare: VRAM analysis (source: NVML (driver 575.51.03))",
+            "*GPU 0 NVIDIA GeForce RTX 4090 (GPU-0f0f0f0f-*): total 24.0GiB, free 22.0GiB*",
+            "tests that used more than they declared (suggested mem= in brackets):",
+            '  3.0x test_suite.py::test_liar: declared 1.0GiB, peak 3.0GiB (nvml) [mem="4.0GiB"]',
+            "tests that declared far more than they used (hint):",
+            '  test_suite.py::test_generous: declared 8.0GiB, peak 512.0MiB [mem="768.0MiB"]',
+        ]
+    )
+    assert "test_honest" not in result.stdout.str().split("gpushare ---")[-1]
+    report = json.loads((pytester.path / "report.json").read_text())
+    rows = {r["test_id"]: r for r in report["observed"]}
+    assert rows["test_suite.py::test_liar"]["observed_bytes"] == 3 * 2**30  # the context is not the test's
+    assert rows["test_suite.py::test_honest"]["verdict"] == "ok"
+
+    # The next run sizes -n auto's worker budget from what this one observed.
+    plan = pytester.run(sys.executable, "-m", "pytest_gpushare", "plan", timeout=120)
+    assert plan.ret == 0
+    plan.stdout.fnmatch_lines(
+        [
+            "*workers: 2 (floor(21.0GiB / 4.0GiB) = 5; xdist's own count 2; bound by xdist's own count)",
+            "*note: worker mem 95th percentile of 3 tests' observed peaks 3.0GiB*",
+        ]
+    )
+
+
+def test_without_per_process_figures_it_says_not_measurable(
+    pytester: pytest.Pytester, box: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A PID namespace we cannot see into: NVML lists PIDs that do not exist here.
+    monkeypatch.setenv("PID_OFFSET", str(2**22))
+    result = pytester.runpytest_subprocess("-n", "2", "--gpushare-report=report.json", timeout=120)
+    result.assert_outcomes(passed=3)
+    result.stdout.fnmatch_lines(["observed VRAM: not measurable for 3 GPU test(s)"])
+    report = json.loads((pytester.path / "report.json").read_text())
+    assert {r["verdict"] for r in report["observed"]} == {"not measurable"}
+    assert all(r["observed_bytes"] is None for r in report["observed"])
+    assert os.environ.get("CUDA_VISIBLE_DEVICES") is None  # the controller's own env stays untouched
