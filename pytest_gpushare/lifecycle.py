@@ -21,7 +21,7 @@ from pytest_gpushare import advice, observe, report
 from pytest_gpushare.enforce import Enforcement, annotate_oom, enforce
 from pytest_gpushare.errors import GpuShareError, LeaseTimeout, NeverFits, SettingError
 from pytest_gpushare.fixtures import _ACTIVE, GpuLease, GpuNeed, Grant, Runtime, need_from_marker
-from pytest_gpushare.plugin import get_plan, get_settings, is_worker, session_id
+from pytest_gpushare.plugin import get_plan, get_settings, is_worker, ollama_status, session_id
 from pytest_gpushare.workers import home_gpu
 
 GRANT_KEY = pytest.StashKey[Grant]()
@@ -252,7 +252,7 @@ class LeasePlugin:
             return
         data = self.summary_data()
         plan = get_plan(self.config)
-        lines = report.summary_lines(plan, data)
+        lines = report.summary_lines(plan, data) + report.spilling_lines(ollama_status(self.config))
         terminalreporter.write_sep("-", "gpushare")
         for line in lines:
             terminalreporter.write_line(line)

@@ -23,7 +23,6 @@ from pytest_gpushare.errors import GpuShareError
 from pytest_gpushare.fixtures import GpuLease
 from pytest_gpushare.ollama import OllamaStatus, attribute_held, query_ollama
 from pytest_gpushare.planner import Budget, Plan, Reservation, WorkerCount
-from pytest_gpushare.units import format_size
 
 __all__ = ["get_plan", "get_settings", "is_worker", "ollama_status", "session_id"]
 
@@ -319,7 +318,7 @@ def header(config: pytest.Config, workers: report.WorkerLine | None = None) -> l
     """The VRAM analysis block."""
     plan = get_plan(config)
     s = get_settings(config)
-    extra = _ollama_lines(ollama_status(config), plan)
+    extra = ollama_lines(config, plan)
     from pytest_gpushare.ledger import default_ledger_dir
 
     ledger_dir = s.ledger_dir or f"{default_ledger_dir()} (this account's private folder)"
@@ -335,18 +334,13 @@ def plan_lines(config: pytest.Config) -> list[str]:
     return header(config, report.WorkerLine("auto", count.workers, count))
 
 
-def _ollama_lines(status: OllamaStatus, plan: Plan) -> list[str]:
-    if not status.asked:
-        return ["ollama: not asked (--gpushare-ollama=off)"]
-    if not status.answered:
-        return [f"ollama: {status.address} did not answer usefully ({status.problem}); nothing credited"]
-    lines = [f"ollama: {status.address} answered: {len(status.models)} model(s) loaded"]
-    lines += [
-        f"  {m.name}: {format_size(m.vram_bytes)} on GPU"
-        + (f", {format_size(m.cpu_bytes)} on CPU (spilling!)" if m.cpu_bytes else "")
-        for m in status.models
-    ]
-    return lines
+def ollama_lines(config: pytest.Config, plan: Plan) -> list[str]:
+    """The header's Ollama lines: address, answer, models, the hold, and what to worry about."""
+    status = ollama_status(config)
+    s = get_settings(config)
+    note = attribute_held(status, plan.inventory.gpus).note if status.answered else None
+    reserve_set = bool(s.ollama_reserve.default or any(s.ollama_reserve.per_index.values()))
+    return report.ollama_lines(status, plan, reserve_set=reserve_set, attribution_note=note)
 
 
 @pytest.hookimpl(trylast=True)

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pytest_gpushare.planner import GpuPlan, Plan, WorkerCount
+
+if TYPE_CHECKING:
+    from pytest_gpushare.ollama import OllamaStatus
 from pytest_gpushare.units import format_size
 
 __all__ = ["WorkerLine", "header_lines", "json_report", "peak_concurrent", "summarize", "summary_lines"]
@@ -79,6 +82,54 @@ def header_lines(
     lines += [f"  {x}" for x in extra]
     lines += [f"  note: {n}" for n in plan.notes]
     lines.append(f"  ledger: {ledger}")
+    return lines
+
+
+def spilling_lines(status: OllamaStatus) -> list[str]:
+    """Models Ollama has already pushed partly to the CPU (slow inference)."""
+    return [
+        f"WARNING: Ollama model {m.name} is spilling to the CPU: {format_size(m.cpu_bytes)} of "
+        f"{format_size(m.size_bytes)} is not on the GPU"
+        for m in status.models
+        if status.answered and m.cpu_bytes > 0
+    ]
+
+
+def ollama_lines(
+    status: OllamaStatus, plan: Plan, *, reserve_set: bool, attribution_note: str | None
+) -> list[str]:
+    """Where Ollama was asked, what it answered, its models, and the hold on each GPU."""
+    if not status.asked:
+        return ["ollama: not asked (--gpushare-ollama=off)"]
+    if not status.answered:
+        lines = [f"ollama: {status.address} did not answer usefully ({status.problem})"]
+        if reserve_set:
+            lines.append("  nothing credited: the full --gpushare-ollama-reserve is held back")
+        return lines
+    held = sum(m.vram_bytes for m in status.models)
+    lines = [
+        f"ollama: {status.address} answered: {len(status.models)} model(s) loaded, "
+        f"{format_size(held)} in VRAM"
+    ]
+    lines += [
+        f"  {m.name}: {format_size(m.vram_bytes)} VRAM of {format_size(m.size_bytes)}" for m in status.models
+    ]
+    for g in plan.gpus:
+        for r in g.reservations:
+            if r.kind == "ollama":
+                lines.append(
+                    f"  GPU {g.gpu.index}: Ollama reserve {format_size(r.ceiling_bytes)}, holds "
+                    f"{format_size(r.ceiling_bytes - r.bytes)} already "
+                    f"-> hold back {format_size(r.bytes)} more"
+                )
+    if attribution_note:
+        lines.append(f"  {attribution_note}")
+    if held and not reserve_set:
+        lines.append(
+            f"  Ollama holds {format_size(held)}, but no reservation protects its next load: "
+            "set --gpushare-ollama-reserve (e.g. the size of the largest model it serves)"
+        )
+    lines += [f"  {x}" for x in spilling_lines(status)]
     return lines
 
 
