@@ -7,7 +7,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from ollama_server import FakeOllama, ps_model, silent_listener
 
 pytest_plugins = ["pytester"]
