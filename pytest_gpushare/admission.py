@@ -12,8 +12,9 @@ and writes the outcome.
   live process's CUDA context booking, so an idle sibling's context does not block it.
 * **Placement.** ``prefer`` (the home GPU) when it can serve now; otherwise ``spread`` (most
   memory left after the lease) or ``pack`` (least left: best fit).
-* **Never.** A need above a GPU's capacity (less this process's context when not booked there
-  yet) on too many candidate GPUs can never be served: the caller says so at once.
+* **Never.** A need above what a GPU could give with nothing else running (its capacity less
+  this process's CUDA context) on too many candidate GPUs can never be served: the caller says so
+  at once instead of waiting.
 
 Fairness
 --------
@@ -28,10 +29,11 @@ Bound: with ``H`` the longest time one lease is held, ``P`` the longest pause be
 retries (:data:`pytest_gpushare.ledger.FULL_CHECK_S`) and ``n`` the number of requests older than
 a waiter ``W`` that wait on GPUs it also waits on, ``W`` is granted within
 ``fair_after + (n + 1) * (H + P)`` of starting to wait, however many younger requests arrive,
-provided that the GPUs' limits less the CUDA contexts of live processes can hold its need
-(memory that strangers take outside the ledger is beyond its control). Once ``W`` is the oldest
-aged waiter, no grant cuts below its need on its GPUs, so it is served at its first retry after
-the leases present at that moment end; each older waiter ahead of it takes at most as long.
+provided that the GPUs' limits less the CUDA contexts of live processes can hold its need and do
+not shrink meanwhile (memory that strangers take outside the ledger is beyond its control).
+Once ``W`` is the oldest aged waiter, no grant cuts below its need on its GPUs, so it is served
+at its first retry after the leases present at that moment end; each older waiter ahead of it
+takes at most as long.
 """
 
 from __future__ import annotations

@@ -335,6 +335,7 @@ class Ledger:
                 for uuid in sorted(set(uuids)):
                     state, changed = acc.load(uuid)
                     changed = acc.reclaim(state) or changed
+                    changed = acc.resolve_unknown(state) or changed
                     changed = self._reconcile(state) or changed
                     p.states[uuid] = state
                     if changed:

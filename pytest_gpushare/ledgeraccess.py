@@ -177,6 +177,25 @@ class Access:
                 state.bookings.extend(bookings)
         return state
 
+    def resolve_unknown(self, state: GpuState) -> bool:
+        """Replace the placeholders of live owners whose holdings can be read again; True if any."""
+        changed = False
+        for key in sorted({b.owner for b in state.bookings if b.kind == UNKNOWN}):
+            if not self.alive(key):
+                continue  # reclaim drops it
+            try:
+                holdings = self.holdings(key)
+            except Damaged:
+                continue
+            state.bookings = [b for b in state.bookings if b.owner != key]
+            if holdings is not None:
+                owner = holdings.owner
+                owner.usable_bytes = holdings.usable.get(state.uuid)
+                state.owners[key] = owner
+                state.bookings.extend(holdings.bookings.get(state.uuid, []))
+            changed = True
+        return changed
+
     def reclaim(self, state: GpuState) -> bool:
         """Drop what dead owners hold or wait for; True if anything was dropped."""
         keys = set(state.owners) | {b.owner for b in state.bookings} | {w.owner for w in state.waiters}
@@ -346,7 +365,8 @@ def read_status(
                 acc.repaired.append({"uuid": None, "reason": "unreadable", "moved_to": aside})
                 continue
             state, changed = acc.load(uuid)
-            if acc.reclaim(state) or changed:
+            changed = acc.reclaim(state) or changed
+            if acc.resolve_unknown(state) or changed:
                 acc.save(state)
             states.append(state)
     acc.sweep()

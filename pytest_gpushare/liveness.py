@@ -53,7 +53,7 @@ __all__ = [
 KEY_RE = re.compile(r"^[0-9]{1,10}-[0-9a-f]{8,64}$")
 _HEADER = re.compile(rb"GPUSHARE-HOLDINGS ([0-9]{1,9}) ([0-9a-f]{8})\n")
 #: A reader that catches the owner mid-write tries again this many times before giving up.
-_READ_TRIES = 50
+_READ_TRIES = 20
 
 _O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)

@@ -348,7 +348,10 @@ def test_a_released_lease_from_another_process_frees_memory(
     waiting: list[Any] = []
     thread = threading.Thread(target=lambda: waiting.append(ledger.acquire(need(4), "mine", 20)))
     thread.start()
-    time.sleep(0.1)
+    deadline = time.monotonic() + 10
+    while not state_of(folder).waiters:  # it waits for the other process's memory
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
     assert other.proc.stdin is not None
     other.proc.stdin.close()
     assert other.event()["event"] == "released"
@@ -495,7 +498,7 @@ def test_timeout_names_the_holders(make: Callable[..., Ledger]) -> None:
     start = time.monotonic()
     with pytest.raises(LeaseTimeout) as info:
         waiter.acquire(need(4), "tests/test_b.py::test_small", 0.3)
-    assert 0.3 <= time.monotonic() - start < 2
+    assert 0.3 <= time.monotonic() - start < 5
     err = info.value
     assert err.waited >= 0.3
     assert err.holders == (
@@ -546,7 +549,7 @@ def test_needs_that_can_never_fit_fail_at_once(make: Callable[..., Ledger]) -> N
         ledger.acquire(need(1, count=3), "t", 60)
     with pytest.raises(NeverFits) as info:
         ledger.acquire(need(10), "big", 60)
-    assert time.monotonic() - start < 1
+    assert time.monotonic() - start < 5  # at once, not after the 60s timeout
     assert info.value.reason == (
         "big needs 10.0GiB, which this box can never give: "
         "GPU 0 (Sim 0, GPU-0) can give at most 9.5GiB "
@@ -865,6 +868,23 @@ def test_unreadable_holdings_of_a_live_owner_block_the_gpu_until_it_speaks(
         ledger.acquire(need(1), "t2", 0.1)
 
 
+def test_holdings_readable_again_replace_the_placeholder(folder: Path, make: Callable[..., Ledger]) -> None:
+    holder = make(worker="gw1")
+    holder.acquire(need(6), "kept::test", 1)
+    live = folder / live_name(holder.owner.key)
+    good = live.read_bytes()
+    with open(live, "r+b") as f:
+        f.write(b"garbage")
+    (folder / ledger_name("GPU-0")).write_bytes(b"garbage")
+    ledger = make()
+    with pytest.raises(LeaseTimeout):
+        ledger.acquire(need(1), "t", 0.1)  # the placeholder holds the GPU
+    with open(live, "r+b") as f:  # the holdings are whole again (the owner rewrote them, say)
+        f.write(good)
+    assert ledger.acquire(need(4), "t", 1)
+    assert sorted(b.test_id for b in leases_in(folder)) == ["kept::test", "t"]
+
+
 def test_only_a_few_damaged_copies_are_kept(folder: Path, make: Callable[..., Ledger]) -> None:
     ledger = make()
     for _ in range(KEEP_DAMAGED + 3):
@@ -934,7 +954,8 @@ def test_status_rebuilds_a_damaged_ledger_from_live_owners(folder: Path, make: C
     holder.acquire(need(3), "kept::test", 1)
     (folder / ledger_name("GPU-0")).write_bytes(b"{broken")
     status = read_status(folder)
-    assert [r["reason"] for r in status["repaired"]][0].startswith("not JSON")
+    (repair,) = status["repaired"]
+    assert repair["reason"].startswith("not JSON") and repair["moved_to"]
     (g,) = status["gpus"]
     assert [(x["test_id"], x["kind"]) for x in g["leases"]] == [("kept::test", TEST)]
 
