@@ -40,9 +40,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from pytest_gpushare.ledgerstate import CONTEXT, GpuState
 from pytest_gpushare.units import MemRequest, format_size
+
+if TYPE_CHECKING:
+    from pytest_gpushare.planner import Plan
 
 __all__ = ["FAIR_AFTER_S", "Fit", "LedgerGpu", "Need", "evaluate", "gpu_label", "never_fits", "place"]
 
@@ -66,6 +70,21 @@ class LedgerGpu:
     total_bytes: int
     capacity_bytes: int
     usable_bytes: int
+
+
+def ledger_gpus(plan: Plan) -> list[LedgerGpu]:
+    """A session's planned GPUs as the ledger needs them."""
+    return [
+        LedgerGpu(
+            uuid=g.gpu.uuid,
+            index=g.gpu.index,
+            name=g.gpu.name,
+            total_bytes=g.gpu.total_bytes,
+            capacity_bytes=g.capacity_bytes,
+            usable_bytes=g.usable_bytes,
+        )
+        for g in plan.gpus
+    ]
 
 
 @dataclass(frozen=True)

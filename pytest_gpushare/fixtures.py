@@ -8,6 +8,7 @@ interrupts; a crashed process is covered by the ledger's liveness locks).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import Iterator, Sequence
@@ -17,17 +18,18 @@ from typing import Any
 
 import pytest
 
+from pytest_gpushare.admission import ledger_gpus
+from pytest_gpushare.devices import Gpu, GpuInventory
 from pytest_gpushare.errors import GpuShareError, NeverFits, SettingError
 from pytest_gpushare.ledger import (
     Lease,
     Ledger,
-    LedgerGpu,
     Need,
     Owner,
     default_ledger_dir,
     prepare_ledger_dir,
 )
-from pytest_gpushare.planner import Plan
+from pytest_gpushare.planner import Plan, make_plan
 from pytest_gpushare.units import MemRequest, parse_mem
 
 __all__ = ["GpuLease", "Runtime", "lease", "need_from_marker"]
@@ -104,6 +106,7 @@ class LeaseRecord:
     waited_s: float
     taken_at: float
     released_at: float | None = None
+    block: bool = False  # a lease() block, not a test's lease
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -151,26 +154,44 @@ class Runtime:
     def ledger(self) -> Ledger:
         if self._ledger is None:
             folder = prepare_ledger_dir(self.ledger_folder())
-            gpus = [
-                LedgerGpu(
-                    uuid=g.gpu.uuid,
-                    index=g.gpu.index,
-                    name=g.gpu.name,
-                    total_bytes=g.gpu.total_bytes,
-                    capacity_bytes=g.capacity_bytes,
-                    usable_bytes=g.usable_bytes,
-                )
-                for g in self.plan.gpus
-            ]
+            gpus = ledger_gpus(self.plan)
             owner = Owner.current(self.session, self.worker)
+            real = any(not g.gpu.simulated for g in self.plan.gpus)
             self._ledger = Ledger(
-                folder, gpus, owner, context_bytes=self.context_bytes, policy=self.policy, log=self.log.append
+                folder,
+                gpus,
+                owner,
+                context_bytes=self.context_bytes,
+                policy=self.policy,
+                log=self.log.append,
+                refresh=self.fresh_usable if real else None,
             )
         return self._ledger
 
     def ledger_folder(self) -> str:
         """The session's ledger folder: the setting, or the account's private default."""
         return self.ledger_dir or str(default_ledger_dir())
+
+    def fresh_usable(self) -> dict[str, int]:
+        """Usable memory now, per GPU uuid, while a request waits (strangers come and go).
+
+        NVML is asked again and the session's own reservations and safety are applied with the
+        same formula; our lease holders' use is credited from the ledger as at planning.
+        """
+        from pytest_gpushare.nvml import NvmlProbe
+        from pytest_gpushare.plugin import holder_credits
+
+        seen = {g.uuid: g for g in NvmlProbe().probe().gpus}
+        fresh: list[Gpu] = []
+        for planned in self.plan.gpus:
+            now = seen.get(planned.gpu.uuid)
+            if now is not None:  # keep the session's numbering: reservations use it
+                fresh.append(dataclasses.replace(now, index=planned.gpu.index))
+        inventory = GpuInventory(tuple(fresh), "NVML (refresh)")
+        reservations = [r for g in self.plan.gpus for r in g.reservations]
+        credits = holder_credits(inventory.gpus, self.ledger_dir or None)
+        plan = make_plan(inventory, self.plan.budget, reservations=reservations, credits=credits)
+        return {g.gpu.uuid: g.usable_bytes for g in plan.gpus}
 
     def close(self) -> None:
         if self._ledger is not None:
@@ -184,7 +205,7 @@ class Runtime:
             return visible.index(uuid)
         return self.plan.by_uuid(uuid).gpu.index
 
-    def acquire(self, need: GpuNeed, test_id: str, *, anywhere: bool) -> Grant:
+    def acquire(self, need: GpuNeed, test_id: str, *, anywhere: bool, block: bool = False) -> Grant:
         """Lease ``need`` for ``test_id``; raises NeverFits or LeaseTimeout.
 
         ``anywhere``: the test takes ``gpu``/``gpus`` and so learns its device; others stay
@@ -217,7 +238,7 @@ class Runtime:
                 )
             )
             parts.append((uuid, g.index, n_bytes))
-        record = LeaseRecord(test_id, self.worker, parts, lease.waited_s, taken)
+        record = LeaseRecord(test_id, self.worker, parts, lease.waited_s, taken, block=block)
         self.records.append(record)
         grant = Grant(lease, gpus, record)
         self._notify("pytest_gpushare_lease_acquired", gpus=gpus, test_id=test_id, waited=lease.waited_s)
@@ -273,7 +294,7 @@ def lease(
     need = need_from_marker((), {"mem": mem, "count": count, "exclusive": exclusive}, rt.default_mem, label)
     if not rt.plan.gpus:
         raise NeverFits("pytest_gpushare.lease(): no GPU on this box")
-    grant = rt.acquire(need, f"{label} [lease()]", anywhere=True)
+    grant = rt.acquire(need, f"{label} [lease()]", anywhere=True, block=True)
     try:
         yield grant.gpus
     finally:

@@ -26,6 +26,7 @@ from pytest_gpushare.workers import home_gpu
 
 GRANT_KEY = pytest.StashKey[Grant]()
 OBSERVED_KEY = pytest.StashKey[list[dict[str, Any]]]()
+OUTCOME_KEY = pytest.StashKey[str]()
 ENFORCE_KEY = pytest.StashKey[Enforcement]()
 REPORT_ATTR = "gpushare"
 WAIT_NOTICE_AFTER_S = 10.0
@@ -200,8 +201,11 @@ class LeasePlugin:
             note = annotate_oom(call.excinfo.value, declared)
             if note:
                 rep.sections.append(("gpushare", note))
+        if rep.outcome != "passed" and OUTCOME_KEY not in item.stash:
+            item.stash[OUTCOME_KEY] = "error" if call.when != "call" and rep.failed else rep.outcome
         if grant is not None and call.when == "teardown":
             info: dict[str, Any] = {"fallback": grant.fallback}
+            info["outcome"] = item.stash.get(OUTCOME_KEY, "passed")
             info["observed"] = item.stash.get(OBSERVED_KEY, [])
             if grant.record is not None:
                 info["lease"] = grant.record.to_dict()
@@ -218,14 +222,25 @@ class LeasePlugin:
         if isinstance(info, dict):
             entry = dict(info)
             entry["test_id"] = report.nodeid
-            entry["when"] = report.when
-            entry["outcome"] = report.outcome
+            entry.setdefault("outcome", report.outcome)
             self.collected.append(entry)
+
+    def _block_entries(self) -> list[dict[str, Any]]:
+        """This process's ``lease()`` blocks: they belong to no test report."""
+        if self._runtime is None:
+            return []
+        return [
+            {"test_id": r.test_id, "lease": r.to_dict(), "outcome": "lease()", "fallback": None}
+            for r in self._runtime.records
+            if r.block
+        ]
 
     @pytest.hookimpl(optionalhook=True)
     def pytest_testnodedown(self, node: Any, error: object | None) -> None:
         if error is not None:
             self.lost.append(f"worker {node.gateway.id} crashed: {error}")
+        output = getattr(node, "workeroutput", None) or {}
+        self.collected.extend(output.get("gpushare_blocks", []))
 
     @pytest.hookimpl(optionalhook=True)
     def pytest_handlecrashitem(self, crashitem: str, report: Any, sched: Any) -> None:
@@ -260,7 +275,9 @@ class LeasePlugin:
     @pytest.hookimpl(trylast=True)
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
         if is_worker(self.config):
+            self.config.workeroutput["gpushare_blocks"] = self._block_entries()  # type: ignore[attr-defined]
             return
+        self.collected.extend(self._block_entries())
         data = self.summary_data()
         self._remember(data["observed_records"])
         path = get_settings(self.config).report

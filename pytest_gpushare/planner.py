@@ -31,6 +31,7 @@ __all__ = [
     "WorkerCount",
     "assign_homes",
     "credit_for",
+    "credits_from_status",
     "make_plan",
     "ollama_reservations",
     "reservations_from_sizes",
@@ -271,6 +272,22 @@ def credit_for(gpu: Gpu, booked_by_pid: Mapping[int, int]) -> int:
     if gpu.processes is None:
         return 0
     return sum(min(p.used_bytes, booked_by_pid[p.pid]) for p in gpu.processes if p.pid in booked_by_pid)
+
+
+def credits_from_status(gpus: Sequence[Gpu], status: Mapping[str, Any], host: str) -> dict[str, int]:
+    """:func:`credit_for` of every GPU, from a ledger status (``ledger.read_status``).
+
+    Every live lease and context booking of a process on this ``host`` counts as booked by
+    its PID; NVML's per-process figures then say how much of that the process really uses.
+    """
+    booked: dict[str, dict[int, int]] = {}
+    for entry in status.get("gpus", ()):
+        per_pid = booked.setdefault(str(entry["uuid"]), {})
+        for lease in entry.get("leases", ()):
+            owner = lease.get("owner", {})
+            if owner.get("host") == host and isinstance(owner.get("pid"), int):
+                per_pid[owner["pid"]] = per_pid.get(owner["pid"], 0) + int(lease["bytes"])
+    return {g.uuid: credit_for(g, booked.get(g.uuid, {})) for g in gpus}
 
 
 def make_plan(

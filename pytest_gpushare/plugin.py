@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -168,7 +169,26 @@ def compute_plan(config: pytest.Config) -> Plan:
         f"--gpushare-reserve names GPU {i}, which this box does not have"
         for i in sorted(set(s.reserve.per_index) - {g.index for g in inventory.gpus})
     ]
-    return planner.make_plan(inventory, budget, reservations=reservations, notes=notes)
+    credits = holder_credits(inventory.gpus, s.ledger_dir)
+    return planner.make_plan(inventory, budget, reservations=reservations, credits=credits, notes=notes)
+
+
+def holder_credits(gpus: tuple[Gpu, ...], ledger_dir: str | None) -> dict[str, int]:
+    """What processes holding leases on this box really use, per GPU uuid (SPEC's ``free_g``).
+
+    Only real GPUs with trustworthy per-process figures can be credited; a ledger folder that
+    cannot be read credits nothing (the safe side; the first lease reports the folder's problem).
+    """
+    if not any(g.processes for g in gpus if not g.simulated):
+        return {}
+    from pytest_gpushare.errors import LedgerError
+    from pytest_gpushare.ledger import read_status
+
+    try:
+        status = read_status(ledger_dir or None)
+    except (LedgerError, OSError):
+        return {}
+    return planner.credits_from_status(gpus, status, socket.gethostname())
 
 
 def _read_history(config: pytest.Config) -> object:
@@ -229,23 +249,8 @@ def pytest_gpushare_reservations(config: pytest.Config, gpus: tuple[Gpu, ...]) -
     """The plugin's own reservations: ``--gpushare-reserve`` and the Ollama hold."""
     s = get_settings(config)
     out = planner.reservations_from_sizes(s.reserve, gpus, "reserve")
-    status = ollama_status(config)
-    held, _note = attribute_held(status, gpus)
-    for gpu in gpus:
-        want = s.ollama_reserve.for_index(gpu.index)
-        if want <= 0:
-            continue
-        have = held.get(gpu.index, 0)
-        hold = max(0, want - have)
-        out.append(
-            Reservation(
-                gpu.index,
-                hold,
-                "Ollama hold",
-                kind="ollama",
-                full_bytes=want,
-            )
-        )
+    held = attribute_held(ollama_status(config), gpus).by_gpu
+    out += planner.ollama_reservations(s.ollama_reserve, held, gpus)
     return out
 
 
@@ -262,6 +267,8 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", MARKER_HELP)
     if never_plans(config):
         return
+    if not is_worker(config):
+        _check_ledger_dir(config)
     if not is_worker(config) and get_settings(config).framework_defaults:
         # Workers inherit the controller's environment: one place covers -n N and no xdist.
         for key, value in framework_env(os.environ).items():
@@ -290,6 +297,18 @@ def gpu(request: pytest.FixtureRequest) -> GpuLease:
 def gpus(request: pytest.FixtureRequest) -> list[GpuLease]:
     """One :class:`GpuLease` per device of the running test, in the order it should use them."""
     return _granted(request)
+
+
+def _check_ledger_dir(config: pytest.Config) -> None:
+    """Refuse an unsafe or unusable ledger folder once, at start (exit 4), not per test."""
+    from pytest_gpushare.errors import LedgerError
+    from pytest_gpushare.ledger import default_ledger_dir, prepare_ledger_dir
+
+    folder = get_settings(config).ledger_dir or str(default_ledger_dir())
+    try:
+        prepare_ledger_dir(folder)
+    except (LedgerError, OSError) as exc:
+        raise pytest.UsageError(f"gpushare: ledger folder {folder}: {exc}") from None
 
 
 def _worker_line(config: pytest.Config, plan: Plan) -> report.WorkerLine:

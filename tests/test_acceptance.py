@@ -397,3 +397,47 @@ def test_sigkilled_single_process_lease_is_reclaimed(pytester: pytest.Pytester, 
     status = read_status(env["GPUSHARE_LEDGER_DIR"])
     assert all(g["leases"] == [] for g in status["gpus"])
     assert any("test_hold" in json.dumps(r) for r in status["reclaimed"])
+
+
+def test_report_has_each_tests_outcome_and_lease_blocks(
+    pytester: pytest.Pytester, env: dict[str, str]
+) -> None:
+    pytester.makepyfile(
+        """
+        import pytest
+        import pytest_gpushare
+
+        @pytest.fixture(scope="module")
+        def model():
+            with pytest_gpushare.lease(mem="2GiB", name="the model") as gpus:
+                yield gpus[0]
+
+        @pytest.mark.gpu(mem="1GiB")
+        def test_fails(gpu, model):
+            assert model.mem == 2 * 2**30
+            assert False
+
+        @pytest.mark.gpu(mem="1GiB")
+        def test_passes(gpu, model):
+            pass
+        """
+    )
+    result = run(pytester, "-n", "2", "--gpushare-simulate=24GiB", "--gpushare-report=report.json")
+    result.assert_outcomes(passed=1, failed=1)
+    report = json.loads((pytester.path / "report.json").read_text())
+    outcomes = {x["test_id"].split("::")[-1]: x["outcome"] for x in report["leases"]}
+    assert outcomes["test_fails"] == "failed"
+    assert outcomes["test_passes"] == "passed"
+    blocks = [x for x in report["leases"] if x["outcome"] == "lease()"]
+    assert blocks and all(b["test_id"] == "the model [lease()]" for b in blocks)
+    assert all(b["gpus"][0]["bytes"] == 2 * GiB for b in blocks)
+
+
+def test_unsafe_ledger_folder_is_a_usage_error(pytester: pytest.Pytester, env: dict[str, str]) -> None:
+    folder = pytester.path / "shared"
+    folder.mkdir()
+    folder.chmod(0o777)
+    pytester.makepyfile("def test_a(): pass\n")
+    result = run(pytester, f"--gpushare-ledger-dir={folder}", "--gpushare-simulate=24GiB")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*gpushare: ledger folder *shared*chmod*"])

@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+
+from pytest_gpushare.ledger import read_status
 
 pytest_plugins = ["pytester"]
 
@@ -62,7 +66,9 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 SUITE = f"""
 import os
+import subprocess
 import sys
+import time
 import pytest
 from conftest import GiB, use, wait_for_samples
 
@@ -148,3 +154,56 @@ def test_without_per_process_figures_it_says_not_measurable(
     assert {r["verdict"] for r in report["observed"]} == {"not measurable"}
     assert all(r["observed_bytes"] is None for r in report["observed"])
     assert os.environ.get("CUDA_VISIBLE_DEVICES") is None  # the controller's own env stays untouched
+
+
+STRANGER_CONFTEST = f"""
+import os, sys
+sys.path.insert(0, {str(TESTS)!r})
+from fake_pynvml import FakeGpu, FakeNvml
+
+class StrangerGpu(FakeGpu):
+    # What strangers use comes from a file the outer test rewrites while the session runs.
+    @property
+    def used(self):
+        with open(os.environ["STRANGER_FILE"]) as f:
+            return int(f.read())
+
+    @used.setter
+    def used(self, value):
+        pass
+
+sys.modules["pynvml"] = FakeNvml(gpus=[StrangerGpu(uuid={UUID!r}, total=24 * 2**30)]).module
+"""
+
+
+def test_a_test_waits_for_strangers_to_leave_then_runs(
+    pytester: pytest.Pytester, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stranger = tmp_path / "stranger"
+    stranger.write_text(str(22 * 2**30))
+    ledger = tmp_path / "ledger"
+    monkeypatch.setenv("STRANGER_FILE", str(stranger))
+    monkeypatch.setenv("GPUSHARE_LEDGER_DIR", str(ledger))
+    monkeypatch.setenv("GPUSHARE_OLLAMA", "off")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    pytester.makeconftest(STRANGER_CONFTEST)
+    pytester.makepyfile("import pytest\n@pytest.mark.gpu(mem='8GiB')\ndef test_big(gpu): pass\n")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-n", "1", "--gpushare-timeout=60"],
+        cwd=pytester.path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        # The test is not skipped (8GiB fits the GPU's capacity) but waits: strangers fill it.
+        while not any(g["waiters"] for g in read_status(str(ledger))["gpus"]):
+            assert proc.poll() is None and time.monotonic() < deadline, "the test never waited"
+            time.sleep(0.05)
+        stranger.write_text(str(2 * 2**30))  # the stranger leaves
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, out
+    assert "1 passed" in out
