@@ -34,7 +34,16 @@ def _long_flags() -> set[str]:
 
 
 def translate_flags(args: Sequence[str]) -> list[str]:
-    """``--simulate 24GiB`` -> ``--gpushare-simulate 24GiB``; pytest's own flags pass through."""
+    """``--simulate 24GiB`` -> ``--gpushare-simulate 24GiB``; pytest's own flags pass through,
+    and so does everything after ``--`` (``gpushare run``'s command is not ours to rename)."""
+    args = list(args)
+    if "--" in args:
+        at = args.index("--")
+        return _translate(args[:at]) + args[at:]
+    return _translate(args)
+
+
+def _translate(args: Sequence[str]) -> list[str]:
     known = _long_flags()
     out: list[str] = []
     for arg in args:

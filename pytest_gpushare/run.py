@@ -1,0 +1,420 @@
+"""``gpushare run``: a command outside pytest holds a lease for as long as it runs.
+
+``gpushare run --mem SIZE [--count N] [--exclusive] [--timeout S] -- COMMAND...``
+
+``--`` is required, so that the command's own flags never pass for ours. ``--exclusive`` holds
+all usable memory of each GPU (``--mem``, then optional, is the least it accepts).
+
+1. Settings come from the plugin's flags (``--simulate``, ``--ledger-dir``, ``--reserve``,
+   ``--safety``, ``--context-mem``, ``--ollama``, ``--ollama-reserve``, ``--policy``,
+   ``--timeout``...; the ``--gpushare-`` spelling works too) and the ``GPUSHARE_*`` environment,
+   flag first. The ini file is not read (there is no pytest configuration here), nor are other
+   plugins' probe and reservation hooks: pass such settings as flags or environment.
+2. The plan is the plugin's formula: the probe (NVML or simulated), the static reserve, the
+   Ollama hold, the safety buffer.
+3. The lease is taken like a test's, by a ledger owner of its own (worker ``gpushare-run``,
+   the command line as test id and command), waiting up to the timeout; a line on standard
+   error says what it waits for once it has waited a second.
+4. The command runs with ``GPUSHARE_LEASED_GPUS`` set to the leased GPUs' UUIDs and, on real
+   GPUs, ``CUDA_VISIBLE_DEVICES`` set to them and ``CUDA_DEVICE_ORDER=PCI_BUS_ID`` (simulated
+   GPUs have no CUDA device, so the inherited ``CUDA_VISIBLE_DEVICES`` stays).
+5. SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1 and SIGUSR2 are forwarded to the command, except
+   a SIGINT, SIGQUIT or SIGHUP that the terminal sent to the whole foreground process group,
+   which the command got already (a second copy would turn one Ctrl-C into "force quit" for
+   many servers). Signals that ``gpushare run`` inherited as ignored stay ignored and are not
+   forwarded (``nohup``, background jobs of a script).
+6. When the command ends, the lease is given back and its exit code returned (``128 + N`` when
+   signal ``N`` killed it, as shells report it). If ``gpushare run`` itself is killed, even by
+   SIGKILL, its lease dies with it: the command never holds the ledger's liveness lock
+   (every descriptor of the ledger is close-on-exec), so the next access reclaims the lease
+   while the command may still run.
+
+Exit codes of ``gpushare run`` itself: 2 for a bad command line, a need no GPU of this box can
+ever meet, or an unusable ledger folder; 3 when the wait for memory timed out (the message
+names who holds the GPUs); 4 for a bad setting value; 126/127 when the command cannot be
+executed / is not found; ``128 + N`` when signal ``N`` stopped the wait.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shlex
+import signal
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from types import FrameType
+from typing import Any
+
+from pytest_gpushare.admission import Need, ledger_gpus
+from pytest_gpushare.devices import probe_for
+from pytest_gpushare.errors import GpuShareError, LeaseTimeout, LedgerError, NeverFits, SettingError
+from pytest_gpushare.ledger import Lease, Ledger, Owner, default_ledger_dir, prepare_ledger_dir
+from pytest_gpushare.ledgerstate import CONTEXT
+from pytest_gpushare.ollama import attribute_held, query_ollama
+from pytest_gpushare.planner import Budget, Plan, make_plan, ollama_reservations, reservations_from_sizes
+from pytest_gpushare.settings import OPTION_NAMES, Settings, cli_layer, resolve
+from pytest_gpushare.status import CommandParser, UsageError
+from pytest_gpushare.units import format_size, parse_mem
+
+__all__ = [
+    "EXIT_NEVER_FITS",
+    "EXIT_SETTING",
+    "EXIT_TIMEOUT",
+    "FORWARDED_SIGNALS",
+    "WORKER_ID",
+    "child_environment",
+    "cmd_run",
+    "run_plan",
+    "should_forward",
+]
+
+#: The worker id of ``gpushare run`` owners in the ledgers.
+WORKER_ID = "gpushare-run"
+FORWARDED_SIGNALS = (
+    signal.SIGINT,
+    signal.SIGTERM,
+    signal.SIGHUP,
+    signal.SIGQUIT,
+    signal.SIGUSR1,
+    signal.SIGUSR2,
+)
+# What a terminal sends to its whole foreground process group.
+_TTY_SIGNALS = frozenset({signal.SIGINT, signal.SIGQUIT, signal.SIGHUP})
+# si_code of a signal the kernel raised itself (a terminal's Ctrl-C, Ctrl-\ or hangup) rather
+# than a kill() by some process (SI_USER, 0). Linux's value; the module does not export it.
+_SI_KERNEL = 0x80
+# Python ignores these at start-up; the command gets the default back, as subprocess does it.
+_RESTORED_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ)
+
+EXIT_USAGE = 2
+EXIT_LEDGER = 2
+EXIT_NEVER_FITS = 2
+EXIT_TIMEOUT = 3
+EXIT_SETTING = 4
+EXIT_NOT_EXECUTABLE = 126
+EXIT_NOT_FOUND = 127
+
+WAIT_NOTICE_AFTER_S = 1.0
+WAIT_REPEAT_S = 30.0
+#: Longer command lines are cut in the ledger (its files are size-capped).
+COMMAND_CAP = 1000
+#: Without a SIGCHLD (it cannot be lost on Linux, but costs nothing to guard) the child is polled.
+_POLL_S = 1.0
+
+USAGE = "gpushare run --mem SIZE [--count N] [--exclusive] [--timeout S] [settings] -- COMMAND..."
+
+
+# What signal.signal() takes and returns.
+_Handler = Callable[[int, FrameType | None], Any] | int | signal.Handlers | None
+
+
+def _parser() -> CommandParser:
+    parser = CommandParser(
+        prog="gpushare run",
+        usage=USAGE,
+        allow_abbrev=False,
+        description=(
+            "Run COMMAND holding a lease on GPU memory for as long as it lives, with "
+            "CUDA_VISIBLE_DEVICES set to the leased GPUs; the exit code is the command's. Settings "
+            "come from these flags and the GPUSHARE_* environment (not from the ini file)."
+        ),
+        epilog=(
+            "exit codes of gpushare run itself: 2 bad usage, a need no GPU can ever meet, or an unusable "
+            "ledger folder; 3 timed out waiting; 4 bad setting; 126/127 command not executable/not found"
+        ),
+    )
+    parser.add_argument("--mem", metavar="SIZE", help="memory on each GPU (a size such as 16GiB, or N%%)")
+    parser.add_argument(
+        "--count", metavar="N", type=int, default=1, help="number of distinct GPUs (default 1)"
+    )
+    parser.add_argument(
+        "--exclusive", action="store_true", help="hold all usable memory of each GPU (--mem: the least)"
+    )
+    settings = parser.add_argument_group("settings (the plugin's, also without the gpushare- part)")
+    for option in OPTION_NAMES:
+        # cli.translate_flags has turned --timeout into --gpushare-timeout already.
+        help_text = f"{option.help} (env {option.env})".replace("%", "%%")
+        if option.is_flag:
+            settings.add_argument(
+                option.flag, dest=option.name, action="store_true", default=None, help=help_text
+            )
+        else:
+            settings.add_argument(option.flag, dest=option.name, metavar=option.metavar, help=help_text)
+    return parser
+
+
+def _split(args: Sequence[str]) -> tuple[list[str], list[str] | None]:
+    """Options before ``--`` and the command after it (None without ``--``).
+
+    ``--`` is required: without it, the command's own flags could pass for ours.
+    """
+    args = list(args)
+    if "--" in args:
+        at = args.index("--")
+        return args[:at], args[at + 1 :]
+    return args, None
+
+
+def run_plan(settings: Settings, environ: Mapping[str, str]) -> Plan:
+    """The plugin's plan without pytest: probe, the static reserve, the Ollama hold, the budget."""
+    inventory = probe_for(settings.simulate, settings.sources["simulate"]).probe()
+    reservations = reservations_from_sizes(settings.reserve, inventory.gpus, "reserve")
+    held, note = attribute_held(query_ollama(settings.ollama, environ), inventory.gpus)
+    reservations += ollama_reservations(settings.ollama_reserve, held, inventory.gpus)
+    budget = Budget(
+        safety_bytes=settings.safety_bytes,
+        worker_mem_bytes=settings.worker_mem_bytes,
+        context_bytes=settings.context_mem_bytes,
+        workers_per_gb=settings.workers_per_gb,
+        max_workers=settings.max_workers,
+    )
+    notes = [*settings.notes, *([note] if note else [])]
+    return make_plan(inventory, budget, reservations=reservations, notes=notes)
+
+
+def child_environment(plan: Plan, lease: Lease, environ: Mapping[str, str]) -> dict[str, str]:
+    """The command's environment: ``environ`` with the leased GPUs named (see the module docstring)."""
+    env = dict(environ)
+    uuids = [u for u, _ in lease.parts]
+    env["GPUSHARE_LEASED_GPUS"] = ",".join(uuids)
+    if not any(plan.by_uuid(u).gpu.simulated for u in uuids):
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(uuids)
+        env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
+    return env
+
+
+# --- waiting ---------------------------------------------------------------------------------
+
+
+class _Interrupted(BaseException):
+    """A forwarded signal arrived while no command was running yet."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _interrupt(signum: int, _frame: FrameType | None) -> None:
+    raise _Interrupted(signum)
+
+
+def _handled_signals() -> list[int]:
+    # A signal inherited as ignored stays ignored, as a shell's `nohup` or `cmd &` asked.
+    return [s for s in FORWARDED_SIGNALS if signal.getsignal(s) is not signal.SIG_IGN]
+
+
+@contextmanager
+def _signals_interrupt(signums: Sequence[int]) -> Iterator[None]:
+    previous = {s: signal.signal(s, _interrupt) for s in signums}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+class _WaitNotice:
+    """Says on standard error what the lease waits for, after a second and then every 30 s."""
+
+    def __init__(self, ledger: Ledger, need: Need) -> None:
+        self._ledger = ledger
+        self._need = need
+        self._stop = threading.Event()
+        self._start = time.monotonic()
+        self._thread = threading.Thread(target=self._run, name="gpushare-run-wait", daemon=True)
+
+    def __enter__(self) -> _WaitNotice:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        delay = WAIT_NOTICE_AFTER_S
+        while not self._stop.wait(delay):
+            print(self.line(time.monotonic() - self._start), file=sys.stderr, flush=True)
+            delay = WAIT_REPEAT_S
+
+    def line(self, waited: float) -> str:
+        text = f"gpushare run: waiting for {self._need.describe()} ({waited:.0f}s so far)"
+        try:
+            snapshot = self._ledger.snapshot()
+        except (GpuShareError, OSError) as exc:
+            return f"{text}; cannot read the ledgers: {exc}"
+        me = self._ledger.owner.key
+        holders = [
+            f"{lease['owner'].get('command') or lease['test_id']} "
+            f"({format_size(lease['bytes'])}, session {lease['owner'].get('session_id')})"
+            for gpu in snapshot["gpus"]
+            for lease in gpu["leases"]
+            if lease["kind"] != CONTEXT and lease["owner"].get("key") != me
+        ]
+        return text + ("; held by " + ", ".join(holders) if holders else "")
+
+
+# --- running the command ---------------------------------------------------------------------
+
+
+def should_forward(signum: int, si_code: int, child_pgid: int, own_pgid: int) -> bool:
+    """Whether a signal that reached ``gpushare run`` must be sent on to the command.
+
+    Not when a terminal raised it (``si_code`` is the kernel's) for the foreground process
+    group and the command is in ours: it got its own copy.
+    """
+    return not (signum in _TTY_SIGNALS and si_code == _SI_KERNEL and child_pgid == own_pgid)
+
+
+def _kill(pid: int, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError):  # it has just ended; the wait loop reaps it
+        os.kill(pid, signum)
+
+
+def _forward(pid: int, info: signal.struct_siginfo) -> None:
+    try:
+        child_pgid = os.getpgid(pid)
+    except ProcessLookupError:
+        return
+    if should_forward(info.si_signo, info.si_code, child_pgid, os.getpgrp()):
+        _kill(pid, info.si_signo)
+
+
+def _spawn_and_wait(command: Sequence[str], env: Mapping[str, str], forwarded: Sequence[int]) -> int:
+    """Run ``command``, forwarding signals, and return its exit code (``128 + N`` for signal N).
+
+    The signals are blocked and taken with ``sigtimedwait`` (with SIGCHLD for the command's
+    end), which gives each signal's origin; ``posix_spawn`` hands the command the mask and the
+    dispositions it should have, which ``subprocess`` cannot do.
+    """
+    waited_for = {*forwarded, signal.SIGCHLD}
+    previous: dict[int, _Handler] = {}
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, waited_for)
+    try:
+        pid = os.posix_spawnp(
+            command[0],
+            list(command),
+            dict(env),
+            setsigmask=old_mask,
+            setsigdef=(*forwarded, *_RESTORED_SIGNALS),
+        )
+        # A thread that does not block them (one a library left behind) may take a signal
+        # instead: its handler then passes it on rather than stop the wait.
+        for signum in forwarded:
+            previous.setdefault(signum, signal.signal(signum, lambda got, _frame: _kill(pid, got)))
+        while True:
+            info = signal.sigtimedwait(waited_for, _POLL_S)
+            if info is not None and info.si_signo != signal.SIGCHLD:
+                _forward(pid, info)
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done == pid:
+                code = os.waitstatus_to_exitcode(status)
+                return 128 - code if code < 0 else code
+    finally:
+        # Take what is still pending (a late SIGCHLD, a signal meant for the ended command)
+        # before the old mask lets it act on this process.
+        while signal.sigtimedwait(waited_for, 0) is not None:
+            pass
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"gpushare run: {message}", file=sys.stderr, flush=True)
+    return code
+
+
+def _signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+def cmd_run(args: list[str]) -> int:
+    """``gpushare run``: see the module docstring; returns the exit code."""
+    options, command = _split(args)
+    try:
+        opts = _parser().parse_args(options)
+    except UsageError as exc:
+        hint = "; put -- before the command" if command is None else ""
+        return _fail(f"{exc}{hint} (usage: {USAGE})", EXIT_USAGE)
+    except SystemExit as exc:  # --help
+        return int(exc.code or 0)
+    if not command:
+        return _fail(f"no command to run after -- (usage: {USAGE})", EXIT_USAGE)
+    if opts.count < 1:
+        return _fail(f"--count must be at least 1: {opts.count}", EXIT_USAGE)
+    if opts.mem is None and not opts.exclusive:
+        return _fail(f"--mem is required (usage: {USAGE})", EXIT_USAGE)
+
+    try:
+        settings = resolve(
+            cli_layer({o.name: getattr(opts, o.name) for o in OPTION_NAMES}, short=True), os.environ, {}
+        )
+        mem = settings.default_mem if opts.mem is None else parse_mem(opts.mem, "--mem")
+    except SettingError as exc:
+        return _fail(str(exc), EXIT_SETTING)
+    line = shlex.join(command)
+    label = line if len(line) <= COMMAND_CAP else line[: COMMAND_CAP - 1] + "…"
+    need = Need(mem=mem, count=opts.count, exclusive=opts.exclusive)
+
+    forwarded = _handled_signals()
+    try:
+        with _signals_interrupt(forwarded):
+            return _run_leased(settings, need, label, command, forwarded)
+    except _Interrupted as stop:
+        return _fail(f"stopped by {_signal_name(stop.signum)}", 128 + stop.signum)
+
+
+def _run_leased(settings: Settings, need: Need, label: str, command: list[str], forwarded: list[int]) -> int:
+    plan = run_plan(settings, os.environ)
+    if not plan.gpus:
+        why = plan.inventory.error or plan.inventory.source
+        return _fail(f"no GPU on this box to lease ({why})", EXIT_NEVER_FITS)
+
+    def log(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    try:
+        folder = prepare_ledger_dir(settings.ledger_dir or default_ledger_dir())
+        owner = Owner.current(uuid.uuid4().hex[:12], WORKER_ID, command=label)
+        ledger = Ledger(
+            folder,
+            ledger_gpus(plan),
+            owner,
+            context_bytes=settings.context_mem_bytes,
+            policy=settings.policy,
+            log=log,
+        )
+    except LedgerError as exc:
+        return _fail(str(exc), EXIT_LEDGER)
+    with ledger:
+        try:
+            with _WaitNotice(ledger, need):
+                lease = ledger.acquire(need, label, settings.timeout_s)
+        except NeverFits as exc:
+            return _fail(exc.reason, EXIT_NEVER_FITS)
+        except LeaseTimeout as exc:
+            return _fail(str(exc), EXIT_TIMEOUT)
+        except LedgerError as exc:
+            return _fail(str(exc), EXIT_LEDGER)
+        try:
+            env = child_environment(plan, lease, os.environ)
+            try:
+                return _spawn_and_wait(command, env, forwarded)
+            except FileNotFoundError:
+                return _fail(f"{command[0]}: command not found", EXIT_NOT_FOUND)
+            except OSError as exc:
+                return _fail(f"{command[0]}: cannot run it: {exc.strerror or exc}", EXIT_NOT_EXECUTABLE)
+        finally:
+            try:
+                ledger.release(lease)
+            except LedgerError as exc:
+                log(f"gpushare run: could not give the lease back ({exc}); closing the ledger drops it")

@@ -1,0 +1,266 @@
+"""``gpushare status``: who holds what on this box, per GPU, beside what the devices say.
+
+Reading the ledgers is an access like any other: owners whose liveness lock is free are dead,
+and their leases are reclaimed on the way (:func:`pytest_gpushare.ledger.read_status`); what this
+access reclaimed or repaired is listed with the rest.
+
+The ledger folder is ``--ledger-dir``, else ``GPUSHARE_LEDGER_DIR``, else the account's own
+folder. Unlike the plugin, ``gpushare status`` does not read the ini file: a session whose ini
+names a folder is seen with ``--ledger-dir`` or the environment variable.
+
+Devices are asked through NVML, or the simulated probe with ``--simulate`` /
+``GPUSHARE_SIMULATE``; ledger GPUs are matched to devices by UUID. Exit codes: 0, also for a
+folder that does not exist yet (no leases); 2 for a bad command line or a folder that is unsafe
+to use; 4 for a bad setting value.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from typing import Any, NoReturn
+
+from pytest_gpushare.devices import GpuInventory, probe_for
+from pytest_gpushare.errors import LedgerError, SettingError
+from pytest_gpushare.ledgeraccess import read_status
+from pytest_gpushare.ledgerfs import default_ledger_dir
+from pytest_gpushare.ledgerstate import CONTEXT
+from pytest_gpushare.settings import option_for
+from pytest_gpushare.units import format_size
+
+__all__ = ["CommandParser", "UsageError", "cmd_status", "device_view", "status_document", "status_lines"]
+
+_RUN_WORKER = "gpushare-run"
+
+
+class UsageError(Exception):
+    """A bad command line of a ``gpushare`` command; the caller prints it as one line."""
+
+
+class CommandParser(argparse.ArgumentParser):
+    """argparse that raises :class:`UsageError` instead of printing usage and exiting."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message)
+
+
+def _parser() -> CommandParser:
+    parser = CommandParser(
+        prog="gpushare status",
+        description=(
+            "The live leases on this box per GPU (owner session, worker, test id or command, size, "
+            "age), CUDA context bookings, waiters, what this access reclaimed, and what NVML says is "
+            "used. The ledger folder is --ledger-dir, else GPUSHARE_LEDGER_DIR, else the account's "
+            "own folder (the ini file is not read)."
+        ),
+    )
+    # cli.translate_flags has turned --ledger-dir into --gpushare-ledger-dir already.
+    parser.add_argument("--gpushare-ledger-dir", dest="ledger_dir", metavar="PATH", help="the ledger folder")
+    parser.add_argument(
+        "--gpushare-simulate",
+        dest="simulate",
+        metavar="SPEC",
+        help="show these simulated GPUs beside the ledgers instead of asking NVML",
+    )
+    parser.add_argument("--json", action="store_true", help="print one JSON document on standard output")
+    return parser
+
+
+def _setting(name: str, flag_value: str | None, environ: Mapping[str, str]) -> tuple[Any, str]:
+    """A setting from its flag, else its environment variable (empty: unset); (None, "default") if neither."""
+    option = option_for(name)
+    if flag_value is not None:
+        return option.parse(flag_value, option.short_flag), option.short_flag
+    raw = environ.get(option.env, "")
+    if raw.strip():
+        return option.parse(raw, option.env), option.env
+    return None, "default"
+
+
+def device_view(simulate: str | None, source: str = "--simulate") -> GpuInventory:
+    """What the devices say: the simulated GPUs of ``simulate``, else NVML (never raises for NVML)."""
+    return probe_for(simulate, source).probe()
+
+
+def status_document(
+    snapshot: Mapping[str, Any], devices: GpuInventory, *, folder_source: str, log: Sequence[str] = ()
+) -> dict[str, Any]:
+    """``read_status``'s answer with the devices' view added.
+
+    Adds ``folder_source`` (which setting named the folder), ``log`` (the lines this access
+    logged), ``devices`` (``source``, ``error``, ``unusable``, ``gpus``: every device with
+    ``in_ledger``) and, on each ledger GPU, ``device``: the matching device by UUID (index,
+    name, total/free/used bytes) or None.
+    """
+    by_uuid = {g.uuid: g for g in devices.gpus}
+    ledger_uuids = {gpu["uuid"] for gpu in snapshot.get("gpus", [])}
+    gpus = []
+    for gpu in snapshot.get("gpus", []):
+        seen = by_uuid.get(gpu["uuid"])
+        entry = dict(gpu)
+        entry["device"] = (
+            None
+            if seen is None
+            else {
+                "index": seen.index,
+                "name": seen.name,
+                "total_bytes": seen.total_bytes,
+                "free_bytes": seen.free_bytes,
+                "used_bytes": seen.used_bytes,
+            }
+        )
+        gpus.append(entry)
+    # In the devices' order where they are known; the folder lists ledgers by file name.
+    gpus.sort(key=lambda g: (g["device"] is None, g["device"]["index"] if g["device"] else 0, g["uuid"]))
+    document = dict(snapshot)
+    document["gpus"] = gpus
+    document["folder_source"] = folder_source
+    document["log"] = list(log)
+    document["devices"] = {
+        "source": devices.source,
+        "error": devices.error,
+        "unusable": list(devices.unusable),
+        "gpus": [
+            {
+                "index": g.index,
+                "uuid": g.uuid,
+                "name": g.name,
+                "total_bytes": g.total_bytes,
+                "free_bytes": g.free_bytes,
+                "used_bytes": g.used_bytes,
+                "simulated": g.simulated,
+                "in_ledger": g.uuid in ledger_uuids,
+            }
+            for g in devices.gpus
+        ],
+    }
+    return document
+
+
+def _age(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.1f}s"
+    minutes = int(seconds // 60)
+    if minutes < 120:
+        return f"{minutes}m{int(seconds % 60):02d}s"
+    return f"{minutes // 60}h{minutes % 60:02d}m"
+
+
+def _who(owner: Mapping[str, Any]) -> str:
+    if "pid" not in owner:
+        return f"owner {owner.get('key')}"
+    return (
+        f"session {owner.get('session_id')}, {owner.get('worker_id')}, "
+        f"pid {owner.get('pid')} on {owner.get('host')}"
+    )
+
+
+def _holder(lease: Mapping[str, Any]) -> str:
+    owner = lease["owner"]
+    if owner.get("worker_id") == _RUN_WORKER and owner.get("command"):
+        return f"command: {owner['command']}"
+    return f"test {lease['test_id']}"
+
+
+def _device_line(device: Mapping[str, Any] | None, source: str) -> str:
+    what = "NVML" if source.startswith("NVML") else "simulated"
+    if device is None:
+        return f"  {what}: does not show this GPU"
+    return (
+        f"  {what} GPU {device['index']}: used {format_size(device['used_bytes'])}, "
+        f"free {format_size(device['free_bytes'])} of {format_size(device['total_bytes'])}"
+    )
+
+
+def status_lines(document: Mapping[str, Any]) -> list[str]:
+    """The text ``gpushare status`` prints for a :func:`status_document`."""
+    devices = document["devices"]
+    lines = [f"gpushare status: ledger folder {document['folder']} ({document['folder_source']})"]
+    if not document["gpus"]:
+        lines.append("no leases")
+    for gpu in document["gpus"]:
+        limit = gpu["limit_bytes"]
+        booked = gpu["booked_bytes"]
+        name = gpu["name"] or "unknown GPU"
+        head = f"{gpu['uuid']} ({name}"
+        head += f", {format_size(gpu['total_bytes'])})" if gpu["total_bytes"] else ")"
+        if limit is None:
+            head += f": booked {format_size(booked)}, no live owner sets a limit"
+        else:
+            head += (
+                f": limit {format_size(limit)}, booked {format_size(booked)} "
+                f"(leases {format_size(gpu['leased_bytes'])}, "
+                f"CUDA contexts {format_size(gpu['context_bytes'])}), "
+                f"{format_size(max(0, limit - booked))} left"
+            )
+        lines.append(head)
+        if devices["error"] is None or gpu["device"] is not None:
+            lines.append(_device_line(gpu["device"], devices["source"]))
+        # Test leases first, then the CUDA contexts that come with them.
+        for lease in sorted(gpu["leases"], key=lambda lease: lease["kind"] == CONTEXT):
+            size = format_size(lease["bytes"])
+            age = _age(lease["age_s"])
+            if lease["kind"] == CONTEXT:
+                lines.append(f"  context  {size:>9}  {_who(lease['owner'])}, {age}")
+            else:
+                lines.append(f"  lease    {size:>9}  {_holder(lease)}  ({_who(lease['owner'])}, {age})")
+        for waiter in gpu["waiters"]:
+            what = format_size(waiter["bytes"]) + (" exclusive" if waiter["exclusive"] else "")
+            if waiter["count"] > 1:
+                what += f" on each of {waiter['count']} GPUs"
+            lines.append(
+                f"  waiting  {what:>9}  {waiter['test_id']}  "
+                f"({_who(waiter['owner'])}, waited {_age(waiter['waited_s'])})"
+            )
+    if document["log"]:
+        lines.append("this access reclaimed or repaired:")
+        lines += [f"  {line}" for line in document["log"]]
+    if devices["error"] is not None:
+        lines.append(f"NVML failed: {devices['error']}")
+    lines += [f"{devices['source']}: cannot read {what}" for what in devices["unusable"]]
+    others = [g for g in devices["gpus"] if not g["in_ledger"]]
+    if others:
+        lines.append(f"GPUs without a ledger here ({devices['source']}):")
+        lines += [
+            f"  GPU {g['index']} ({g['name']}, {g['uuid']}): used {format_size(g['used_bytes'])}, "
+            f"free {format_size(g['free_bytes'])} of {format_size(g['total_bytes'])}"
+            for g in others
+        ]
+    return lines
+
+
+def cmd_status(args: list[str]) -> int:
+    """``gpushare status [--ledger-dir PATH] [--simulate SPEC] [--json]``; returns the exit code."""
+    try:
+        opts = _parser().parse_args(args)
+    except UsageError as exc:
+        print(f"gpushare status: {exc}", file=sys.stderr)
+        return 2
+    try:
+        folder, folder_source = _setting("ledger_dir", opts.ledger_dir, os.environ)
+        simulate, simulate_source = _setting("simulate", opts.simulate, os.environ)
+        devices = device_view(simulate, simulate_source)
+    except SettingError as exc:
+        print(f"gpushare status: {exc}", file=sys.stderr)
+        return 4
+    if folder is None:
+        folder, folder_source = str(default_ledger_dir()), "this account's own folder"
+    log: list[str] = []
+    try:
+        snapshot = read_status(folder, log=log.append)
+    except LedgerError as exc:
+        print(f"gpushare status: {exc}", file=sys.stderr)
+        return 2
+    document = status_document(snapshot, devices, folder_source=folder_source, log=log)
+    if opts.json:
+        for line in log:
+            print(line, file=sys.stderr)
+        json.dump(document, sys.stdout, indent=2, sort_keys=True)
+        sys.stdout.write("\n")
+    else:
+        print("\n".join(status_lines(document)))
+    sys.stdout.flush()
+    return 0

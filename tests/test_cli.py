@@ -1,0 +1,588 @@
+"""``gpushare status`` and ``gpushare run`` as a user runs them: real processes on a real ledger
+folder, simulated GPUs, no network (Ollama off)."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import signal
+import subprocess
+import sys
+import termios
+import textwrap
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pytest_gpushare.devices import Gpu, GpuInventory, SimulatedProbe
+from pytest_gpushare.ledger import Lease, Owner
+from pytest_gpushare.planner import Budget, make_plan, ollama_reservations
+from pytest_gpushare.run import child_environment, should_forward
+from pytest_gpushare.units import GiB, PerGpuSizes
+
+SIM = "24GiB"
+SIM_UUID = SimulatedProbe(SIM).probe().gpus[0].uuid
+
+# The command that gpushare run runs in these tests. Children report through files written
+# atomically, so a test waits for a file, never for a guessed time.
+CHILD = textwrap.dedent(
+    """
+    import json, os, signal, sys, time
+    mode, out = sys.argv[1], sys.argv[2]
+
+    def put(name, text):
+        tmp = os.path.join(out, name + ".tmp")
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, os.path.join(out, name))
+
+    def wait_for(name):
+        # all.stop: the test is over, whatever happened
+        deadline = time.monotonic() + 60
+        while not any(os.path.exists(os.path.join(out, n)) for n in (name, "all.stop")):
+            if time.monotonic() > deadline:
+                sys.exit(99)
+            time.sleep(0.01)
+
+    if mode == "env":
+        keys = ("CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER", "GPUSHARE_LEASED_GPUS")
+        put("env.json", json.dumps({k: os.environ.get(k) for k in keys}))
+        put("argv.json", json.dumps(sys.argv[4:]))
+        sys.exit(int(sys.argv[3]))
+    if mode == "hold":
+        tag = sys.argv[3]
+        put(tag + ".pid", str(os.getpid()))
+        put(tag + ".start", repr(time.time()))
+        wait_for(tag + ".stop")
+        put(tag + ".end", repr(time.time()))
+        sys.exit(0)
+    if mode == "signal":
+        signum, code = int(sys.argv[3]), int(sys.argv[4])
+
+        def on_signal(got, frame):
+            put("got-signal", str(got))
+            sys.exit(code)
+
+        signal.signal(signum, on_signal)
+        put("ready", "")
+        wait_for("never")
+    if mode == "tty":
+        interrupts = []
+
+        def on_interrupt(got, frame):
+            interrupts.append(got)
+            put(f"sigint-{len(interrupts)}", "")
+
+        def on_usr1(got, frame):
+            put("interrupts", str(len(interrupts)))
+            sys.exit(0)
+
+        signal.signal(signal.SIGINT, on_interrupt)
+        signal.signal(signal.SIGUSR1, on_usr1)
+        put("ready", "")
+        wait_for("never")
+    if mode == "die":
+        os.kill(os.getpid(), int(sys.argv[3]))
+    """
+)
+
+
+class CliBox:
+    """A ledger folder, a child script and the ``gpushare`` processes started on them."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.ledger = tmp / "ledger"
+        self.out = tmp / "out"
+        self.out.mkdir()
+        self.child = tmp / "child.py"
+        self.child.write_text(CHILD)
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("GPUSHARE_", "PYTEST_"))}
+        env.update(GPUSHARE_LEDGER_DIR=str(self.ledger), GPUSHARE_OLLAMA="off", PYTHONUNBUFFERED="1")
+        for name in ("CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER"):
+            env.pop(name, None)
+        self.env = env
+        self.procs: list[subprocess.Popen[str]] = []
+        self.orphans: list[int] = []
+
+    def child_cmd(self, mode: str, *args: object) -> list[str]:
+        return [sys.executable, str(self.child), mode, str(self.out), *map(str, args)]
+
+    def gpushare(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "pytest_gpushare", *args],
+            env=self.env,
+            cwd=self.tmp,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+
+    def start_run(self, *args: str) -> subprocess.Popen[str]:
+        def default_signals() -> None:
+            # An inherited "ignore" (a background job of a script) would stay ignored and not be forwarded.
+            for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                signal.signal(s, signal.SIG_DFL)
+
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pytest_gpushare", "run", *args],
+            env=self.env,
+            cwd=self.tmp,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            preexec_fn=default_signals,  # noqa: PLW1509 - the test process starts no threads that fork
+        )
+        self.procs.append(proc)
+        return proc
+
+    def status(self, *args: str) -> dict[str, Any]:
+        done = self.gpushare("status", "--json", *args)
+        assert done.returncode == 0, done.stderr
+        document: dict[str, Any] = json.loads(done.stdout)
+        return document
+
+    def file(self, name: str) -> Path:
+        return self.out / name
+
+    def wait_file(self, name: str, proc: subprocess.Popen[str] | None = None) -> str:
+        path = self.file(name)
+        wait_until(path.exists, f"{name} to appear", proc)
+        return path.read_text()
+
+    def cleanup(self) -> None:
+        (self.out / "all.stop").touch()
+        # Orphaned commands first: they hold the pipes of the gpushare run that started them.
+        for pid in self.orphans:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.communicate(timeout=30)
+
+
+@pytest.fixture
+def cli(tmp_path: Path) -> Iterator[CliBox]:
+    box = CliBox(tmp_path)
+    yield box
+    box.cleanup()
+
+
+def wait_until(
+    condition: Callable[[], object], what: str, proc: subprocess.Popen[str] | None = None, timeout: float = 30
+) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if proc is not None and proc.poll() is not None:
+            out, err = proc.communicate()
+            pytest.fail(f"waiting for {what}: the process ended with {proc.returncode}: {out}{err}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"waited {timeout}s for {what}")
+        time.sleep(0.02)
+
+
+def run_leases(document: dict[str, Any]) -> list[dict[str, Any]]:
+    return [
+        lease
+        for gpu in document["gpus"]
+        for lease in gpu["leases"]
+        if lease["kind"] == "test" and lease["owner"].get("worker_id") == "gpushare-run"
+    ]
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+# --- gpushare status ---------------------------------------------------------------------------
+
+
+def test_status_of_a_missing_folder_is_no_leases(cli: CliBox) -> None:
+    done = cli.gpushare("status")
+    assert done.returncode == 0, done.stderr
+    assert f"ledger folder {cli.ledger} (GPUSHARE_LEDGER_DIR)" in done.stdout
+    assert "no leases" in done.stdout
+    assert not cli.ledger.exists()  # looking does not create it
+
+
+def test_status_json_is_one_document_with_devices_beside_the_ledgers(cli: CliBox) -> None:
+    run = cli.start_run("--mem", "4GiB", "--simulate", SIM, "--", *cli.child_cmd("hold", "a"))
+    cli.wait_file("a.start", run)
+    done = cli.gpushare("status", "--json", "--simulate", SIM)
+    assert done.returncode == 0, done.stderr
+    document = json.loads(done.stdout)  # the whole of stdout is one document
+    assert document["folder"] == str(cli.ledger)
+    assert document["folder_source"] == "GPUSHARE_LEDGER_DIR"
+    assert document["reclaimed"] == [] and document["repaired"] == [] and document["log"] == []
+    (gpu,) = document["gpus"]
+    assert gpu["uuid"] == SIM_UUID
+    assert gpu["limit_bytes"] == 23 * GiB  # 24GiB less the 1GiB safety buffer
+    assert gpu["leased_bytes"] == 4 * GiB
+    assert gpu["booked_bytes"] == 4 * GiB + gpu["context_bytes"] > 4 * GiB
+    assert gpu["device"] == {
+        "index": 0,
+        "name": "Simulated GPU",
+        "total_bytes": 24 * GiB,
+        "free_bytes": 24 * GiB,
+        "used_bytes": 0,
+    }
+    assert document["devices"]["source"] == f"simulated ({SIM})"
+    assert document["devices"]["gpus"][0]["in_ledger"] is True
+    (lease,) = run_leases(document)
+    assert lease["bytes"] == 4 * GiB and lease["age_s"] >= 0
+    assert lease["owner"]["pid"] == run.pid
+    assert "child.py hold" in lease["owner"]["command"]
+    assert lease["test_id"] == lease["owner"]["command"]
+    cli.file("a.stop").touch()
+    assert run.wait(30) == 0
+
+
+def test_status_says_once_when_nvml_fails(cli: CliBox) -> None:
+    done = cli.gpushare("status")
+    document = cli.status()
+    assert done.returncode == 0
+    error = document["devices"]["error"]
+    if error is None:
+        assert document["devices"]["source"].startswith("NVML")
+    else:
+        assert done.stdout.count("NVML failed") == 1
+        assert f"NVML failed: {error}" in done.stdout
+
+
+def test_status_refuses_an_unsafe_folder_in_one_line(cli: CliBox) -> None:
+    cli.ledger.mkdir()
+    cli.ledger.chmod(0o777)
+    for args in (["status"], ["status", "--json"]):
+        done = cli.gpushare(*args)
+        assert done.returncode == 2
+        assert done.stdout == ""
+        assert done.stderr.count("\n") == 1
+        assert "world-writable" in done.stderr and "chmod o-w" in done.stderr
+
+
+def test_status_takes_the_folder_from_its_flag_first(cli: CliBox, tmp_path: Path) -> None:
+    other = tmp_path / "other"
+    for flag in ("--ledger-dir", "--gpushare-ledger-dir"):
+        document = cli.status(flag, str(other))
+        assert document["folder"] == str(other)
+        assert document["folder_source"] == "--ledger-dir"
+
+
+def test_a_killed_run_loses_its_lease_at_once_while_its_command_lives(cli: CliBox) -> None:
+    run = cli.start_run("--mem", "4GiB", "--simulate", SIM, "--", *cli.child_cmd("hold", "k"))
+    child = int(cli.wait_file("k.pid", run))
+    cli.orphans.append(child)
+    text = cli.gpushare("status")
+    assert text.returncode == 0
+    assert "command: " in text.stdout and "child.py hold" in text.stdout
+    assert "gpushare-run" in text.stdout
+
+    run.send_signal(signal.SIGKILL)
+    run.wait(30)
+    assert alive(child)  # the command does not hold the ledger's liveness lock
+
+    document = cli.status()
+    assert run_leases(document) == []
+    assert all(gpu["booked_bytes"] == 0 for gpu in document["gpus"])
+    reclaimed = [r for r in document["reclaimed"] if r["kind"] == "test"]
+    assert len(reclaimed) == 1
+    assert reclaimed[0]["owner"]["pid"] == run.pid
+    assert "child.py hold" in reclaimed[0]["test_id"]
+    assert document["log"] and "its process is gone" in document["log"][0]
+    assert cli.status()["reclaimed"] == []  # reclaimed once
+
+
+# --- gpushare run ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("code", [0, 3, 7])
+def test_run_passes_the_exit_code_through_and_names_the_gpus(cli: CliBox, code: int) -> None:
+    cli.env["CUDA_VISIBLE_DEVICES"] = "as-inherited"
+    done = cli.gpushare("run", "--mem", "4GiB", "--simulate", SIM, "--", *cli.child_cmd("env", code))
+    assert done.returncode == code, done.stderr
+    seen = json.loads(cli.file("env.json").read_text())
+    # Simulated GPUs have no CUDA device: CUDA_VISIBLE_DEVICES stays as inherited.
+    assert seen == {
+        "CUDA_VISIBLE_DEVICES": "as-inherited",
+        "CUDA_DEVICE_ORDER": None,
+        "GPUSHARE_LEASED_GPUS": SIM_UUID,
+    }
+    document = cli.status()
+    assert run_leases(document) == [] and document["reclaimed"] == []  # given back, not reclaimed
+
+
+def test_run_passes_the_command_line_through_untouched(cli: CliBox) -> None:
+    argv = ["--simulate", "x", "--timeout=1", "--", "--mem"]
+    done = cli.gpushare("run", "--mem", "1GiB", "--simulate", SIM, "--", *cli.child_cmd("env", 0, *argv))
+    assert done.returncode == 0, done.stderr
+    assert json.loads(cli.file("argv.json").read_text()) == argv
+
+
+def test_run_reports_a_command_killed_by_a_signal_as_shells_do(cli: CliBox) -> None:
+    done = cli.gpushare("run", "--mem", "1GiB", "--simulate", SIM, "--", *cli.child_cmd("die", 9))
+    assert done.returncode == 128 + 9
+
+
+@pytest.mark.parametrize(
+    "signum", [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1], ids=["SIGTERM", "SIGINT", "SIGUSR1"]
+)
+def test_run_forwards_signals_to_the_command(cli: CliBox, signum: int) -> None:
+    run = cli.start_run("--mem", "1GiB", "--simulate", SIM, "--", *cli.child_cmd("signal", int(signum), 42))
+    cli.wait_file("ready", run)
+    run.send_signal(signum)
+    assert run.wait(30) == 42
+    assert cli.file("got-signal").read_text() == str(int(signum))
+    assert run_leases(cli.status()) == []
+
+
+def test_run_lets_a_terminal_interrupt_reach_the_command(cli: CliBox) -> None:
+    # Ctrl-C on a terminal signals its whole foreground process group, the command included.
+    # (A second, forwarded copy usually merges with the first, as pending signals do, so the
+    # rule that prevents it is checked on its own below.)
+    master, slave = os.openpty()
+
+    def own_terminal() -> None:
+        os.setsid()
+        fcntl.ioctl(slave, termios.TIOCSCTTY, 0)
+
+    run = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "pytest_gpushare",
+            "run",
+            "--mem",
+            "1GiB",
+            "--simulate",
+            SIM,
+            "--",
+            *cli.child_cmd("tty"),
+        ],
+        env=cli.env,
+        stdin=slave,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=own_terminal,  # noqa: PLW1509 - the test process starts no threads that fork
+    )
+    cli.procs.append(run)
+    os.close(slave)
+    try:
+        cli.wait_file("ready", run)
+        os.write(master, b"\x03")
+        cli.wait_file("sigint-1", run)
+        run.send_signal(signal.SIGUSR1)
+        assert run.wait(30) == 0
+    finally:
+        os.close(master)
+    assert cli.file("interrupts").read_text() == "1"
+
+
+def test_only_signals_the_command_did_not_get_already_are_forwarded() -> None:
+    si_user, si_kernel, ours, other = 0, 0x80, 100, 200
+    for signum in (signal.SIGINT, signal.SIGQUIT, signal.SIGHUP):
+        assert not should_forward(signum, si_kernel, ours, ours)  # the terminal signalled the group
+        assert should_forward(signum, si_kernel, other, ours)  # the command left our group
+        assert should_forward(signum, si_user, ours, ours)  # kill(2) aimed at gpushare run
+    for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
+        assert should_forward(signum, si_kernel, ours, ours)
+
+
+def test_run_that_can_never_fit_fails_at_once(cli: CliBox) -> None:
+    done = cli.gpushare("run", "--mem", "40GiB", "--simulate", SIM, "--", *cli.child_cmd("env", 0))
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1 and "can never give" in done.stderr
+    assert not cli.file("env.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "words"),
+    [
+        (["--mem", "4GiB", "--safety", "lots", "--", "true"], 4, "--safety"),
+        (["--mem", "4GiB", "--count", "0", "--", "true"], 2, "--count"),
+        (["--mem", "4GiB", "--cuont", "2", "--", "true"], 2, "--cuont"),
+        (["--simulate", SIM, "--", "true"], 2, "--mem is required"),
+        (["--mem", "4GiB", "--simulate", SIM, "--"], 2, "no command"),
+        (["--mem", "4GiB", "--simulate", SIM, "true"], 2, "put -- before the command"),
+    ],
+)
+def test_run_usage_errors(cli: CliBox, args: list[str], code: int, words: str) -> None:
+    done = cli.gpushare("run", *args)
+    assert done.returncode == code
+    assert words in done.stderr and done.stderr.count("\n") == 1
+
+
+def test_run_refuses_an_unsafe_folder_in_one_line(cli: CliBox) -> None:
+    cli.ledger.mkdir()
+    cli.ledger.chmod(0o777)
+    done = cli.gpushare("run", "--mem", "1GiB", "--simulate", SIM, "--", *cli.child_cmd("env", 0))
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1 and "world-writable" in done.stderr
+    assert not cli.file("env.json").exists()
+
+
+def test_run_of_a_missing_command_is_127(cli: CliBox) -> None:
+    done = cli.gpushare("run", "--mem", "1GiB", "--simulate", SIM, "--", "no-such-command-gpushare")
+    assert done.returncode == 127
+    assert "no-such-command-gpushare: command not found" in done.stderr
+    assert run_leases(cli.status()) == []
+
+
+def test_runs_serialise_and_a_timed_out_wait_names_the_holder(cli: CliBox) -> None:
+    # 16GiB + a 512MiB context twice is more than the 23GiB usable on 24GiB: one at a time.
+    first = cli.start_run("--mem", "16GiB", "--simulate", SIM, "--", *cli.child_cmd("hold", "a"))
+    cli.wait_file("a.start", first)
+
+    late = cli.gpushare("run", "--mem", "16GiB", "--simulate", SIM, "--timeout", "0.3", "--", "true")
+    assert late.returncode == 3
+    assert "held by" in late.stderr and str(cli.child) in late.stderr
+
+    second = cli.start_run("--mem", "16GiB", "--simulate", SIM, "--", *cli.child_cmd("hold", "b"))
+
+    def waited_long() -> bool:
+        # Past the second after which gpushare run says what it waits for.
+        return any(w["waited_s"] > 1.5 for g in cli.status()["gpus"] for w in g["waiters"])
+
+    wait_until(waited_long, "the second run to wait", second)
+    assert not cli.file("b.start").exists()
+    cli.file("a.stop").touch()
+    assert first.wait(30) == 0
+    cli.wait_file("b.start", second)
+    cli.file("b.stop").touch()
+    assert second.wait(30) == 0
+    _, err = second.communicate()
+    assert "gpushare run: waiting for 16.0GiB" in err  # it waited more than a second
+    a = float(cli.file("a.start").read_text()), float(cli.file("a.end").read_text())
+    b = float(cli.file("b.start").read_text()), float(cli.file("b.end").read_text())
+    assert a[1] <= b[0], (a, b)
+
+
+def test_a_signal_while_waiting_withdraws_the_wait(cli: CliBox) -> None:
+    first = cli.start_run("--mem", "16GiB", "--simulate", SIM, "--", *cli.child_cmd("hold", "a"))
+    cli.wait_file("a.start", first)
+    second = cli.start_run("--mem", "16GiB", "--simulate", SIM, "--", *cli.child_cmd("hold", "b"))
+    wait_until(lambda: any(g["waiters"] for g in cli.status()["gpus"]), "the second run to wait", second)
+    second.send_signal(signal.SIGTERM)
+    assert second.wait(30) == 128 + signal.SIGTERM
+    document = cli.status()
+    assert all(not g["waiters"] for g in document["gpus"])
+    assert document["reclaimed"] == []  # withdrawn by its owner, not reclaimed from the dead
+    assert not cli.file("b.start").exists()
+    cli.file("a.stop").touch()
+    assert first.wait(30) == 0
+
+
+# --- issue 9: gpushare run beside a pytest -n 2 session ----------------------------------------
+
+SESSION_TESTS = textwrap.dedent(
+    """
+    import json, os, time
+
+    import pytest
+
+    from pytest_gpushare.ledger import read_status
+
+
+    @pytest.mark.gpu(mem="8GiB")
+    @pytest.mark.parametrize("n", range(4))
+    def test_books_within_the_limit(n):
+        (gpu,) = read_status(os.environ["GPUSHARE_LEDGER_DIR"])["gpus"]
+        record = {
+            "at": time.time(),
+            "booked": gpu["booked_bytes"],
+            "limit": gpu["limit_bytes"],
+            "run_lease": any(l["owner"].get("worker_id") == "gpushare-run" for l in gpu["leases"]),
+        }
+        with open(os.path.join(os.environ["CLI_TEST_OUT"], f"test-{n}.json"), "w") as f:
+            json.dump(record, f)
+        assert gpu["booked_bytes"] <= gpu["limit_bytes"]
+    """
+)
+
+
+def test_a_run_holds_memory_beside_a_pytest_session_and_frees_it_when_killed(cli: CliBox) -> None:
+    project = cli.tmp / "project"
+    project.mkdir()
+    (project / "pytest.ini").write_text("[pytest]\n")
+    (project / "test_session.py").write_text(SESSION_TESTS)
+    run = cli.start_run("--mem", "16GiB", "--simulate", SIM, "--", *cli.child_cmd("hold", "server"))
+    cli.orphans.append(int(cli.wait_file("server.pid", run)))
+
+    env = dict(cli.env, CLI_TEST_OUT=str(cli.out))
+    session = subprocess.Popen(
+        [sys.executable, "-m", "pytest", "-n", "2", "-p", "no:cacheprovider", f"--gpushare-simulate={SIM}"],
+        cwd=project,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    cli.procs.append(session)
+
+    # 16GiB + 8GiB and their contexts exceed the 23GiB usable: the tests wait for the run.
+    def session_waits() -> bool:
+        return any(
+            w["owner"].get("worker_id", "").startswith("gw")
+            for g in cli.status()["gpus"]
+            for w in g["waiters"]
+        )
+
+    wait_until(session_waits, "the pytest session's tests to wait", session, timeout=45)
+    assert not list(cli.out.glob("test-*.json"))
+
+    run.send_signal(signal.SIGKILL)
+    run.wait(30)
+    killed_at = time.time()
+    assert run_leases(cli.status()) == []  # freed at once, its command still running
+
+    out, _ = session.communicate(timeout=60)
+    assert session.returncode == 0, out
+    assert "4 passed" in out
+    records = [json.loads(p.read_text()) for p in sorted(cli.out.glob("test-*.json"))]
+    assert len(records) == 4
+    for record in records:
+        assert record["booked"] <= record["limit"] == 23 * GiB
+        assert not record["run_lease"]
+        assert record["at"] >= killed_at - 1.0
+
+
+# --- pure pieces ---------------------------------------------------------------------------------
+
+
+def test_real_gpus_are_named_to_the_command_by_uuid_in_pci_order() -> None:
+    gpus = tuple(
+        Gpu(index=i, uuid=f"GPU-{i}", name="A100", total_bytes=80 * GiB, free_bytes=80 * GiB, used_bytes=0)
+        for i in range(2)
+    )
+    plan = make_plan(GpuInventory(gpus, "NVML"), Budget(GiB, 3 * GiB, GiB // 2))
+    owner = Owner.current("s", "gpushare-run", command="serve")
+    lease = Lease("l1", "serve", owner, (("GPU-1", GiB), ("GPU-0", GiB)), 0.0, 0.0)
+    env = child_environment(plan, lease, {"CUDA_VISIBLE_DEVICES": "0", "KEEP": "1"})
+    assert env["CUDA_VISIBLE_DEVICES"] == "GPU-1,GPU-0"
+    assert env["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
+    assert env["GPUSHARE_LEASED_GPUS"] == "GPU-1,GPU-0"
+    assert env["KEEP"] == "1"
+
+
+def test_ollama_reservations_hold_what_ollama_does_not_hold_yet() -> None:
+    gpus = tuple(
+        Gpu(index=i, uuid=f"GPU-{i}", name="x", total_bytes=24 * GiB, free_bytes=20 * GiB, used_bytes=4 * GiB)
+        for i in range(3)
+    )
+    sizes = PerGpuSizes(default=12 * GiB, per_index={2: 0})
+    out = ollama_reservations(sizes, {0: 4 * GiB, 1: 20 * GiB}, gpus)
+    assert [(r.gpu_index, r.bytes, r.ceiling_bytes, r.kind) for r in out] == [
+        (0, 8 * GiB, 12 * GiB, "ollama"),
+        (1, 0, 12 * GiB, "ollama"),
+    ]
