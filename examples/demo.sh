@@ -10,7 +10,7 @@ cd "$root"
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
-.venv/bin/python -m pip install -q -e . >/dev/null
+.venv/bin/python -m pip install -q -e . 2> >(grep -v "is ignored: it is neither" >&2) >/dev/null
 
 sim=()
 if ! .venv/bin/python - <<'PY'
