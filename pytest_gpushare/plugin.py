@@ -341,8 +341,25 @@ def header(config: pytest.Config, workers: report.WorkerLine | None = None) -> l
     from pytest_gpushare.ledger import default_ledger_dir
 
     ledger_dir = s.ledger_dir or f"{default_ledger_dir()} (this account's private folder)"
+    if not s.ledger_dir:
+        extra += report.foreign_lines(_foreign_processes(plan))
     line = workers or _worker_line(config, plan)
     return report.header_lines(plan, line, ledger=ledger_dir, extra=extra)
+
+
+def _foreign_processes(plan: Plan) -> dict[int, list[int]]:
+    """GPU index -> PIDs of other accounts' processes NVML shows there (by /proc ownership)."""
+    me = os.getuid()
+    found: dict[int, list[int]] = {}
+    for g in plan.gpus:
+        for proc in g.gpu.processes or ():
+            try:
+                uid = os.stat(f"/proc/{proc.pid}").st_uid
+            except OSError:
+                continue
+            if uid != me:
+                found.setdefault(g.gpu.index, []).append(proc.pid)
+    return found
 
 
 def plan_lines(config: pytest.Config) -> list[str]:

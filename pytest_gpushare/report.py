@@ -85,6 +85,16 @@ def header_lines(
     return lines
 
 
+def foreign_lines(foreign: dict[int, list[int]]) -> list[str]:
+    """Other accounts use a GPU while our ledger folder is private: they cannot see our leases."""
+    return [
+        f"WARNING: other accounts' processes use GPU {index} (pids {', '.join(map(str, pids))}) but the "
+        "ledger folder is this account's own: their sessions cannot see these leases; "
+        "share a group folder with --gpushare-ledger-dir (docs: share a box)"
+        for index, pids in sorted(foreign.items())
+    ]
+
+
 def spilling_lines(status: OllamaStatus) -> list[str]:
     """Models Ollama has already pushed partly to the CPU (slow inference)."""
     return [

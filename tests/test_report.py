@@ -1,0 +1,109 @@
+"""report.py: pure formatting of the header, the summary and the JSON report."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from pytest_gpushare import plugin, report
+from pytest_gpushare.devices import Gpu, GpuInventory, GpuProcess, SimulatedProbe
+from pytest_gpushare.planner import Budget, Reservation, make_plan
+from pytest_gpushare.units import GiB, MiB
+
+BUDGET = Budget(GiB, 3 * GiB, 512 * MiB, 0.25, None)
+
+
+def spec_plan():  # type: ignore[no-untyped-def]
+    inv = SimulatedProbe("24GiB:used=2GiB").probe()
+    return make_plan(inv, BUDGET, reservations=[Reservation(0, 12 * GiB, "Ollama hold", "ollama", 12 * GiB)])
+
+
+def test_header_has_every_term_and_the_derivation() -> None:
+    plan = spec_plan()
+    count = plan.worker_count(8)
+    lines = report.header_lines(plan, report.WorkerLine("auto", 2, count), ledger="/l")
+    assert lines[0] == "gpushare: VRAM analysis (source: simulated (24GiB:used=2GiB))"
+    assert lines[1].endswith(
+        "total 24.0GiB, free 22.0GiB, Ollama hold 12.0GiB, safety 1.0GiB -> usable 9.0GiB"
+    )
+    assert lines[2] == (
+        "  workers: 2 (floor(9.0GiB / 3.0GiB) = 3; workers-per-gb cap floor(9.0 × 0.25) = 2; "
+        "xdist's own count 8; bound by workers-per-gb)"
+    )
+    assert lines[-1] == "  ledger: /l"
+
+
+def test_header_quotes_nvml_errors_and_says_no_gpu() -> None:
+    plan = make_plan(GpuInventory((), "NVML", error="Driver/library version mismatch"), BUDGET)
+    lines = report.header_lines(plan, report.WorkerLine("fixed", 4, plan.worker_count(4)), ledger="/l")
+    assert "  NVML failed: Driver/library version mismatch" in lines
+    assert "  no GPU: GPU tests follow --gpushare-fallback" in lines
+    assert lines[3].startswith("  workers: 4 (set by -n 4; -n auto would give 4: NVML failed")
+
+
+@pytest.mark.parametrize(
+    ("intervals", "peak"),
+    [
+        ([(0, 2, 4), (1, 3, 4)], 8),
+        ([(0, 1, 4), (1, 2, 4)], 4),  # a release and a grant at one instant never overlap
+        ([(0, 10, 1), (2, 3, 5), (4, 5, 6), (4.5, 9, 2)], 9),
+        ([], 0),
+    ],
+)
+def test_peak_concurrent(intervals: list[tuple[float, float, int]], peak: int) -> None:
+    assert report.peak_concurrent(intervals) == peak
+
+
+def _lease(test: str, taken: float, released: float | None, n: int, uuid: str = "GPU-x") -> dict[str, object]:
+    return {
+        "test_id": test,
+        "worker": "gw0",
+        "gpus": [{"uuid": uuid, "index": 0, "bytes": n}],
+        "waited_s": 0.5 if test == "b" else 0.0,
+        "taken_at": taken,
+        "released_at": released,
+    }
+
+
+def test_summarize_counts_peaks_waits_and_not_run() -> None:
+    collected = [
+        {"test_id": "a", "lease": _lease("a", 0, 2, 4 * GiB), "outcome": "passed", "fallback": None},
+        {"test_id": "b", "lease": _lease("b", 1, None, 3 * GiB), "outcome": "failed", "fallback": None},
+        {"test_id": "c", "fallback": "skip"},
+    ]
+    data = report.summarize(collected, ["worker gw1 crashed"], now=5)
+    assert data["gpus"]["GPU-x"] == {"index": 0, "leases": 2, "peak_bytes": 7 * GiB}  # b held until now
+    assert data["waited_longest"] == [{"test_id": "b", "waited_s": 0.5}]
+    assert data["not_run"] == [{"test_id": "c", "fallback": "skip"}]
+    plan = make_plan(GpuInventory((Gpu(0, "GPU-x", "X", 24 * GiB, 24 * GiB, 0),), "NVML"), BUDGET)
+    lines = report.summary_lines(plan, data)
+    assert lines[0] == "GPU 0 X: peak leased 7.0GiB of 23.0GiB usable, 2 lease(s)"
+    assert "1 GPU tests not run (skip: no GPU could serve them)" in lines
+    assert "lost: worker gw1 crashed" in lines
+
+
+def test_foreign_processes_on_a_private_folder_are_pointed_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    gpu = Gpu(0, "GPU-x", "X", 24 * GiB, 20 * GiB, 4 * GiB, (GpuProcess(os.getpid(), GiB),))
+    plan = make_plan(GpuInventory((gpu,), "NVML"), BUDGET)
+    assert plugin._foreign_processes(plan) == {}  # our own process
+    monkeypatch.setattr(os, "getuid", lambda: os.stat(f"/proc/{os.getpid()}").st_uid + 1)
+    found = plugin._foreign_processes(plan)
+    assert found == {0: [os.getpid()]}
+    line = report.foreign_lines(found)[0]
+    assert line.startswith(f"WARNING: other accounts' processes use GPU 0 (pids {os.getpid()})")
+    assert "--gpushare-ledger-dir" in line
+
+
+def test_observed_lines_put_over_users_first() -> None:
+    rows = [
+        {"test_id": "t::ok", "declared_bytes": 2 * GiB, "observed_bytes": GiB, "source": "nvml", "verdict": "ok",
+         "factor": 0.5, "suggested_bytes": 1536 * MiB},
+        {"test_id": "t::liar", "declared_bytes": GiB, "observed_bytes": 3 * GiB, "source": "torch",
+         "verdict": "over", "factor": 3.0, "suggested_bytes": 4 * GiB},
+    ]  # fmt: skip
+    lines = report.observed_lines(rows)
+    assert lines == [
+        "tests that used more than they declared (suggested mem= in brackets):",
+        '  3.0x t::liar: declared 1.0GiB, peak 3.0GiB (torch) [mem="4.0GiB"]',
+    ]
