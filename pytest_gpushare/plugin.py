@@ -11,8 +11,8 @@ import json
 import os
 import socket
 import uuid
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 import pytest
 
@@ -26,6 +26,8 @@ from pytest_gpushare.ollama import OllamaStatus, attribute_held, query_ollama
 from pytest_gpushare.planner import Budget, Plan, Reservation, WorkerCount
 
 __all__ = ["get_plan", "get_settings", "is_worker", "ollama_status", "session_id"]
+
+T = TypeVar("T")
 
 SETTINGS_KEY = pytest.StashKey[_settings.Settings]()
 PLAN_KEY = pytest.StashKey[Plan]()
@@ -52,18 +54,26 @@ def never_plans(config: pytest.Config) -> bool:
     )
 
 
+def _once(
+    config: pytest.Config,
+    key: pytest.StashKey[T],
+    name: str,
+    decode: Callable[[Any], T],
+    compute: Callable[[], T],
+) -> T:
+    """A per-session value, made once per process: a worker receives the controller's (in its
+    ``workerinput[name]``), the controller (or a run without xdist) computes it."""
+    if key in config.stash:
+        return config.stash[key]
+    received = getattr(config, "workerinput", {})
+    value = decode(received[name]) if name in received else compute()
+    config.stash[key] = value
+    return value
+
+
 def session_id(config: pytest.Config) -> str:
     """One id per pytest session, shared by the controller and its workers (ledger records)."""
-    try:
-        return config.stash[SESSION_KEY]
-    except KeyError:
-        pass
-    if is_worker(config) and "gpushare_session" in config.workerinput:  # type: ignore[attr-defined]
-        sid = str(config.workerinput["gpushare_session"])  # type: ignore[attr-defined]
-    else:
-        sid = uuid.uuid4().hex[:12]
-    config.stash[SESSION_KEY] = sid
-    return sid
+    return _once(config, SESSION_KEY, "gpushare_session", str, lambda: uuid.uuid4().hex[:12])
 
 
 def get_settings(config: pytest.Config) -> _settings.Settings:
@@ -82,16 +92,13 @@ def get_settings(config: pytest.Config) -> _settings.Settings:
 
 def ollama_status(config: pytest.Config) -> OllamaStatus:
     """What Ollama holds: asked once per session in the controller, received by workers."""
-    try:
-        return config.stash[OLLAMA_KEY]
-    except KeyError:
-        pass
-    if is_worker(config) and "gpushare_ollama" in config.workerinput:  # type: ignore[attr-defined]
-        status = OllamaStatus.from_dict(config.workerinput["gpushare_ollama"])  # type: ignore[attr-defined]
-    else:
-        status = query_ollama(get_settings(config).ollama, os.environ)
-    config.stash[OLLAMA_KEY] = status
-    return status
+    return _once(
+        config,
+        OLLAMA_KEY,
+        "gpushare_ollama",
+        OllamaStatus.from_dict,
+        lambda: query_ollama(get_settings(config).ollama, os.environ),
+    )
 
 
 def _call_each(pm_config: pytest.Config, name: str, **kwargs: Any) -> Iterator[tuple[str, Any]]:
@@ -211,16 +218,7 @@ def _read_history(config: pytest.Config) -> object:
 
 def get_plan(config: pytest.Config) -> Plan:
     """The session's plan: computed once in the controller, received by xdist workers."""
-    try:
-        return config.stash[PLAN_KEY]
-    except KeyError:
-        pass
-    if is_worker(config) and "gpushare_plan" in config.workerinput:  # type: ignore[attr-defined]
-        plan = Plan.from_dict(config.workerinput["gpushare_plan"])  # type: ignore[attr-defined]
-    else:
-        plan = compute_plan(config)
-    config.stash[PLAN_KEY] = plan
-    return plan
+    return _once(config, PLAN_KEY, "gpushare_plan", Plan.from_dict, lambda: compute_plan(config))
 
 
 # --- hooks -----------------------------------------------------------------------------------
