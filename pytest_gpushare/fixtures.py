@@ -8,7 +8,6 @@ interrupts; a crashed process is covered by the ledger's liveness locks).
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
 from collections.abc import Iterator, Sequence
@@ -19,7 +18,6 @@ from typing import Any
 import pytest
 
 from pytest_gpushare.admission import ledger_gpus
-from pytest_gpushare.devices import Gpu, GpuInventory
 from pytest_gpushare.errors import GpuShareError, NeverFits, SettingError
 from pytest_gpushare.ledger import (
     Lease,
@@ -29,8 +27,9 @@ from pytest_gpushare.ledger import (
     default_ledger_dir,
     prepare_ledger_dir,
 )
-from pytest_gpushare.planner import Plan, make_plan
+from pytest_gpushare.planner import Plan
 from pytest_gpushare.units import MemRequest, parse_mem
+from pytest_gpushare.usage import nvml_refresh
 
 __all__ = ["GpuLease", "Runtime", "lease", "need_from_marker"]
 
@@ -156,7 +155,6 @@ class Runtime:
             folder = prepare_ledger_dir(self.ledger_folder())
             gpus = ledger_gpus(self.plan)
             owner = Owner.current(self.session, self.worker)
-            real = any(not g.gpu.simulated for g in self.plan.gpus)
             self._ledger = Ledger(
                 folder,
                 gpus,
@@ -164,34 +162,13 @@ class Runtime:
                 context_bytes=self.context_bytes,
                 policy=self.policy,
                 log=self.log.append,
-                refresh=self.fresh_usable if real else None,
+                refresh=nvml_refresh(self.plan, self.ledger_dir or None),
             )
         return self._ledger
 
     def ledger_folder(self) -> str:
         """The session's ledger folder: the setting, or the account's private default."""
         return self.ledger_dir or str(default_ledger_dir())
-
-    def fresh_usable(self) -> dict[str, int]:
-        """Usable memory now, per GPU uuid, while a request waits (strangers come and go).
-
-        NVML is asked again and the session's own reservations and safety are applied with the
-        same formula; our lease holders' use is credited from the ledger as at planning.
-        """
-        from pytest_gpushare.nvml import NvmlProbe
-        from pytest_gpushare.plugin import holder_credits
-
-        seen = {g.uuid: g for g in NvmlProbe().probe().gpus}
-        fresh: list[Gpu] = []
-        for planned in self.plan.gpus:
-            now = seen.get(planned.gpu.uuid)
-            if now is not None:  # keep the session's numbering: reservations use it
-                fresh.append(dataclasses.replace(now, index=planned.gpu.index))
-        inventory = GpuInventory(tuple(fresh), "NVML (refresh)")
-        reservations = [r for g in self.plan.gpus for r in g.reservations]
-        credits = holder_credits(inventory.gpus, self.ledger_dir or None)
-        plan = make_plan(inventory, self.plan.budget, reservations=reservations, credits=credits)
-        return {g.gpu.uuid: g.usable_bytes for g in plan.gpus}
 
     def close(self) -> None:
         if self._ledger is not None:

@@ -262,19 +262,29 @@ def _fallback(xdist_count: int | None, why: str) -> WorkerCount:
     return WorkerCount(xdist_count, f"{why}: xdist's own count {xdist_count}", why)
 
 
-def credit_for(gpu: Gpu, booked_by_pid: Mapping[int, int]) -> int:
+def credit_for(gpu: Gpu, booked_by_pid: Mapping[int, int], owner_of: Mapping[int, int] | None = None) -> int:
     """What lease-holding processes really use on ``gpu``, each at most what it booked there.
 
     ``booked_by_pid`` maps a holder's host PID to its leases plus context booking on this GPU.
-    Without trustworthy per-process figures nothing is credited: all used memory counts as
-    strangers' (the safe side).
+    ``owner_of`` maps a GPU process to the holder it works for when that is not itself (the
+    command a ``gpushare run`` holds a lease for); all of a holder's processes together are
+    credited at most its booking. Without trustworthy per-process figures nothing is credited:
+    all used memory counts as strangers' (the safe side).
     """
     if gpu.processes is None:
         return 0
-    return sum(min(p.used_bytes, booked_by_pid[p.pid]) for p in gpu.processes if p.pid in booked_by_pid)
+    owners = owner_of or {}
+    used: dict[int, int] = {}
+    for p in gpu.processes:
+        holder = p.pid if p.pid in booked_by_pid else owners.get(p.pid)
+        if holder is not None and holder in booked_by_pid:
+            used[holder] = used.get(holder, 0) + p.used_bytes
+    return sum(min(n, booked_by_pid[holder]) for holder, n in used.items())
 
 
-def credits_from_status(gpus: Sequence[Gpu], status: Mapping[str, Any], host: str) -> dict[str, int]:
+def credits_from_status(
+    gpus: Sequence[Gpu], status: Mapping[str, Any], host: str, owner_of: Mapping[int, int] | None = None
+) -> dict[str, int]:
     """:func:`credit_for` of every GPU, from a ledger status (``ledger.read_status``).
 
     Every live lease and context booking of a process on this ``host`` counts as booked by
@@ -287,7 +297,7 @@ def credits_from_status(gpus: Sequence[Gpu], status: Mapping[str, Any], host: st
             owner = lease.get("owner", {})
             if owner.get("host") == host and isinstance(owner.get("pid"), int):
                 per_pid[owner["pid"]] = per_pid.get(owner["pid"], 0) + int(lease["bytes"])
-    return {g.uuid: credit_for(g, booked.get(g.uuid, {})) for g in gpus}
+    return {g.uuid: credit_for(g, booked.get(g.uuid, {}), owner_of) for g in gpus}
 
 
 def make_plan(

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
@@ -24,6 +23,7 @@ from pytest_gpushare.errors import GpuShareError
 from pytest_gpushare.fixtures import GpuLease
 from pytest_gpushare.ollama import OllamaStatus, attribute_held, query_ollama
 from pytest_gpushare.planner import Budget, Plan, Reservation, WorkerCount
+from pytest_gpushare.usage import holder_credits
 
 __all__ = ["get_plan", "get_settings", "is_worker", "ollama_status", "session_id"]
 
@@ -176,26 +176,8 @@ def compute_plan(config: pytest.Config) -> Plan:
         f"--gpushare-reserve names GPU {i}, which this box does not have"
         for i in sorted(set(s.reserve.per_index) - {g.index for g in inventory.gpus})
     ]
-    credits = holder_credits(inventory.gpus, s.ledger_dir)
+    credits = holder_credits(inventory.gpus, s.ledger_dir)  # our lease holders' real use
     return planner.make_plan(inventory, budget, reservations=reservations, credits=credits, notes=notes)
-
-
-def holder_credits(gpus: tuple[Gpu, ...], ledger_dir: str | None) -> dict[str, int]:
-    """What processes holding leases on this box really use, per GPU uuid (SPEC's ``free_g``).
-
-    Only real GPUs with trustworthy per-process figures can be credited; a ledger folder that
-    cannot be read credits nothing (the safe side; the first lease reports the folder's problem).
-    """
-    if not any(g.processes for g in gpus if not g.simulated):
-        return {}
-    from pytest_gpushare.errors import LedgerError
-    from pytest_gpushare.ledger import read_status
-
-    try:
-        status = read_status(ledger_dir or None)
-    except (LedgerError, OSError):
-        return {}
-    return planner.credits_from_status(gpus, status, socket.gethostname())
 
 
 def _read_history(config: pytest.Config) -> object:
@@ -372,9 +354,11 @@ def ollama_lines(config: pytest.Config, plan: Plan) -> list[str]:
     """The header's Ollama lines: address, answer, models, the hold, and what to worry about."""
     status = ollama_status(config)
     s = get_settings(config)
-    note = attribute_held(status, plan.inventory.gpus).note if status.answered else None
+    held = attribute_held(status, plan.inventory.gpus)
     reserve_set = bool(s.ollama_reserve.default or any(s.ollama_reserve.per_index.values()))
-    return report.ollama_lines(status, plan, reserve_set=reserve_set, attribution_note=note)
+    return report.ollama_lines(
+        status, plan, reserve_set=reserve_set, held_by_gpu=held.by_gpu, attribution_note=held.note
+    )
 
 
 @pytest.hookimpl(trylast=True)

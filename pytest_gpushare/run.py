@@ -60,6 +60,7 @@ from pytest_gpushare.planner import Budget, Plan, make_plan, ollama_reservations
 from pytest_gpushare.settings import OPTION_NAMES, Settings, cli_layer, resolve
 from pytest_gpushare.status import CommandParser, UsageError
 from pytest_gpushare.units import format_size, parse_mem
+from pytest_gpushare.usage import holder_credits, nvml_refresh
 
 __all__ = [
     "EXIT_NEVER_FITS",
@@ -174,7 +175,8 @@ def run_plan(settings: Settings, environ: Mapping[str, str]) -> Plan:
         max_workers=settings.max_workers,
     )
     notes = [*settings.notes, *([note] if note else [])]
-    return make_plan(inventory, budget, reservations=reservations, notes=notes)
+    credits = holder_credits(inventory.gpus, settings.ledger_dir)
+    return make_plan(inventory, budget, reservations=reservations, credits=credits, notes=notes)
 
 
 def child_environment(plan: Plan, lease: Lease, environ: Mapping[str, str]) -> dict[str, str]:
@@ -392,6 +394,7 @@ def _run_leased(settings: Settings, need: Need, label: str, command: list[str], 
             context_bytes=settings.context_mem_bytes,
             policy=settings.policy,
             log=log,
+            refresh=nvml_refresh(plan, settings.ledger_dir),
         )
     except LedgerError as exc:
         return _fail(str(exc), EXIT_LEDGER)
