@@ -4,6 +4,6 @@ from __future__ import annotations
 
 import sys
 
-from pytest_gpushare.cli import main
+from pytest_gpushare.cli import entry
 
-sys.exit(main())
+sys.exit(entry())

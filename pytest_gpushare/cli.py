@@ -8,6 +8,7 @@ Flags are the plugin's without the ``gpushare-`` part; the plugin's spelling wor
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Sequence
 
@@ -114,5 +115,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 2
 
 
+def entry() -> int:
+    """The console script: ``main`` with a closed pipe (``gpushare status --json | head``) ending
+    quietly, as command line tools do."""
+    try:
+        code = main()
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # Python would report the pipe again when it flushes stdout at exit: point it at devnull.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
+    return code
+
+
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    sys.exit(entry())

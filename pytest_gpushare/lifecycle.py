@@ -130,14 +130,13 @@ class LeasePlugin:
         if mode == "fail":
             pytest.fail(f"gpushare: {why} (--gpushare-fallback=fail)", pytrace=False)
 
-    # The innermost wrapper: other plugins' setup wrappers (logging, capture) have run, and no
-    # fixture has: the runner's plain implementation sets fixtures up after this yields.
-    @pytest.hookimpl(wrapper=True, trylast=True)
-    def pytest_runtest_setup(self, item: pytest.Item) -> Generator[None, object, object]:
+    # A plain implementation, registered after pytest's own: it runs after every wrapper's
+    # first half (logging, capture) and after the skipping plugin's tryfirst check (a skipped
+    # test never waits for memory), and before the runner's implementation sets up fixtures.
+    def pytest_runtest_setup(self, item: pytest.Item) -> None:
         problem = self._take(item)
         if problem is not None:
             pytest.fail(f"gpushare: {problem}", pytrace=False)
-        return (yield)
 
     def _take(self, item: pytest.Item) -> str | None:
         """Lease what ``item`` needs; a one-line problem when the test must fail instead."""

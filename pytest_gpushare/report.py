@@ -106,7 +106,12 @@ def spilling_lines(status: OllamaStatus) -> list[str]:
 
 
 def ollama_lines(
-    status: OllamaStatus, plan: Plan, *, reserve_set: bool, attribution_note: str | None
+    status: OllamaStatus,
+    plan: Plan,
+    *,
+    reserve_set: bool,
+    held_by_gpu: dict[int, int],
+    attribution_note: str | None,
 ) -> list[str]:
     """Where Ollama was asked, what it answered, its models, and the hold on each GPU."""
     if not status.asked:
@@ -129,7 +134,7 @@ def ollama_lines(
             if r.kind == "ollama":
                 lines.append(
                     f"  GPU {g.gpu.index}: Ollama reserve {format_size(r.ceiling_bytes)}, holds "
-                    f"{format_size(r.ceiling_bytes - r.bytes)} already "
+                    f"{format_size(held_by_gpu.get(g.gpu.index, 0))} already "
                     f"-> hold back {format_size(r.bytes)} more"
                 )
     if attribution_note:
@@ -223,7 +228,7 @@ def summary_lines(plan: Plan, data: dict[str, Any]) -> list[str]:
         rows = [r for r in rows if r["verdict"] != "not measurable"]
     lines += observed_lines(rows)
     lines += [f"lost: {x}" for x in data["lost"]]
-    lines += [f"ledger: {x}" for x in data["log"]]
+    lines += [f"note: {x}" for x in data["log"]]
     if not lines:
         lines.append("no GPU tests ran")
     return lines

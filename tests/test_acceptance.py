@@ -441,3 +441,28 @@ def test_unsafe_ledger_folder_is_a_usage_error(pytester: pytest.Pytester, env: d
     result = run(pytester, f"--gpushare-ledger-dir={folder}", "--gpushare-simulate=24GiB")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(["*gpushare: ledger folder *shared*chmod*"])
+
+
+def test_a_skipped_gpu_test_takes_no_lease(pytester: pytest.Pytester, env: dict[str, str]) -> None:
+    pytester.makepyfile(
+        "import pytest\n"
+        "@pytest.mark.skipif(True, reason='not today')\n@pytest.mark.gpu(mem='4GiB')\ndef test_s(gpu): pass\n"
+        "@pytest.mark.skip\n@pytest.mark.gpu(mem='4GiB')\ndef test_t(gpu): pass\n"
+    )
+    result = run(pytester, "--gpushare-simulate=24GiB", "--gpushare-report=report.json")
+    result.assert_outcomes(skipped=2)
+    assert json.loads((pytester.path / "report.json").read_text())["leases"] == []
+
+
+def test_status_json_into_a_closed_pipe_ends_quietly(tmp_path: Path) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pytest_gpushare", "status", "--json", "--ledger-dir", str(tmp_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # the reader is gone before anything is written (`| head` that quit)
+    err = proc.stderr.read()
+    assert proc.wait(timeout=60) == 1
+    assert "Traceback" not in err and "BrokenPipe" not in err
