@@ -13,10 +13,19 @@ Every command runs with ``GPUSHARE_LEDGER_DIR`` in its folder, ``GPUSHARE_OLLAMA
 may set it), no inherited ``GPUSHARE_*``/``PYTEST_*``/``OLLAMA_*``/``CUDA_*`` variables, and
 ``PYTEST_XDIST_AUTO_NUM_WORKERS=8`` so that "xdist's own count" is the same on every machine
 (the docs say their output comes from an 8-CPU box). An rst comment before a block,
-``.. docs-test: ollama NAME=SIZE[,NAME=SIZE...]``, serves that block from a stand-in Ollama
-(tests/ollama_server.py) at ``OLLAMA_HOST``; its address prints as ``127.0.0.1:11434``.
+``.. docs-test: ollama NAME=SIZE[/VRAM][,NAME=SIZE...]``, serves that block from a stand-in
+Ollama (tests/ollama_server.py) at ``OLLAMA_HOST``, with those models loaded (``VRAM``: the part
+on the GPU, default all of it); ``ollama none`` serves no model, and ``ollama down`` is a port
+that refuses connections. Its address prints as ``127.0.0.1:11434``.
 ``.. docs-test: health-server VAR`` serves ``GET /health`` with 200 at the URL in ``$VAR``
 (printed as ``127.0.0.1:8000``), a stand-in for an inference server.
+
+Output that needs a real GPU is shown in ``text`` blocks; ``.. docs-test: observed RUN`` before
+one checks its lines (same rules as console output) against a run of a small suite on a stand-in
+NVML (tests/fake_pynvml.py) where each test really "uses" memory in NVML's per-process list:
+``RUN`` is ``summary`` (``pytest -n 2``), ``plan`` (``gpushare plan`` after it, with the worker
+mem learned from that run) or ``unmeasured`` (the same suite where NVML lists PIDs of another
+PID namespace). ``.. docs-test: oom`` checks the out-of-memory note of ``--gpushare-enforce``.
 """
 
 from __future__ import annotations
@@ -54,7 +63,7 @@ DIRECTIVE_RE = re.compile(
     r"^(?P<indent>\s*)\.\. (?P<kind>code-block|literalinclude|code|sourcecode)::\s*(?P<arg>.*)$"
 )
 OPTION_RE = re.compile(r"^\s+:(?P<name>[\w-]+):\s*(?P<value>.*)$")
-DOCS_TEST_RE = re.compile(r"^\s*\.\. docs-test:\s*(?P<what>[\w-]+)\s+(?P<arg>.*)$")
+DOCS_TEST_RE = re.compile(r"^\s*\.\. docs-test:\s*(?P<what>[\w-]+)(?:\s+(?P<arg>.*))?$")
 FILE_NAME_RE = re.compile(r"^[\w.-]+(/[\w.-]+)*$")
 
 
@@ -82,7 +91,7 @@ def parse_blocks(page: Path) -> list[Block]:
     while i < len(lines):
         comment = DOCS_TEST_RE.match(lines[i])
         if comment:
-            setup[comment["what"]] = comment["arg"].strip()
+            setup[comment["what"]] = (comment["arg"] or "").strip()
             i += 1
             continue
         match = DIRECTIVE_RE.match(lines[i])
@@ -192,22 +201,35 @@ def stand_ins(block: Block, env: dict[str, str]) -> Iterator[tuple[list[tuple[st
         if "ollama" in block.setup:
             sys.path.insert(0, str(ROOT / "tests"))
             try:
-                from ollama_server import FakeOllama, ps_model
+                from ollama_server import FakeOllama, ps_model, refused_port
             finally:
                 sys.path.remove(str(ROOT / "tests"))
-            models = []
-            for item in block.setup["ollama"].split(","):
-                name, _, size = item.strip().rpartition("=")
-                models.append(ps_model(name, parse_size(size, block.where)))
-            server = stack.enter_context(FakeOllama(models=models))
-            env = env | {"OLLAMA_HOST": server.url}
+            what = block.setup["ollama"]
+            if what == "down":
+                port = stack.enter_context(refused_port())
+            else:
+                server = stack.enter_context(FakeOllama(models=_ollama_models(what, block.where, ps_model)))
+                port = server.port
+            env = env | {"OLLAMA_HOST": f"http://127.0.0.1:{port}"}
             env.pop("GPUSHARE_OLLAMA")
-            replace.append((f"127.0.0.1:{server.port}", "127.0.0.1:11434"))
+            replace.append((f"127.0.0.1:{port}", "127.0.0.1:11434"))
         if "health-server" in block.setup:
             port = stack.enter_context(health_server())
             env = env | {block.setup["health-server"]: f"http://127.0.0.1:{port}"}
             replace.append((f"127.0.0.1:{port}", "127.0.0.1:8000"))
         yield replace, env
+
+
+def _ollama_models(spec: str, where: str, ps_model: Any) -> list[dict[str, Any]]:
+    """``NAME=SIZE[/VRAM],...`` (or ``none``) as ``/api/ps`` entries."""
+    if spec == "none":
+        return []
+    models = []
+    for item in spec.split(","):
+        name, _, sizes = item.strip().rpartition("=")
+        size, _, vram = sizes.partition("/")
+        models.append(ps_model(name, parse_size(size, where), parse_size(vram, where) if vram else None))
+    return models
 
 
 class _Health(BaseHTTPRequestHandler):
@@ -522,7 +544,7 @@ def test_example_ollama(tmp_path: Path) -> None:
         from ollama_server import FakeOllama, ps_model
     finally:
         sys.path.remove(str(ROOT / "tests"))
-    with FakeOllama(models=[ps_model("llama3.1:70b-q2", int(10.8 * 2**30))]) as server:
+    with FakeOllama(models=[ps_model("qwen2.5:14b", int(10.8 * 2**30))]) as server:
         env = base_env(tmp_path) | {"OLLAMA_HOST": server.url}
         del env["GPUSHARE_OLLAMA"]
         proc = _pytest(["-n", "2", "--gpushare-simulate=24GiB:used=12.8GiB"], EXAMPLES / "ollama", env)
@@ -530,3 +552,141 @@ def test_example_ollama(tmp_path: Path) -> None:
     assert "Ollama hold 1.2GiB, safety 1.0GiB -> usable 9.0GiB" in proc.stdout, proc.stdout
     assert "holds 10.8GiB already -> hold back 1.2GiB more" in proc.stdout, proc.stdout
     assert re.search(r"\b5 passed\b", proc.stdout), proc.stdout
+
+
+# --- output that needs a GPU: checked against a stand-in NVML ---------------------------------
+
+#: A box of one RTX 4090 (tests/fake_pynvml.py). A test "uses" memory by writing its figure to a
+#: file named after its PID, which the fake's per-process list reads; PID_OFFSET stands in for
+#: another PID namespace (NVML lists host PIDs this process cannot see).
+OBSERVED_CONFTEST = """
+import os, sys, tempfile, time
+sys.path.insert(0, {tests!r})
+from fake_pynvml import FakeGpu, FakeNvml
+
+GiB = 2**30
+CONTEXT = 300 * 2**20
+USAGE = os.environ["USAGE_DIR"]
+
+
+def usage():
+    out = []
+    for name in os.listdir(USAGE):
+        if not name.startswith("."):
+            with open(os.path.join(USAGE, name)) as f:
+                out.append((int(name), int(f.read())))
+    return out
+
+
+box = FakeNvml(gpus=[FakeGpu(uuid="GPU-0f0f0f0f-1111-2222-3333-444455556666", used=2 * GiB, usage=usage)])
+sys.modules["pynvml"] = box.module
+
+
+def use(n_bytes):
+    pid = os.getpid() + int(os.environ.get("PID_OFFSET", "0"))
+    fd, tmp = tempfile.mkstemp(dir=USAGE, prefix=".")
+    with os.fdopen(fd, "w") as f:
+        f.write(str(n_bytes))
+    os.replace(tmp, os.path.join(USAGE, str(pid)))
+
+
+def peak(n_bytes, deadline_s=30.0):
+    # Hold the memory until the sampler has read the process list a few times.
+    use(CONTEXT + n_bytes)
+    start, end = box.process_reads, time.monotonic() + deadline_s
+    while box.process_reads < start + 3:
+        assert time.monotonic() < end, "the sampler never read the process list"
+        time.sleep(0.005)
+    use(CONTEXT)
+
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    use(CONTEXT)  # the worker's CUDA context, there before its first test
+"""
+OBSERVED_SUITE = {
+    "tests/test_train.py": (
+        "import pytest\nfrom conftest import GiB, peak\n\n\n"
+        '@pytest.mark.gpu(mem="4GiB")\ndef test_epoch(gpu):\n    peak(12 * GiB)\n\n\n'
+        '@pytest.mark.gpu(mem="2GiB")\ndef test_step(gpu):\n    peak(GiB + GiB // 2)\n'
+    ),
+    "tests/test_eval.py": (
+        'import pytest\nfrom conftest import GiB, peak\n\n\n@pytest.mark.gpu(mem="8GiB")\n'
+        "def test_metrics(gpu):\n    peak(GiB)\n"
+    ),
+}
+
+
+def _observed_runs(folder: Path) -> dict[str, str]:
+    """The output of each run that ``.. docs-test: observed RUN`` blocks are checked against."""
+    (folder / "conftest.py").write_text(OBSERVED_CONFTEST.format(tests=str(ROOT / "tests")))
+    for name, text in OBSERVED_SUITE.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(text)
+    usage = folder / "usage"
+    usage.mkdir()
+    env = base_env(folder) | {"USAGE_DIR": str(usage)}
+
+    def run(args: list[str], extra: dict[str, str] | None = None) -> str:
+        proc = subprocess.run(
+            [sys.executable, *args],
+            cwd=folder,
+            env=env | (extra or {}),
+            check=False,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            timeout=120,
+        )
+        assert proc.returncode == 0, proc.stdout
+        for entry in usage.iterdir():  # exited processes leave NVML's list
+            entry.unlink()
+        return proc.stdout
+
+    runs = {"summary": run(["-m", "pytest", "-n", "2"])}
+    runs["plan"] = run(["-m", "pytest_gpushare", "plan"])
+    runs["unmeasured"] = run(
+        ["-m", "pytest", "-n", "2", "-p", "no:cacheprovider"], {"PID_OFFSET": str(2**22)}
+    )
+    return runs
+
+
+def _observed_blocks() -> list[Block]:
+    return [b for page in PAGES for b in parse_blocks(page) if "observed" in b.setup]
+
+
+def test_gpu_output_shown_is_what_the_plugin_prints(tmp_path: Path) -> None:
+    """Text blocks marked ``.. docs-test: observed RUN`` match a real run on a stand-in NVML."""
+    blocks = _observed_blocks()
+    assert blocks, "no page has a '.. docs-test: observed' block any more"
+    runs = _observed_runs(tmp_path)
+    for block in blocks:
+        which = block.setup["observed"]
+        assert which in runs, f"{block.where}: docs-test: observed {which!r}: use one of {sorted(runs)}"
+        # A "$ command" line says what ran; the output is what is checked.
+        expected = [x for x in block.body.splitlines() if not x.startswith("$ ")]
+        missing = match_output(expected, runs[which])
+        assert missing is None, (
+            f"{block.where}\nno output line matches {missing!r}; the output of {which!r} was:\n{runs[which]}"
+        )
+
+
+def test_oom_note_shown_is_what_the_plugin_prints() -> None:
+    """The ``--gpushare-enforce`` note on the lying-tests page is annotate_oom's, for torch's own text."""
+    from pytest_gpushare.enforce import annotate_oom
+
+    blocks = [b for page in PAGES for b in parse_blocks(page) if "oom" in b.setup]
+    assert blocks
+    # PyTorch's message for a test that leased 4GiB (capped at 4.5GiB with its 512MiB of cache)
+    # and asked for 8GiB more.
+    torch_error = (
+        "CUDA out of memory. Tried to allocate 8.00 GiB. GPU 0 has a total capacity of 23.53 GiB of "
+        "which 14.61 GiB is free. 4.50 GiB allowed; Including non-PyTorch memory, this process has "
+        "4.79 GiB memory in use. Of the allocated memory 4.00 GiB is allocated by PyTorch, and "
+        "512.00 MiB is reserved by PyTorch but unallocated."
+    )
+    note = annotate_oom(RuntimeError(torch_error), 4 * 2**30)
+    assert note is not None
+    for block in blocks:
+        assert match_output(block.body.splitlines(), note) is None, (
+            f"{block.where}: the plugin prints\n{note}"
+        )
