@@ -15,6 +15,9 @@ from collections.abc import Sequence
 import pytest
 
 from pytest_gpushare import __version__
+from pytest_gpushare.errors import SettingError
+from pytest_gpushare.planner import Plan
+from pytest_gpushare.settings import Settings
 
 USAGE = """usage: gpushare COMMAND [options]
 
@@ -74,6 +77,46 @@ class _PlanCommand:
         finally:
             config._ensure_unconfigure()
         return 0
+
+
+class _ConfigView:
+    """Stands in for the test session and keeps the settings and plan pytest's configuration gives."""
+
+    def __init__(self, want_plan: bool) -> None:
+        self.want_plan = want_plan
+        self.settings: Settings | None = None
+        self.plan: Plan | None = None
+        self.error: str | None = None
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_cmdline_main(self, config: pytest.Config) -> int:
+        from pytest_gpushare.plugin import get_plan, get_settings
+
+        try:
+            self.settings = get_settings(config)
+            self.plan = get_plan(config) if self.want_plan else None
+        except pytest.UsageError as exc:
+            self.error = str(exc)
+            return int(pytest.ExitCode.USAGE_ERROR)
+        return 0
+
+
+def pytest_view(args: Sequence[str], *, want_plan: bool) -> tuple[Settings, Plan | None]:
+    """The settings (and plan) ``pytest`` would use in this folder with ``args``: the same ini file,
+    initial conftests and their hooks (reservations, probes) as a test session.
+
+    Raises :class:`SettingError` with pytest's one-line message when they are not usable.
+    """
+    view = _ConfigView(want_plan)
+    saved = dict(os.environ)  # what a session sets up for its tests (CUDA_DEVICE_ORDER) is not ours
+    try:
+        code = pytest.main(["-p", "no:cacheprovider", *args], plugins=[view])
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    if view.settings is None:
+        raise SettingError(view.error or f"the settings could not be read (pytest exit code {int(code)})")
+    return view.settings, view.plan
 
 
 def cmd_plan(args: Sequence[str]) -> int:

@@ -5,13 +5,13 @@
 ``--`` is required, so that the command's own flags never pass for ours. ``--exclusive`` holds
 all usable memory of each GPU (``--mem``, then optional, is the least it accepts).
 
-1. Settings come from the plugin's flags (``--simulate``, ``--ledger-dir``, ``--reserve``,
-   ``--safety``, ``--context-mem``, ``--ollama``, ``--ollama-reserve``, ``--policy``,
-   ``--timeout``...; the ``--gpushare-`` spelling works too) and the ``GPUSHARE_*`` environment,
-   flag first. The ini file is not read (there is no pytest configuration here), nor are other
-   plugins' probe and reservation hooks: pass such settings as flags or environment.
-2. The plan is the plugin's formula: the probe (NVML or simulated), the static reserve, the
-   Ollama hold, the safety buffer.
+1. Settings and plan are exactly what ``pytest`` would use in this folder: they are built on
+   pytest's own configuration (as ``gpushare plan`` is), so the plugin's flags (``--simulate``,
+   ``--ledger-dir``, ``--reserve``, ``--timeout``...; the ``--gpushare-`` spelling works too),
+   the ``GPUSHARE_*`` environment, the ini file, the config file and the rootdir conftest's
+   probe and reservation hooks all count, in the plugin's precedence.
+2. The plan is the plugin's formula: the probe (NVML or simulated), every reservation (the
+   static reserve, the Ollama hold, plugins'), the safety buffer, our lease holders' real use.
 3. The lease is taken like a test's, by a ledger owner of its own (worker ``gpushare-run``,
    the command line as test id and command), waiting up to the timeout; a line on standard
    error says what it waits for once it has waited a second.
@@ -51,16 +51,15 @@ from types import FrameType
 from typing import Any
 
 from pytest_gpushare.admission import Need, ledger_gpus
-from pytest_gpushare.devices import probe_for
+from pytest_gpushare.cli import pytest_view
 from pytest_gpushare.errors import GpuShareError, LeaseTimeout, LedgerError, NeverFits, SettingError
 from pytest_gpushare.ledger import Lease, Ledger, Owner, default_ledger_dir, prepare_ledger_dir
 from pytest_gpushare.ledgerstate import CONTEXT
-from pytest_gpushare.ollama import attribute_held, query_ollama
-from pytest_gpushare.planner import Budget, Plan, make_plan, ollama_reservations, reservations_from_sizes
-from pytest_gpushare.settings import OPTION_NAMES, Settings, cli_layer, resolve
+from pytest_gpushare.planner import Plan
+from pytest_gpushare.settings import OPTION_NAMES, Settings
 from pytest_gpushare.status import CommandParser, UsageError
 from pytest_gpushare.units import format_size, parse_mem
-from pytest_gpushare.usage import holder_credits, nvml_refresh
+from pytest_gpushare.usage import nvml_refresh
 
 __all__ = [
     "EXIT_NEVER_FITS",
@@ -70,7 +69,6 @@ __all__ = [
     "WORKER_ID",
     "child_environment",
     "cmd_run",
-    "run_plan",
     "should_forward",
 ]
 
@@ -122,7 +120,7 @@ def _parser() -> CommandParser:
         description=(
             "Run COMMAND holding a lease on GPU memory for as long as it lives, with "
             "CUDA_VISIBLE_DEVICES set to the leased GPUs; the exit code is the command's. Settings "
-            "come from these flags and the GPUSHARE_* environment (not from the ini file)."
+            "come from these flags, the GPUSHARE_* environment and the ini file, as for pytest here."
         ),
         epilog=(
             "exit codes of gpushare run itself: 2 bad usage, a need no GPU can ever meet, or an unusable "
@@ -161,22 +159,15 @@ def _split(args: Sequence[str]) -> tuple[list[str], list[str] | None]:
     return args, None
 
 
-def run_plan(settings: Settings, environ: Mapping[str, str]) -> Plan:
-    """The plugin's plan without pytest: probe, the static reserve, the Ollama hold, the budget."""
-    inventory = probe_for(settings.simulate, settings.sources["simulate"]).probe()
-    reservations = reservations_from_sizes(settings.reserve, inventory.gpus, "reserve")
-    held, note = attribute_held(query_ollama(settings.ollama, environ), inventory.gpus)
-    reservations += ollama_reservations(settings.ollama_reserve, held, inventory.gpus)
-    budget = Budget(
-        safety_bytes=settings.safety_bytes,
-        worker_mem_bytes=settings.worker_mem_bytes,
-        context_bytes=settings.context_mem_bytes,
-        workers_per_gb=settings.workers_per_gb,
-        max_workers=settings.max_workers,
-    )
-    notes = [*settings.notes, *([note] if note else [])]
-    credits = holder_credits(inventory.gpus, settings.ledger_dir)
-    return make_plan(inventory, budget, reservations=reservations, credits=credits, notes=notes)
+def _plugin_args(opts: Any) -> list[str]:
+    """The settings given on our command line, spelled as pytest's options for the plugin."""
+    args: list[str] = []
+    for option in OPTION_NAMES:
+        value = getattr(opts, option.name)
+        if value is None:
+            continue
+        args.append(option.flag if option.is_flag else f"{option.flag}={value}")
+    return args
 
 
 def child_environment(plan: Plan, lease: Lease, environ: Mapping[str, str]) -> dict[str, str]:
@@ -357,12 +348,11 @@ def cmd_run(args: list[str]) -> int:
         return _fail(f"--mem is required (usage: {USAGE})", EXIT_USAGE)
 
     try:
-        settings = resolve(
-            cli_layer({o.name: getattr(opts, o.name) for o in OPTION_NAMES}, short=True), os.environ, {}
-        )
+        settings, plan = pytest_view(_plugin_args(opts), want_plan=True)
         mem = settings.default_mem if opts.mem is None else parse_mem(opts.mem, "--mem")
     except SettingError as exc:
         return _fail(str(exc), EXIT_SETTING)
+    assert plan is not None
     line = shlex.join(command)
     label = line if len(line) <= COMMAND_CAP else line[: COMMAND_CAP - 1] + "…"
     need = Need(mem=mem, count=opts.count, exclusive=opts.exclusive)
@@ -370,13 +360,14 @@ def cmd_run(args: list[str]) -> int:
     forwarded = _handled_signals()
     try:
         with _signals_interrupt(forwarded):
-            return _run_leased(settings, need, label, command, forwarded)
+            return _run_leased(settings, plan, need, label, command, forwarded)
     except _Interrupted as stop:
         return _fail(f"stopped by {_signal_name(stop.signum)}", 128 + stop.signum)
 
 
-def _run_leased(settings: Settings, need: Need, label: str, command: list[str], forwarded: list[int]) -> int:
-    plan = run_plan(settings, os.environ)
+def _run_leased(
+    settings: Settings, plan: Plan, need: Need, label: str, command: list[str], forwarded: list[int]
+) -> int:
     if not plan.gpus:
         why = plan.inventory.error or plan.inventory.source
         return _fail(f"no GPU on this box to lease ({why})", EXIT_NEVER_FITS)

@@ -409,7 +409,7 @@ def test_run_that_can_never_fit_fails_at_once(cli: CliBox) -> None:
 @pytest.mark.parametrize(
     ("args", "code", "words"),
     [
-        (["--mem", "4GiB", "--safety", "lots", "--", "true"], 4, "--safety"),
+        (["--mem", "4GiB", "--safety", "lots", "--", "true"], 4, "--gpushare-safety: not a size"),
         (["--mem", "4GiB", "--count", "0", "--", "true"], 2, "--count"),
         (["--mem", "4GiB", "--cuont", "2", "--", "true"], 2, "--cuont"),
         (["--simulate", SIM, "--", "true"], 2, "--mem is required"),
@@ -586,3 +586,16 @@ def test_ollama_reservations_hold_what_ollama_does_not_hold_yet() -> None:
         (0, 8 * GiB, 12 * GiB, "ollama"),
         (1, 0, 12 * GiB, "ollama"),
     ]
+
+
+def test_run_reads_the_ini_file_and_conftest_hooks_like_pytest(cli: CliBox) -> None:
+    # No --simulate on the command line: the ini file names the GPU, a conftest reserves 20GiB.
+    (cli.tmp / "pytest.ini").write_text("[pytest]\ngpushare_simulate = 24GiB\n")
+    (cli.tmp / "conftest.py").write_text(
+        "from pytest_gpushare import Reservation\n"
+        "def pytest_gpushare_reservations(config, gpus):\n"
+        "    return [Reservation(g.index, 20 * 2**30, 'model server') for g in gpus]\n"
+    )
+    assert cli.gpushare("run", "--mem", "2GiB", "--", "true").returncode == 0
+    done = cli.gpushare("run", "--mem", "4GiB", "--", "true")  # 24 - 20 - 1 safety = 3GiB usable
+    assert done.returncode == 2 and "can never give" in done.stderr
