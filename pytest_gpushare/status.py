@@ -4,9 +4,9 @@ Reading the ledgers is an access like any other: owners whose liveness lock is f
 and their leases are reclaimed on the way (:func:`pytest_gpushare.ledger.read_status`); what this
 access reclaimed or repaired is listed with the rest.
 
-The ledger folder is ``--ledger-dir``, else ``GPUSHARE_LEDGER_DIR``, else the account's own
-folder. Unlike the plugin, ``gpushare status`` does not read the ini file: a session whose ini
-names a folder is seen with ``--ledger-dir`` or the environment variable.
+The ledger folder is the one pytest would use in the current folder: ``--ledger-dir``, else
+``GPUSHARE_LEDGER_DIR``, else the ini file's ``gpushare_ledger_dir`` (pytest's own
+configuration is read, as ``gpushare plan`` does), else the account's own folder.
 
 Devices are asked through NVML, or the simulated probe with ``--simulate`` /
 ``GPUSHARE_SIMULATE``; ledger GPUs are matched to devices by UUID. Exit codes: 0, also for a
@@ -18,17 +18,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Mapping, Sequence
 from typing import Any, NoReturn
 
+from pytest_gpushare.cli import pytest_view
 from pytest_gpushare.devices import GpuInventory, probe_for
 from pytest_gpushare.errors import LedgerError, SettingError
 from pytest_gpushare.ledgeraccess import read_status
 from pytest_gpushare.ledgerfs import default_ledger_dir
 from pytest_gpushare.ledgerstate import CONTEXT
-from pytest_gpushare.settings import option_for
 from pytest_gpushare.units import format_size
 
 __all__ = ["CommandParser", "UsageError", "cmd_status", "device_view", "status_document", "status_lines"]
@@ -53,12 +52,17 @@ def _parser() -> CommandParser:
         description=(
             "The live leases on this box per GPU (owner session, worker, test id or command, size, "
             "age), CUDA context bookings, waiters, what this access reclaimed, and what NVML says is "
-            "used. The ledger folder is --ledger-dir, else GPUSHARE_LEDGER_DIR, else the account's "
-            "own folder (the ini file is not read)."
+            "used. The ledger folder is --ledger-dir, else GPUSHARE_LEDGER_DIR, else the ini file's "
+            "gpushare_ledger_dir, else the account's own folder."
         ),
     )
     # cli.translate_flags has turned --ledger-dir into --gpushare-ledger-dir already.
-    parser.add_argument("--gpushare-ledger-dir", dest="ledger_dir", metavar="PATH", help="the ledger folder")
+    parser.add_argument(
+        "--gpushare-ledger-dir",
+        dest="ledger_dir",
+        metavar="PATH",
+        help="the ledger folder (--ledger-dir works too)",
+    )
     parser.add_argument(
         "--gpushare-simulate",
         dest="simulate",
@@ -67,17 +71,6 @@ def _parser() -> CommandParser:
     )
     parser.add_argument("--json", action="store_true", help="print one JSON document on standard output")
     return parser
-
-
-def _setting(name: str, flag_value: str | None, environ: Mapping[str, str]) -> tuple[Any, str]:
-    """A setting from its flag, else its environment variable (empty: unset); (None, "default") if neither."""
-    option = option_for(name)
-    if flag_value is not None:
-        return option.parse(flag_value, option.short_flag), option.short_flag
-    raw = environ.get(option.env, "")
-    if raw.strip():
-        return option.parse(raw, option.env), option.env
-    return None, "default"
 
 
 def device_view(simulate: str | None, source: str = "--simulate") -> GpuInventory:
@@ -239,15 +232,22 @@ def cmd_status(args: list[str]) -> int:
     except UsageError as exc:
         print(f"gpushare status: {exc}", file=sys.stderr)
         return 2
+    flags = [
+        f"--gpushare-{name.replace('_', '-')}={value}"
+        for name, value in (("ledger_dir", opts.ledger_dir), ("simulate", opts.simulate))
+        if value is not None
+    ]
     try:
-        folder, folder_source = _setting("ledger_dir", opts.ledger_dir, os.environ)
-        simulate, simulate_source = _setting("simulate", opts.simulate, os.environ)
-        devices = device_view(simulate, simulate_source)
+        settings, _ = pytest_view(flags, want_plan=False)  # the ini file counts, as for pytest here
+        folder, folder_source = settings.ledger_dir, settings.sources["ledger_dir"]
+        devices = device_view(settings.simulate, settings.sources["simulate"])
     except SettingError as exc:
         print(f"gpushare status: {exc}", file=sys.stderr)
         return 4
     if folder is None:
         folder, folder_source = str(default_ledger_dir()), "this account's own folder"
+    elif folder_source == "default":
+        folder_source = "this account's own folder"
     log: list[str] = []
     try:
         snapshot = read_status(folder, log=log.append)

@@ -276,7 +276,7 @@ def test_status_takes_the_folder_from_its_flag_first(cli: CliBox, tmp_path: Path
     for flag in ("--ledger-dir", "--gpushare-ledger-dir"):
         document = cli.status(flag, str(other))
         assert document["folder"] == str(other)
-        assert document["folder_source"] == "--ledger-dir"
+        assert document["folder_source"] == "--gpushare-ledger-dir"
 
 
 def test_a_killed_run_loses_its_lease_at_once_while_its_command_lives(cli: CliBox) -> None:
@@ -599,3 +599,22 @@ def test_run_reads_the_ini_file_and_conftest_hooks_like_pytest(cli: CliBox) -> N
     assert cli.gpushare("run", "--mem", "2GiB", "--", "true").returncode == 0
     done = cli.gpushare("run", "--mem", "4GiB", "--", "true")  # 24 - 20 - 1 safety = 3GiB usable
     assert done.returncode == 2 and "can never give" in done.stderr
+
+
+def test_status_reads_the_ledger_folder_from_the_ini_file(cli: CliBox, tmp_path: Path) -> None:
+    folder = tmp_path / "from-ini"
+    (cli.tmp / "pytest.ini").write_text(f"[pytest]\ngpushare_ledger_dir = {folder}\n")
+    env_free = {k: v for k, v in os.environ.items() if k != "GPUSHARE_LEDGER_DIR"}
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest_gpushare", "status", "--json"],
+        cwd=cli.tmp,
+        env=env_free,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    document = json.loads(done.stdout)
+    assert document["folder"] == str(folder)
+    assert document["folder_source"] == "gpushare_ledger_dir in pytest.ini"
