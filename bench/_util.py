@@ -5,7 +5,7 @@ Every script prints a short table and ends with ``ratio`` lines in one format::
 
     ratio <what> <value> goal <goal> <met|MISSED>
 
-so that a reader, docs/benchmarks.md and tests/test_bench.py all find the results the same way.
+so that a reader, docs/benchmarks.rst and tests/test_bench.py all find the results the same way.
 """
 
 from __future__ import annotations

@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--what-if",
         default="",
-        help="also run with these bench/whatif.py patches (e.g. handover,kernel-lock)",
+        help="also run with these bench/whatif.py patches (e.g. handover)",
     )
     parser.add_argument(
         "--startup-repeats", type=int, default=None, help="start-up runs of each mode (default 15)"

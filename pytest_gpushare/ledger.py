@@ -6,13 +6,16 @@ may take what are in :mod:`pytest_gpushare.admission` (fairness and its bound in
 
 Files in the folder:
 
-* ``gpu-<uuid>.json`` per GPU, guarded by ``gpu-<uuid>.lock`` (kernel flock through filelock):
-  the owners that use the GPU with the usable memory their sessions computed, the bookings (test
-  leases and CUDA contexts) and the waiters (:mod:`.ledgerstate`). Replaced atomically, so
-  readers need no lock (:mod:`.ledgerfs`).
+* ``gpu-<uuid>.json`` per GPU, guarded by ``gpu-<uuid>.lock`` (kernel flock; filelock takes a
+  free lock, a busy one is waited for in the kernel: :mod:`.ledgerfs`): the owners that use the
+  GPU with the usable memory their sessions computed, the bookings (test leases and CUDA
+  contexts) and the waiters (:mod:`.ledgerstate`). Replaced atomically under the lock (a
+  reader never sees half a file), framed with a checksum so that damage reads as damage, and
+  with a generation number that grows with every write.
 * ``live-<key>.lock`` per owning process, flocked for its whole life (:mod:`.liveness`): a
   booking or waiter whose owner's lock can be taken belongs to a dead process and is reclaimed,
-  with a log line, at the next access of any process (:mod:`.ledgeraccess`). Its content is
+  with a log line, at the next access of any process (:mod:`.ledgeraccess`; a process that
+  found that owner alive within :data:`ALIVE_MAX_AGE_S` trusts that verdict). Its content is
   what the owner holds, written before a grant reaches a ledger: the source of truth for
   rebuilding a damaged ledger. Each process also re-checks its own bookings in every ledger it
   touches, and restores what is missing.
@@ -23,8 +26,8 @@ wait on each other in a cycle), which makes a multi-GPU lease all-or-nothing.
 Waiting: a request that cannot be served registers as a waiter on each candidate GPU (visible to
 ``gpushare status`` and the controller's "waiting" lines) and sleeps with bounded back-off
 (:data:`BACKOFF_MIN_S` doubling to :data:`BACKOFF_MAX_S`), looking at the candidate ledgers'
-identity (each write replaces the file, so the inode changes) and retrying when one changed, and
-at least every :data:`FULL_CHECK_S`.
+header lines (their generation changes with every write) and retrying when one changed, and at
+least every :data:`FULL_CHECK_S`.
 """
 
 from __future__ import annotations
@@ -65,6 +68,7 @@ from pytest_gpushare.ledgerfs import (
     locked,
     open_ledger_folder,
     prepare_ledger_dir,
+    read_head,
 )
 from pytest_gpushare.ledgerstate import (
     CONTEXT,
@@ -100,6 +104,10 @@ FULL_CHECK_S = 0.5
 REFRESH_S = 2.0
 BACKOFF_MIN_S = 0.001
 BACKOFF_MAX_S = 0.025
+#: An owner found alive is probed again after this long at the earliest. Probing every owner in
+#: every access cost more than the rest of the access with many processes; a dead owner's memory
+#: is reclaimed this much later at most (never handed out while it may be in use).
+ALIVE_MAX_AGE_S = 0.2
 CONTEXT_TEST_ID = "CUDA context"
 
 
@@ -319,7 +327,7 @@ class Ledger:
         return f"GPU {state.uuid}" if gpu is None else gpu_label(gpu)
 
     def _access(self) -> Access:
-        return Access(self._folder, self._log, self.owner.key, self._label)
+        return Access(self._folder, self._log, self.owner.key, self._label, ALIVE_MAX_AGE_S)
 
     @contextlib.contextmanager
     def _pass(self, uuids: Sequence[str]) -> Iterator[_Pass]:
@@ -500,16 +508,10 @@ class Ledger:
         state.waiters = [w for w in state.waiters if w.ticket != ticket] + [waiter]
         return True
 
-    def _signature(self, uuids: Sequence[str]) -> tuple[tuple[int, int, int] | None, ...]:
-        """Identity of the ledger files: any write replaces the file, so the inode changes."""
-        result: list[tuple[int, int, int] | None] = []
-        for uuid in uuids:
-            try:
-                st = os.stat(self._folder.path / ledger_name(uuid), follow_symlinks=False)
-                result.append((st.st_ino, st.st_mtime_ns, st.st_size))
-            except OSError:
-                result.append(None)
-        return tuple(result)
+    def _signature(self, uuids: Sequence[str]) -> tuple[bytes | None, ...]:
+        """What tells the ledger files' versions apart: their header lines, whose generation and
+        checksum change with every write (a rebuilt file starts over, with another checksum)."""
+        return tuple(read_head(self._folder, ledger_name(uuid)) for uuid in uuids)
 
     def _do_refresh(self) -> None:
         assert self._refresh is not None

@@ -9,6 +9,7 @@ never guess low, never overcommit after a rebuild.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from pytest_gpushare.ledgerfs import (
+    BadFrame,
     FileTooLarge,
     LedgerFolder,
     default_ledger_dir,
@@ -27,10 +29,12 @@ from pytest_gpushare.ledgerfs import (
     read_file,
     remove_stale_temps,
     set_aside,
+    unframe,
     write_file,
 )
 from pytest_gpushare.ledgerstate import (
     CONTEXT,
+    LEDGER_FRAME,
     UNKNOWN,
     Booking,
     Damaged,
@@ -58,6 +62,7 @@ LOCK_TIMEOUT_S = 60.0
 PLACEHOLDER_BYTES = 2**50
 
 
+@functools.lru_cache(maxsize=256)
 def ledger_name(uuid: str) -> str:
     """The ledger file of GPU ``uuid``; its lock file replaces ``.json`` by ``.lock``."""
     stem = re.sub(r"[^A-Za-z0-9._-]", "_", uuid)
@@ -66,6 +71,7 @@ def ledger_name(uuid: str) -> str:
     return f"gpu-{stem}.json"
 
 
+@functools.lru_cache(maxsize=256)
 def lock_name(uuid: str) -> str:
     return ledger_name(uuid)[: -len(".json")] + ".lock"
 
@@ -80,12 +86,21 @@ def owner_summary(record: OwnerRecord | None, key: str) -> dict[str, Any]:
 
 class Access:
     """One access to some ledgers, under their locks: loads (repairing damage), reclaims the
-    dead, saves, and keeps what it reclaimed and repaired for the caller to report."""
+    dead, saves, and keeps what it reclaimed and repaired for the caller to report.
+
+    ``alive_max_age_s``: how old a verdict "alive" on an owner may be (0: probe every owner anew).
+    """
 
     def __init__(
-        self, folder: LedgerFolder, log: Callable[[str], None], tag: str, label: Callable[[GpuState], str]
+        self,
+        folder: LedgerFolder,
+        log: Callable[[str], None],
+        tag: str,
+        label: Callable[[GpuState], str],
+        alive_max_age_s: float = 0.0,
     ) -> None:
         self.folder = folder
+        self.alive_max_age_s = alive_max_age_s
         self.log = log
         self.tag = tag
         self.label = label
@@ -98,7 +113,7 @@ class Access:
 
     def alive(self, key: str) -> bool:
         if key not in self._alive:
-            self._alive[key] = probe_alive(self.folder, key)
+            self._alive[key] = probe_alive(self.folder, key, self.alive_max_age_s)
         return self._alive[key]
 
     def listing(self) -> list[str]:
@@ -243,6 +258,7 @@ class Access:
         )
 
     def save(self, state: GpuState) -> None:
+        state.generation += 1
         write_file(self.folder, ledger_name(state.uuid), dump_gpu_state(state), self.tag)
 
     def sweep(self) -> None:
@@ -313,8 +329,8 @@ def describe(
 
 def _peek_uuid(data: bytes | None) -> str | None:
     try:
-        parsed = json.loads(data or b"")
-    except (ValueError, RecursionError):
+        parsed = json.loads(unframe(LEDGER_FRAME, data or b"")[0])
+    except (BadFrame, ValueError, RecursionError):
         return None
     uuid = parsed.get("uuid") if isinstance(parsed, dict) else None
     return uuid if isinstance(uuid, str) else None

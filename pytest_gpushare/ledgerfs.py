@@ -6,12 +6,21 @@ Safety rests on three habits:
 
 * every file is opened with ``O_NOFOLLOW``, and a symbolic link where one of our files should be
   is refused;
-* an existing file is never opened for writing: new content goes to a fresh temporary file
-  (``O_CREAT | O_EXCL``) that ``os.replace`` then swaps in, so a reader never sees half a file
-  and nothing another account planted can redirect a write;
+* a file is never written in place: it is written to a fresh temporary file
+  (``O_CREAT | O_EXCL``) that ``os.replace`` then swaps in, so a reader, with or without the
+  lock, sees the old file or the new one, never half of one (issue 3), and nothing another
+  account planted can redirect the write;
 * the folder itself is checked before use (:func:`open_ledger_folder`): a folder that another
   account could write to, other than a group folder made for sharing, is refused with the
   commands that fix it.
+
+Ledger files are also *framed* (:func:`frame`): a header line with the payload's length,
+CRC-32 and a generation number, which :func:`unframe` checks, so damage of any kind is told
+from data and set aside, and a waiter can read the header alone to see whether a ledger
+changed. Rewriting in place would be cheaper on a journalling filesystem (creating a file and
+renaming it over another costs hundreds of microseconds on ext4, which flushes it,
+``auto_da_alloc``), and was measured (docs/benchmarks.rst), but a reader without the lock
+could then catch half a write; the atomic replace is kept.
 
 No ``fsync``: ledgers describe live processes, and a machine that crashes takes every one of
 them with it; a ledger torn by a power cut is unreadable, set aside and rebuilt like any other
@@ -22,17 +31,22 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
+import functools
 import grp
 import os
 import pwd
+import re
 import secrets
 import stat
 import tempfile
 import threading
 import time
+import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from filelock import FileLock, Timeout
 
@@ -41,23 +55,25 @@ from pytest_gpushare.units import MiB, format_size
 
 __all__ = [
     "MAX_FILE_BYTES",
+    "BadFrame",
     "FileTooLarge",
     "LedgerFolder",
     "default_ledger_dir",
+    "frame",
     "locked",
     "open_ledger_folder",
     "prepare_ledger_dir",
     "read_file",
+    "read_head",
+    "read_settled",
     "remove_file",
     "set_aside",
+    "unframe",
     "write_file",
 ]
 
 #: No file of the folder is read beyond this size: a larger one is damage, not data.
 MAX_FILE_BYTES = 1 * MiB
-#: How often a contended ledger lock is retried. filelock's default (50 ms) would dominate a
-#: lease cycle that takes well under a millisecond.
-LOCK_POLL_S = 0.0005
 #: Copies of a damaged file kept for a post-mortem, per file.
 KEEP_DAMAGED = 3
 #: A temporary file older than this was left by a process that died while writing.
@@ -69,6 +85,39 @@ _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 
 class FileTooLarge(Exception):
     """A file of the folder is larger than :data:`MAX_FILE_BYTES`."""
+
+
+class BadFrame(Exception):
+    """A framed file's header is missing, or its payload is cut short or does not match its
+    checksum; ``str()`` says which."""
+
+
+_FRAME = re.compile(rb"GPUSHARE-([A-Z]{1,20}) ([0-9]{1,9}) ([0-9a-f]{8})(?: ([0-9]{1,19}))?\n")
+
+
+def frame(kind: str, payload: bytes, generation: int | None = None) -> bytes:
+    """``payload`` behind a header line naming ``kind`` (``LEDGER``, ``HOLDINGS``), the payload's
+    length and CRC-32, and, when given, a generation number that grows with each write."""
+    head = b"GPUSHARE-%s %d %08x" % (kind.encode(), len(payload), zlib.crc32(payload))
+    if generation is not None:
+        head += b" %d" % generation
+    return head + b"\n" + payload
+
+
+def unframe(kind: str, data: bytes) -> tuple[bytes, int | None]:
+    """The payload and generation of a :func:`frame`; bytes after the payload are ignored (a file
+    rewritten in place may keep an older, longer tail). Raises :class:`BadFrame`."""
+    match = _FRAME.match(data)
+    if match is None or match.group(1) != kind.encode():
+        raise BadFrame(f"no {kind.lower()} header")
+    size = int(match.group(2))
+    payload = data[match.end() : match.end() + size]
+    if len(payload) != size:
+        raise BadFrame(f"{kind.lower()} cut short ({len(payload)} of {size} bytes)")
+    if b"%08x" % zlib.crc32(payload) != match.group(3):
+        raise BadFrame(f"{kind.lower()} does not match its checksum")
+    generation = match.group(4)
+    return payload, None if generation is None else int(generation)
 
 
 @dataclass(frozen=True)
@@ -87,7 +136,12 @@ class LedgerFolder:
     def file_mode(self) -> int:
         return 0o660 if self.shared else 0o600
 
-    def check_file(self, st: os.stat_result, path: Path) -> None:
+    @functools.cached_property
+    def dir(self) -> str:
+        """``path`` as a string: files are joined to it on every access (pathlib is slow)."""
+        return str(self.path)
+
+    def check_file(self, st: os.stat_result, path: Path | str) -> None:
         """Refuse a file that is not ours to trust: not a regular file, or writable by others."""
         if not stat.S_ISREG(st.st_mode):
             raise LedgerError(f"{path} is not a regular file; remove it: rm -r {path}")
@@ -245,7 +299,7 @@ def open_ledger_folder(path: str | os.PathLike[str], *, create: bool = True) -> 
 # --- reading and writing -------------------------------------------------------------------
 
 
-def _symlink_refused(path: Path) -> LedgerError:
+def _symlink_refused(path: Path | str) -> LedgerError:
     return LedgerError(f"{path} is a symbolic link where a ledger file belongs; refusing it: rm {path}")
 
 
@@ -255,7 +309,7 @@ def read_file(folder: LedgerFolder, name: str, cap: int = MAX_FILE_BYTES) -> byt
     Raises :class:`FileTooLarge` past ``cap`` bytes, and :class:`LedgerError` for a symbolic
     link or a file that :meth:`LedgerFolder.check_file` refuses.
     """
-    path = folder.path / name
+    path = os.path.join(folder.dir, name)
     try:
         # O_NONBLOCK: a FIFO planted in our place must not hang the reader.
         fd = os.open(path, os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC | os.O_NONBLOCK)
@@ -287,6 +341,23 @@ def read_file(folder: LedgerFolder, name: str, cap: int = MAX_FILE_BYTES) -> byt
         os.close(fd)
 
 
+def read_settled(folder: LedgerFolder, name: str, kind: str, tries: int = 20) -> bytes | None:
+    """The content of a framed file read *without* its lock: read again (up to ``tries`` times)
+    while a write in place is caught half-way, then returned as it is (the caller's
+    :func:`unframe` says what is wrong with it). None when the file does not exist."""
+    data = read_file(folder, name)
+    for _ in range(tries - 1):
+        if data is None:
+            return None
+        try:
+            unframe(kind, data)
+            return data
+        except BadFrame:
+            time.sleep(0.0002)  # the writer holds the lock for well under a millisecond
+        data = read_file(folder, name)
+    return data
+
+
 def write_file(folder: LedgerFolder, name: str, data: bytes, tag: str) -> None:
     """Replace ``name`` with ``data`` atomically. ``tag`` names the writer in the temporary
     file's name, so the files a dead writer left behind can be found and removed."""
@@ -312,6 +383,22 @@ def write_file(folder: LedgerFolder, name: str, data: bytes, tag: str) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise LedgerError(f"cannot write {folder.path / name}: {exc.strerror}") from None
+
+
+def read_head(folder: LedgerFolder, name: str, size: int = 80) -> bytes | None:
+    """The first ``size`` bytes of ``name`` (a framed file's header line), without its lock; None
+    when the file is missing or cannot be read. For telling whether a file changed: a read that
+    catches a write half-way returns bytes that differ, which only makes the caller look again."""
+    try:
+        fd = os.open(os.path.join(folder.dir, name), os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        return os.pread(fd, size, 0)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
 
 
 def remove_file(folder: LedgerFolder, name: str) -> None:
@@ -350,26 +437,133 @@ def remove_stale_temps(folder: LedgerFolder, names: Iterable[str], now: float | 
 
 
 # --- locks ----------------------------------------------------------------------------------
+#
+# A free lock is taken by filelock (``FileLock.acquire(blocking=False)``: one non-blocking
+# ``flock`` on the lock file, with filelock's checks for a removed or foreign lock file). filelock
+# can only poll for a busy lock: each waiter wakes, tries, and sleeps again, so 15 waiters spend
+# the CPU that the holder needs, and the lock goes to whoever polls at the right moment rather
+# than to a waiter as soon as it is free. So a busy lock is waited for in the kernel instead: a
+# helper thread opens a second descriptor of the same lock file and blocks in ``flock(LOCK_EX)``
+# on it, while the caller waits on an event until its deadline. The kernel wakes the waiters when
+# the holder lets go, and the descriptor that won holds the lock until it is closed. filelock
+# cannot do this itself (it has no blocking acquire: it opens, tries ``LOCK_NB``, closes and
+# sleeps), and its lock object cannot adopt a descriptor locked elsewhere, hence the second
+# descriptor. A wait given up at its deadline leaves the thread blocked in the kernel; when it is
+# granted, the thread closes its descriptor, which lets the lock go again.
+#
+# flock belongs to the open file description, which a forked child shares: the child closes its
+# copies of the waiting descriptors (never ``LOCK_UN``, which would drop the parent's lock), as
+# filelock does with its own.
 
 
 class _PathLock:
-    """One ledger lock of this process: a thread lock, then the kernel flock through filelock.
+    """One ledger lock of this process: a thread lock, then the kernel flock.
 
     One object per path per process, because flock belongs to an open file description: a second
     object on the same path would wait for the first. filelock's lock is made reentrant across
     threads (``thread_local=False``), so the thread lock is what keeps two threads apart.
+    ``wait_fd`` is the descriptor that holds the lock when a kernel wait won it (None when
+    filelock holds it, or nobody).
     """
 
     def __init__(self, path: Path, mode: int) -> None:
         self.path = path
         self.thread_lock = threading.Lock()
-        self.file_lock = FileLock(
-            path,
-            mode=mode,
-            thread_local=False,
-            fallback_to_soft=False,
-            poll_interval=LOCK_POLL_S,
-        )
+        self.file_lock = FileLock(path, mode=mode, thread_local=False, fallback_to_soft=False)
+        self.wait_fd: int | None = None
+
+    def acquire(self, deadline: float) -> None:
+        """Take the flock (the caller holds ``thread_lock``); :class:`Timeout` at ``deadline``."""
+        while True:
+            try:
+                self.file_lock.acquire(blocking=False)
+                return
+            except Timeout:
+                pass
+            fd = _wait_in_kernel(self.path, deadline)
+            if _guards_path(fd, self.path):
+                self.wait_fd = fd
+                return
+            # The lock file was removed (or replaced) while we waited: our lock guards nothing.
+            _close_wait_fd(fd)
+
+    def release(self) -> None:
+        fd, self.wait_fd = self.wait_fd, None
+        if fd is None:
+            self.file_lock.release()
+        else:
+            _close_wait_fd(fd)  # closing the only descriptor of the description lets the lock go
+
+
+#: Descriptors opened for kernel waits (waiting, holding, or abandoned and still waiting), so a
+#: forked child can close its copies; guarded across fork (see :func:`_open_wait_fd`).
+_WAIT_FDS: set[int] = set()
+_WAIT_GUARD = threading.Lock()
+
+
+def _open_wait_fd(path: Path) -> int:
+    # Opened and recorded under the guard that fork takes first, so a child never inherits a
+    # descriptor it does not know of (it would keep a lock granted to it alive in the child).
+    with _WAIT_GUARD:
+        fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | _O_NOFOLLOW | _O_CLOEXEC)
+        _WAIT_FDS.add(fd)
+    return fd
+
+
+def _close_wait_fd(fd: int) -> None:
+    with _WAIT_GUARD:
+        _WAIT_FDS.discard(fd)
+        os.close(fd)
+
+
+def _guards_path(fd: int, path: Path) -> bool:
+    """Whether the locked descriptor ``fd`` is still the file at ``path``."""
+    try:
+        here = os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    mine = os.fstat(fd)
+    return (
+        stat.S_ISREG(mine.st_mode)
+        and mine.st_nlink > 0
+        and (mine.st_dev, mine.st_ino) == (here.st_dev, here.st_ino)
+    )
+
+
+def _wait_in_kernel(path: Path, deadline: float) -> int:
+    """A descriptor of ``path`` that holds its flock, waited for in the kernel until ``deadline``."""
+    if time.monotonic() >= deadline:
+        raise Timeout(str(path))
+    fd = _open_wait_fd(path)
+    granted = threading.Event()
+    guard = threading.Lock()
+    outcome: dict[str, Any] = {}
+
+    def wait() -> None:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as exc:
+            outcome["error"] = exc
+        with guard:  # the caller decides "given up" or "got it" exactly once, under the same guard
+            if outcome.get("abandoned"):
+                _close_wait_fd(fd)
+                return
+            granted.set()
+
+    try:
+        threading.Thread(target=wait, name="gpushare-lock-wait", daemon=True).start()
+    except BaseException:
+        _close_wait_fd(fd)
+        raise
+    granted.wait(max(0.0, deadline - time.monotonic()))
+    with guard:
+        if not granted.is_set():
+            outcome["abandoned"] = True
+            raise Timeout(str(path))
+    if "error" in outcome:
+        _close_wait_fd(fd)
+        raise outcome["error"]
+    return fd
 
 
 _LOCKS: dict[str, _PathLock] = {}
@@ -377,10 +571,11 @@ _LOCKS_GUARD = threading.Lock()
 
 
 def _path_lock(folder: LedgerFolder, name: str) -> _PathLock:
-    path = folder.path / name
+    key = os.path.join(folder.dir, name)
     with _LOCKS_GUARD:
-        lock = _LOCKS.get(str(path))
+        lock = _LOCKS.get(key)
         if lock is None:
+            path = folder.path / name
             try:
                 st: os.stat_result | None = os.lstat(path)
             except FileNotFoundError:
@@ -389,7 +584,7 @@ def _path_lock(folder: LedgerFolder, name: str) -> _PathLock:
                 if stat.S_ISLNK(st.st_mode):
                     raise _symlink_refused(path)
                 folder.check_file(st, path)
-            lock = _LOCKS[str(path)] = _PathLock(path, folder.file_mode)
+            lock = _LOCKS[key] = _PathLock(path, folder.file_mode)
         return lock
 
 
@@ -397,7 +592,7 @@ def _take(lock: _PathLock, deadline: float) -> None:
     if not lock.thread_lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
         raise LedgerError(f"could not lock {lock.path}: another thread of this process holds it")
     try:
-        lock.file_lock.acquire(timeout=max(0.0, deadline - time.monotonic()))
+        lock.acquire(deadline)
     except Timeout:
         lock.thread_lock.release()
         raise LedgerError(
@@ -423,7 +618,7 @@ def _take(lock: _PathLock, deadline: float) -> None:
 
 def _drop(lock: _PathLock) -> None:
     try:
-        lock.file_lock.release()
+        lock.release()
     finally:
         lock.thread_lock.release()
 
@@ -447,10 +642,26 @@ def locked(folder: LedgerFolder, names: Iterable[str], timeout: float) -> Iterat
 
 def _forget_locks_in_child() -> None:
     # A forked child holds nothing; the parent's lock objects refuse to work there (filelock
-    # raises for an inherited lock), so the child builds its own on first use.
-    global _LOCKS_GUARD
+    # raises for an inherited lock), so the child builds its own on first use. Its copies of the
+    # waiting descriptors are closed, never unlocked: the parent's locks stay where they are.
+    global _LOCKS_GUARD, _WAIT_GUARD
     _LOCKS.clear()
     _LOCKS_GUARD = threading.Lock()
+    for fd in _WAIT_FDS:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _WAIT_FDS.clear()
+    _WAIT_GUARD = threading.Lock()
 
 
-os.register_at_fork(after_in_child=_forget_locks_in_child)
+def _before_fork() -> None:
+    _WAIT_GUARD.acquire()
+
+
+def _after_fork_in_parent() -> None:
+    _WAIT_GUARD.release()
+
+
+os.register_at_fork(
+    before=_before_fork, after_in_parent=_after_fork_in_parent, after_in_child=_forget_locks_in_child
+)

@@ -1,9 +1,15 @@
 """What a ledger file and an owner's holdings file contain, read strictly.
 
-A ledger (``gpu-<uuid>.json``) lists, for one GPU, the owners that use it with the usable memory
-each one's session computed, the bookings (test leases, CUDA contexts) and the waiters. An
-owner's holdings (the content of its liveness file) list what it holds on every GPU: they are
+A ledger (``gpu-<uuid>.json``: a JSON document behind a header line, see
+:func:`pytest_gpushare.ledgerfs.frame`) lists, for one GPU, the owners that use it with the
+usable memory each one's session computed, the bookings (test leases, CUDA contexts) and the
+waiters. An owner's holdings (the content of its liveness file) list what it holds on every GPU: they are
 the source of truth from which a damaged ledger is rebuilt.
+
+Owners, bookings and waiters are kept as rows (JSON arrays of their values, in the order of
+:data:`OWNER_FIELDS`, :data:`BOOKING_FIELDS` and :data:`WAITER_FIELDS`), not as objects: with
+16 processes on a GPU the ledger is read and written under its lock at every access, and rows
+make it about a third smaller and a third quicker to parse and to write.
 
 Parsing never trusts the data: any wrong type, missing field, absurd number or dangling
 reference raises :class:`Damaged`, and the ledger treats the whole file as unreadable. Pure
@@ -17,12 +23,16 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, TypeGuard
 
+from pytest_gpushare.ledgerfs import BadFrame, frame, unframe
 from pytest_gpushare.liveness import KEY_RE
 
 __all__ = [
+    "BOOKING_FIELDS",
     "CONTEXT",
+    "OWNER_FIELDS",
     "TEST",
     "UNKNOWN",
+    "WAITER_FIELDS",
     "Booking",
     "Damaged",
     "GpuState",
@@ -36,6 +46,8 @@ __all__ = [
 ]
 
 VERSION = 1
+#: The kind named in a ledger file's header line.
+LEDGER_FRAME = "LEDGER"
 TEST = "test"
 CONTEXT = "context"
 #: Stands for what a live owner holds when its holdings file could not be read during a rebuild:
@@ -47,6 +59,19 @@ _KEY_MATCH = KEY_RE.match
 MAX_BYTES = 2**60
 MAX_TEXT = 10_000
 HISTORY_KEEP = 20
+OWNER_FIELDS = (
+    "key",
+    "pid",
+    "host",
+    "start_time",
+    "session_id",
+    "worker_id",
+    "command",
+    "usable_bytes",
+    "joined_at",
+)
+BOOKING_FIELDS = ("lease_id", "owner", "test_id", "bytes", "kind", "taken_at")
+WAITER_FIELDS = ("ticket", "owner", "test_id", "bytes", "context_bytes", "count", "exclusive", "since")
 
 
 class Damaged(Exception):
@@ -80,6 +105,20 @@ class OwnerRecord:
             "joined_at": self.joined_at,
         }
 
+    def to_row(self) -> list[Any]:
+        """The record as the files keep it: its values in the order of :data:`OWNER_FIELDS`."""
+        return [
+            self.key,
+            self.pid,
+            self.host,
+            self.start_time,
+            self.session_id,
+            self.worker_id,
+            self.command,
+            self.usable_bytes,
+            self.joined_at,
+        ]
+
     def describe(self) -> str:
         where = f"pid {self.pid} on {self.host}, session {self.session_id}, worker {self.worker_id}"
         return where if self.command is None else f"{where}, command {self.command!r}"
@@ -105,6 +144,9 @@ class Booking:
             "kind": self.kind,
             "taken_at": self.taken_at,
         }
+
+    def to_row(self) -> list[Any]:
+        return [self.lease_id, self.owner, self.test_id, self.bytes, self.kind, self.taken_at]
 
 
 @dataclass(frozen=True)
@@ -135,10 +177,22 @@ class Waiter:
             "since": self.since,
         }
 
+    def to_row(self) -> list[Any]:
+        return [
+            self.ticket,
+            self.owner,
+            self.test_id,
+            self.bytes,
+            self.context_bytes,
+            self.count,
+            self.exclusive,
+            self.since,
+        ]
+
 
 @dataclass
 class GpuState:
-    """One GPU's ledger."""
+    """One GPU's ledger; ``generation`` counts its writes (it is in the file's header line)."""
 
     uuid: str
     name: str = ""
@@ -147,6 +201,7 @@ class GpuState:
     bookings: list[Booking] = field(default_factory=list)
     waiters: list[Waiter] = field(default_factory=list)
     history: list[dict[str, Any]] = field(default_factory=list)
+    generation: int = 0
 
     def limit(self) -> int | None:
         """The admission limit: the least usable memory any live owner's session computed."""
@@ -225,6 +280,12 @@ def _object(value: Any, what: str) -> dict[str, Any]:
     return value
 
 
+def _row(data: Any, fields: tuple[str, ...], what: str) -> dict[str, Any]:
+    if not isinstance(data, list) or len(data) != len(fields):
+        raise Damaged(f"{what} is not a row of {len(fields)} values")
+    return dict(zip(fields, data, strict=True))
+
+
 def _list(data: dict[str, Any], key: str) -> list[Any]:
     value = _get(data, key)
     if not isinstance(value, list):
@@ -233,7 +294,7 @@ def _list(data: dict[str, Any], key: str) -> list[Any]:
 
 
 def _owner_checked(data: Any) -> OwnerRecord:
-    d = _object(data, "an owner")
+    d = _row(data, OWNER_FIELDS, "an owner")
     return OwnerRecord(
         key=_key(d, "key"),
         pid=_int(d, "pid", high=2**31),
@@ -248,7 +309,7 @@ def _owner_checked(data: Any) -> OwnerRecord:
 
 
 def _booking_checked(data: Any) -> Booking:
-    d = _object(data, "a booking")
+    d = _row(data, BOOKING_FIELDS, "a booking")
     kind = _text(d, "kind")
     if kind not in _KINDS:
         raise Damaged(f"unknown booking kind {kind[:40]!r}")
@@ -263,7 +324,7 @@ def _booking_checked(data: Any) -> Booking:
 
 
 def _waiter_checked(data: Any) -> Waiter:
-    d = _object(data, "a waiter")
+    d = _row(data, WAITER_FIELDS, "a waiter")
     exclusive = _get(d, "exclusive")
     if not isinstance(exclusive, bool):
         raise Damaged("'exclusive' is not true or false")
@@ -296,56 +357,59 @@ def _is_time(value: Any) -> TypeGuard[float]:
     return type(value) in (int, float) and 0 <= value < math.inf
 
 
-def _owner(d: Any) -> OwnerRecord:
-    if (
-        type(d) is dict
-        and type(key := d.get("key")) is str
-        and _KEY_MATCH(key)
-        and type(pid := d.get("pid")) is int
-        and 0 <= pid <= 2**31
-        and _is_text(host := d.get("host"))
-        and _is_text(start := d.get("start_time"))
-        and _is_text(session := d.get("session_id"))
-        and _is_text(worker := d.get("worker_id"))
-        and ((command := d.get("command", 0)) is None or _is_text(command))
-        and ((usable := d.get("usable_bytes", -1)) is None or _is_size(usable))
-        and _is_time(joined := d.get("joined_at"))
-    ):
-        return OwnerRecord(key, pid, host, start, session, worker, command, usable, float(joined))
-    return _owner_checked(d)
+def _owner(r: Any) -> OwnerRecord:
+    if type(r) is list and len(r) == 9:
+        key, pid, host, start, session, worker, command, usable, joined = r
+        if (
+            type(key) is str
+            and _KEY_MATCH(key)
+            and type(pid) is int
+            and 0 <= pid <= 2**31
+            and _is_text(host)
+            and _is_text(start)
+            and _is_text(session)
+            and _is_text(worker)
+            and (command is None or _is_text(command))
+            and (usable is None or _is_size(usable))
+            and _is_time(joined)
+        ):
+            return OwnerRecord(key, pid, host, start, session, worker, command, usable, float(joined))
+    return _owner_checked(r)
 
 
-def _booking(d: Any) -> Booking:
-    if (
-        type(d) is dict
-        and _is_text(lease_id := d.get("lease_id"))
-        and type(owner := d.get("owner")) is str
-        and _KEY_MATCH(owner)
-        and _is_text(test_id := d.get("test_id"))
-        and _is_size(size := d.get("bytes"))
-        and (kind := d.get("kind")) in _KINDS
-        and _is_time(taken := d.get("taken_at"))
-    ):
-        return Booking(lease_id, owner, test_id, size, kind, float(taken))
-    return _booking_checked(d)
+def _booking(r: Any) -> Booking:
+    if type(r) is list and len(r) == 6:
+        lease_id, owner, test_id, size, kind, taken = r
+        if (
+            _is_text(lease_id)
+            and type(owner) is str
+            and _KEY_MATCH(owner)
+            and _is_text(test_id)
+            and _is_size(size)
+            and kind in _KINDS
+            and _is_time(taken)
+        ):
+            return Booking(lease_id, owner, test_id, size, kind, float(taken))
+    return _booking_checked(r)
 
 
-def _waiter(d: Any) -> Waiter:
-    if (
-        type(d) is dict
-        and _is_text(ticket := d.get("ticket"))
-        and type(owner := d.get("owner")) is str
-        and _KEY_MATCH(owner)
-        and _is_text(test_id := d.get("test_id"))
-        and _is_size(size := d.get("bytes"))
-        and _is_size(context := d.get("context_bytes"))
-        and type(count := d.get("count")) is int
-        and 1 <= count <= 4096
-        and type(exclusive := d.get("exclusive")) is bool
-        and _is_time(since := d.get("since"))
-    ):
-        return Waiter(ticket, owner, test_id, size, context, count, exclusive, float(since))
-    return _waiter_checked(d)
+def _waiter(r: Any) -> Waiter:
+    if type(r) is list and len(r) == 8:
+        ticket, owner, test_id, size, context, count, exclusive, since = r
+        if (
+            _is_text(ticket)
+            and type(owner) is str
+            and _KEY_MATCH(owner)
+            and _is_text(test_id)
+            and _is_size(size)
+            and _is_size(context)
+            and type(count) is int
+            and 1 <= count <= 4096
+            and type(exclusive) is bool
+            and _is_time(since)
+        ):
+            return Waiter(ticket, owner, test_id, size, context, count, exclusive, float(since))
+    return _waiter_checked(r)
 
 
 def _history(data: Any) -> dict[str, Any]:
@@ -365,17 +429,20 @@ def _load(data: bytes, what: str) -> dict[str, Any]:
 
 
 def parse_gpu_state(data: bytes, uuid: str) -> GpuState:
-    """The ledger of GPU ``uuid`` from a file's bytes, or :class:`Damaged`."""
-    d = _load(data, "the ledger")
+    """The ledger of GPU ``uuid`` from a file's bytes (framed), or :class:`Damaged`."""
+    try:
+        payload, generation = unframe(LEDGER_FRAME, data)
+    except BadFrame as exc:
+        raise Damaged(str(exc)) from None
+    d = _load(payload, "the ledger")
     if _text(d, "uuid") != uuid:
         raise Damaged(f"it belongs to another GPU ({str(d['uuid'])[:60]})")
-    owners_raw = _object(_get(d, "owners"), "'owners'")
     owners: dict[str, OwnerRecord] = {}
-    for key, raw in owners_raw.items():
+    for raw in _list(d, "owners"):
         owner = _owner(raw)
-        if owner.key != key:
-            raise Damaged(f"owner {key[:40]!r} is filed under another key")
-        owners[key] = owner
+        if owner.key in owners:
+            raise Damaged(f"owner {owner.key} is recorded twice")
+        owners[owner.key] = owner
     state = GpuState(
         uuid=uuid,
         name=_text(d, "name"),
@@ -384,6 +451,7 @@ def parse_gpu_state(data: bytes, uuid: str) -> GpuState:
         bookings=[_booking(b) for b in _list(d, "bookings")],
         waiters=[_waiter(w) for w in _list(d, "waiters")],
         history=[_history(h) for h in _list(d, "history")][-HISTORY_KEEP:],
+        generation=generation or 0,
     )
     for ref in [b.owner for b in state.bookings] + [w.owner for w in state.waiters]:
         if ref not in owners:
@@ -392,19 +460,21 @@ def parse_gpu_state(data: bytes, uuid: str) -> GpuState:
 
 
 def dump_gpu_state(state: GpuState) -> bytes:
-    return json.dumps(
+    """The ledger file's bytes: the state as JSON, framed with its generation."""
+    payload = json.dumps(
         {
             "version": VERSION,
             "uuid": state.uuid,
             "name": state.name,
             "total_bytes": state.total_bytes,
-            "owners": {k: o.to_dict() for k, o in state.owners.items()},
-            "bookings": [b.to_dict() for b in state.bookings],
-            "waiters": [w.to_dict() for w in state.waiters],
+            "owners": [o.to_row() for o in state.owners.values()],
+            "bookings": [b.to_row() for b in state.bookings],
+            "waiters": [w.to_row() for w in state.waiters],
             "history": state.history,
         },
         separators=(",", ":"),
     ).encode()
+    return frame(LEDGER_FRAME, payload, state.generation)
 
 
 def parse_holdings(data: bytes, key: str) -> Holdings:
@@ -431,9 +501,9 @@ def dump_holdings(holdings: Holdings) -> bytes:
     return json.dumps(
         {
             "version": VERSION,
-            "owner": holdings.owner.to_dict(),
+            "owner": holdings.owner.to_row(),
             "usable": holdings.usable,
-            "bookings": {u: [b.to_dict() for b in items] for u, items in holdings.bookings.items() if items},
+            "bookings": {u: [b.to_row() for b in items] for u, items in holdings.bookings.items() if items},
         },
         separators=(",", ":"),
     ).encode()

@@ -45,6 +45,10 @@ class LeasePlugin:
         self._waiter: WaitWatcher | None = None
         self._watch: observe.Watch | None = None
         self._enforce_said = False
+        #: Validated markers by their arguments: a module's ``pytestmark`` is the same for each of
+        #: its tests. Only good markers are kept; a bad one fails each test naming it.
+        self._needs: dict[tuple[Any, ...], GpuNeed] = {}
+        self._summary: tuple[int, int, dict[str, Any]] | None = None
 
     # -- this process's runtime -----------------------------------------------------------
 
@@ -116,7 +120,18 @@ class LeasePlugin:
         default = get_settings(self.config).default_mem
         if marker is None:
             return GpuNeed(mem=default), True
-        return need_from_marker(marker.args, dict(marker.kwargs), default, item.nodeid), takes_fixture
+        # Types count: True == 1, but mem=True is a bad marker where mem=1 is a good one.
+        key = (
+            tuple((type(a), a) for a in marker.args),
+            tuple(sorted((k, type(v), v) for k, v in marker.kwargs.items())),
+        )
+        try:
+            need = self._needs.get(key)
+        except TypeError:  # an unhashable argument: validated every time
+            return need_from_marker(marker.args, dict(marker.kwargs), default, item.nodeid), takes_fixture
+        if need is None:
+            need = self._needs[key] = need_from_marker(marker.args, dict(marker.kwargs), default, item.nodeid)
+        return need, takes_fixture
 
     def _not_run(self, item: pytest.Item, need: GpuNeed, why: str) -> None:
         """No GPU can ever serve this test: skip, run on CPU, or fail, per --gpushare-fallback."""
@@ -254,11 +269,17 @@ class LeasePlugin:
             self._waiter.start()
 
     def summary_data(self) -> dict[str, Any]:
+        """The run's summary; computed once for the terminal summary and the JSON report (both
+        run at the end of the session), again only if something was collected in between."""
+        seen = (len(self.collected), len(self.lost))
+        if self._summary is not None and self._summary[:2] == seen:
+            return self._summary[2]
         data = report.summarize(self.collected, self.lost, time.time())
         observed = [e for e in self.collected if e.get("observed")]
         records = [advice.observation_record(e["test_id"], e["observed"]) for e in observed]
         data["observed"] = advice.observed_table(records)
         data["observed_records"] = records
+        self._summary = (*seen, data)
         return data
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:

@@ -14,7 +14,8 @@ The file's content is the owner's *holdings* (what it holds on every GPU, see
 :mod:`.ledgerstate`): the source of truth from which a damaged ledger is rebuilt. Only its owner
 writes it, in place (no new inode per change: creating and renaming files is what costs on a
 journalling filesystem), framed with its length and a CRC so that a reader that catches a write
-half-way reads again, and one that cannot get a whole copy treats the holdings as unknown.
+half-way reads again, and one that cannot get a whole copy treats the holdings as unknown
+(:func:`pytest_gpushare.ledgerfs.frame`).
 
 Raw ``fcntl.flock`` rather than filelock: this lock lives as long as the process and is probed
 from outside without waiting, which filelock's acquire/release cycle does not model.
@@ -25,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import math
 import os
 import re
 import secrets
@@ -32,12 +34,11 @@ import socket
 import stat
 import threading
 import time
-import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
 from pytest_gpushare.errors import LedgerError
-from pytest_gpushare.ledgerfs import MAX_FILE_BYTES, LedgerFolder, remove_file
+from pytest_gpushare.ledgerfs import MAX_FILE_BYTES, BadFrame, LedgerFolder, frame, remove_file, unframe
 
 __all__ = [
     "KEY_RE",
@@ -51,7 +52,7 @@ __all__ = [
 ]
 
 KEY_RE = re.compile(r"^[0-9]{1,10}-[0-9a-f]{8,64}$")
-_HEADER = re.compile(rb"GPUSHARE-HOLDINGS ([0-9]{1,9}) ([0-9a-f]{8})\n")
+_HOLDINGS_FRAME = "HOLDINGS"
 #: A reader that catches the owner mid-write tries again this many times before giving up.
 _READ_TRIES = 20
 
@@ -126,10 +127,6 @@ class HoldingsUnreadable(Exception):
     """An owner's holdings could not be read whole; ``str()`` says why."""
 
 
-def _frame(payload: bytes) -> bytes:
-    return b"GPUSHARE-HOLDINGS %d %08x\n" % (len(payload), zlib.crc32(payload)) + payload
-
-
 class Liveness:
     """This process's liveness lock for one owner in one folder, held until :meth:`close`,
     carrying the owner's holdings (``payload``)."""
@@ -161,7 +158,7 @@ class Liveness:
             if self.folder.shared:
                 os.fchmod(fd, self.folder.file_mode)
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            os.pwrite(fd, _frame(self._payload), 0)
+            os.pwrite(fd, frame(_HOLDINGS_FRAME, self._payload), 0)
             os.replace(tmp, self.folder.path / live_name(self.key))
         except OSError as exc:
             os.close(fd)
@@ -174,7 +171,7 @@ class Liveness:
         """Replace the holdings in place. The file never shrinks: the frame says where they end."""
         if self._fd is None:
             raise LedgerError(f"the liveness lock of owner {self.key} was closed")
-        data = _frame(payload)
+        data = frame(_HOLDINGS_FRAME, payload)
         if len(data) > MAX_FILE_BYTES:
             raise LedgerError(f"the holdings of owner {self.key} would grow past the ledger size cap")
         try:
@@ -261,26 +258,50 @@ def _probe_fd(folder: LedgerFolder, key: str, slot: tuple[str, str]) -> int | bo
     return fd
 
 
-def probe_alive(folder: LedgerFolder, key: str) -> bool:
-    """Whether the owner ``key`` lives: its liveness lock is held by someone."""
+#: When (``time.monotonic()``) each owner was last found alive, for callers that accept an answer
+#: that old (``max_age_s``). Only "alive" is kept: a stale "alive" keeps a dead owner's bookings a
+#: little longer (the safe side); a stale "dead" would hand a live owner's memory to someone else.
+_ALIVE_AT: dict[tuple[str, str], float] = {}
+
+
+def probe_alive(folder: LedgerFolder, key: str, max_age_s: float = 0.0) -> bool:
+    """Whether the owner ``key`` lives: its liveness lock is held by someone.
+
+    With ``max_age_s``, an owner this process found alive less than that long ago is answered
+    alive without probing again.
+    """
     slot = (str(folder.path), key)
     if slot in _REGISTRY:
         # Our own owners live by definition. Probing them would also be wrong on filesystems
         # that emulate flock with record locks, which drop when any descriptor closes.
         return True
     with _PROBE_GUARD:
-        fd = _probe_fd(folder, key, slot)
-        if isinstance(fd, bool):
-            return fd
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):
-                return True
-            _drop_probe(slot)
-            raise LedgerError(f"cannot check the liveness of owner {key}: {exc.strerror}") from None
-        _drop_probe(slot)  # closing our only descriptor also lets go of the shared lock
-        return False
+        now = time.monotonic()
+        if max_age_s > 0 and now - _ALIVE_AT.get(slot, -math.inf) < max_age_s:
+            return True
+        alive = _probe(folder, key, slot)
+        if alive:
+            if len(_ALIVE_AT) >= _PROBE_CACHE_MAX:
+                _ALIVE_AT.clear()
+            _ALIVE_AT[slot] = now
+        else:
+            _ALIVE_AT.pop(slot, None)
+        return alive
+
+
+def _probe(folder: LedgerFolder, key: str, slot: tuple[str, str]) -> bool:
+    fd = _probe_fd(folder, key, slot)
+    if isinstance(fd, bool):
+        return fd
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):
+            return True
+        _drop_probe(slot)
+        raise LedgerError(f"cannot check the liveness of owner {key}: {exc.strerror}") from None
+    _drop_probe(slot)  # closing our only descriptor also lets go of the shared lock
+    return False
 
 
 def read_holdings(folder: LedgerFolder, key: str) -> bytes | None:
@@ -302,16 +323,10 @@ def read_holdings(folder: LedgerFolder, key: str) -> bytes | None:
             raise HoldingsUnreadable(str(exc)) from None
         why = "empty"
         for _ in range(_READ_TRIES):
-            data = os.pread(fd, MAX_FILE_BYTES + 1, 0)
-            match = _HEADER.match(data)
-            if match is None:
-                why = "no holdings header"
-            else:
-                size = int(match.group(1))
-                payload = data[match.end() : match.end() + size]
-                if len(payload) == size and b"%08x" % zlib.crc32(payload) == match.group(2):
-                    return payload
-                why = "holdings do not match their checksum"
+            try:
+                return unframe(_HOLDINGS_FRAME, os.pread(fd, MAX_FILE_BYTES + 1, 0))[0]
+            except BadFrame as exc:
+                why = str(exc)
             time.sleep(0.0002)  # the owner may be writing right now
         raise HoldingsUnreadable(f"{path.name}: {why}")
     finally:
@@ -344,6 +359,7 @@ def _forget_in_child() -> None:
         with contextlib.suppress(OSError):
             os.close(fd)
     _PROBE_FDS.clear()
+    _ALIVE_AT.clear()
     _PROBE_GUARD = threading.Lock()
 
 

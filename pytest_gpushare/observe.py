@@ -372,19 +372,30 @@ class Watch:
         self._leases: list[LeasedDevice] = []
         self._torch_base: dict[str, int] = {}
         self._pid = os.getpid()
+        self._measuring = False
 
     def begin(self, leases: Sequence[LeasedDevice], pid: int | None = None) -> None:
-        """Start measuring a test that holds ``leases`` (CPU leases are left out)."""
+        """Start measuring a test that holds ``leases`` (CPU leases are left out).
+
+        When no lease is on a real GPU (simulated GPUs, CPU fallback) there is nothing to
+        measure: no NVML reading, no sampling thread, no torch call, now or at :meth:`end`.
+        """
         self._leases = [lease for lease in leases if not lease.is_cpu and lease.uuid]
         measured = [lease for lease in self._leases if not getattr(lease, "simulated", False)]
+        self._measuring = bool(measured)
+        if not measured:
+            return
         self._pid = os.getpid() if pid is None else pid
         self._torch_base = torch_peak_start(lease.device for lease in measured)
         self.sampler.start([lease.uuid for lease in measured if lease.uuid], self._pid)
 
     def end(self) -> list[GpuObservation]:
         """Stop measuring, release torch's cache; one observation per leased GPU (none twice)."""
-        nvml = self.sampler.stop()
         leases, self._leases = self._leases, []
+        if not self._measuring:
+            return [_simulated(lease) for lease in leases]
+        self._measuring = False
+        nvml = self.sampler.stop()
         devs = [lease.device for lease in leases]
         torch_peaks = torch_peak_stop(devs, self._torch_base)
         if self.release_cached:  # --gpushare-framework-defaults=off keeps torch's cache
@@ -397,9 +408,7 @@ class Watch:
     def _observe(self, lease: LeasedDevice, nvml: NvmlPeak | None, torch: int | None) -> GpuObservation:
         uuid = lease.uuid or ""
         if getattr(lease, "simulated", False):
-            return GpuObservation(
-                uuid, lease.device, lease.mem, None, NOT_MEASURABLE, note="simulated GPU: nothing to measure"
-            )
+            return _simulated(lease)
         nvml_peak: int | None = None
         from_test = False
         note = None
@@ -435,3 +444,14 @@ class Watch:
             samples=nvml.samples if nvml else 0,
             note=note,
         )
+
+
+def _simulated(lease: LeasedDevice) -> GpuObservation:
+    return GpuObservation(
+        lease.uuid or "",
+        lease.device,
+        lease.mem,
+        None,
+        NOT_MEASURABLE,
+        note="simulated GPU: nothing to measure",
+    )

@@ -11,14 +11,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 sys.path.insert(0, str(BENCH))
 
 import _util  # noqa: E402
 import schedule  # noqa: E402
-import whatif  # noqa: E402
 
 RATIO_RE = re.compile(r"^ratio .+ goal (<=|>=) \S+( \S+)? (met|MISSED)$")
 
@@ -46,27 +43,41 @@ def ratio_lines(lines: list[str]) -> list[str]:
 
 
 def test_lease_cost_prints_rows_and_ratios() -> None:
-    lines = run_bench("lease_cost.py", "--what-if", "kernel-lock")
+    lines = run_bench("lease_cost.py", "--what-if", "handover")
     text = "\n".join(lines)
     assert lines[1].startswith("machine: ")
-    for row in ("flock ", "flock + JSON RMW ", "lease cycle ", "lease cycle, what-if kernel-lock "):
-        assert f"\n  {row}" in text
+    assert re.search(r"^ledger folder: .+ \(\w+\)$", text, re.M)
+    rows = (
+        "flock",
+        "flock + JSON RMW",
+        "flock + JSON RMW in place",
+        "ledger lock + JSON RMW",
+        "lease cycle",
+        "lease cycle, what-if handover",
+    )
+    for row in rows:
+        # Once for one process, once for the contending processes.
+        assert len(re.findall(rf"^  {re.escape(row)}  +\d", text, re.M)) == 2, row
+    assert re.search(r"^lease cycle / flock \+ JSON RMW in place: \d+\.\d\dx ", text, re.M)
     ratios = ratio_lines(lines)
     assert len(ratios) == 4
     assert all(RATIO_RE.match(r) for r in ratios), ratios
     assert ratios[0].startswith("ratio lease cycle / flock + JSON RMW floor (median, one process) ")
+    assert ratios[2].startswith("ratio lease cycle p99 with 4 contending processes ")
 
 
 def test_overhead_prints_rows_and_ratios() -> None:
-    lines = run_bench("overhead.py")
+    lines = run_bench("overhead.py", "--what-if", "handover")
     text = "\n".join(lines)
     assert "100 trivial tests" in text
     assert re.search(r"^  with plugin +\d+\.\d\d s", text, re.M)
+    assert re.search(r"^  what-if handover +\d+\.\d\d s", text, re.M)
     assert re.search(r"^  -p no:gpushare +\d+ ms", text, re.M)
     ratios = ratio_lines(lines)
-    assert len(ratios) == 2
-    assert ratios[0].startswith("ratio wall with plugin / without (median) ")
-    assert ratios[1].startswith("ratio start-up delta of --collect-only (median) ")
+    assert len(ratios) == 3
+    assert ratios[0].startswith("ratio wall what-if handover / without plugin ")
+    assert ratios[1].startswith("ratio wall with plugin / without (median) ")
+    assert ratios[2].startswith("ratio start-up delta of --collect-only (median) ")
     assert all(RATIO_RE.match(r) for r in ratios), ratios
 
 
@@ -119,18 +130,3 @@ def test_lower_bound_and_greedy_reference() -> None:
     assert (bound, term) == (2.0, "memory")
     assert schedule.greedy_makespan(cases, [20 * gib], workers=4) == 2.0
     assert schedule.greedy_makespan(cases, [10 * gib, 10 * gib], workers=1) == 4.0
-
-
-def test_kernel_lock_excludes_and_gives_up_at_its_deadline(tmp_path: Path) -> None:
-    first = whatif.KernelLock(tmp_path / "x.lock", 0o600)
-    second = whatif.KernelLock(tmp_path / "x.lock", 0o600)
-    first.acquire(1.0)
-    with pytest.raises(whatif.ledgerfs.Timeout):
-        second.acquire(0.05)
-    first.release()
-    second.acquire(5.0)  # the abandoned wait must not hold the lock, nor the released one block
-    with pytest.raises(whatif.ledgerfs.Timeout):
-        first.acquire(0.05)
-    second.release()
-    first.acquire(5.0)
-    first.release()

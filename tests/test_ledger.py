@@ -21,6 +21,8 @@ import pytest
 from pytest_gpushare.admission import Fit, evaluate, never_fits, place
 from pytest_gpushare.errors import LeaseTimeout, LedgerError, NeverFits
 from pytest_gpushare.ledger import (
+    ALIVE_MAX_AGE_S,
+    FULL_CHECK_S,
     Ledger,
     LedgerGpu,
     Need,
@@ -32,9 +34,19 @@ from pytest_gpushare.ledger import (
     waiting_lines,
 )
 from pytest_gpushare.ledgeraccess import lock_name
-from pytest_gpushare.ledgerfs import KEEP_DAMAGED, MAX_FILE_BYTES, open_ledger_folder, write_file
+from pytest_gpushare.ledgerfs import (
+    KEEP_DAMAGED,
+    MAX_FILE_BYTES,
+    frame,
+    open_ledger_folder,
+    read_settled,
+    unframe,
+    write_file,
+)
 from pytest_gpushare.ledgerstate import (
+    BOOKING_FIELDS,
     CONTEXT,
+    LEDGER_FRAME,
     TEST,
     Booking,
     GpuState,
@@ -59,7 +71,11 @@ def need(size: float = 1, **kw: Any) -> Need:
 
 
 def state_of(folder: Path, uuid: str = "GPU-0") -> GpuState:
-    return parse_gpu_state((folder / ledger_name(uuid)).read_bytes(), uuid)
+    """The GPU's ledger as a reader without the lock sees it (one that catches a write in place
+    half-way reads again)."""
+    data = read_settled(open_ledger_folder(folder, create=False), ledger_name(uuid), LEDGER_FRAME)
+    assert data is not None, f"no ledger for {uuid}"
+    return parse_gpu_state(data, uuid)
 
 
 def leases_in(folder: Path, uuid: str = "GPU-0") -> list[Booking]:
@@ -410,6 +426,36 @@ def test_a_planted_link_cannot_fake_a_live_owner(folder: Path, make: Callable[..
     assert not probe_alive(open_ledger_folder(folder), fake)
 
 
+def test_an_alive_verdict_is_trusted_briefly_and_a_dead_one_never(
+    folder: Path, spawn: Callable[..., Spawned]
+) -> None:
+    other = spawn("hold", hold_cfg(folder, 1))
+    key = other.event()["key"]
+    checked = open_ledger_folder(folder)
+    assert probe_alive(checked, key, max_age_s=60)
+    other.kill()
+    # A caller that accepts an answer a minute old gets the last one: alive (the safe side).
+    assert probe_alive(checked, key, max_age_s=60)
+    # A caller that wants a fresh answer probes, finds it dead, and "dead" is never kept.
+    assert not probe_alive(checked, key)
+    assert not probe_alive(checked, key, max_age_s=60)
+
+
+def test_a_killed_holder_is_reclaimed_within_the_age_of_alive_verdicts(
+    folder: Path, make: Callable[..., Ledger], spawn: Callable[..., Spawned]
+) -> None:
+    ledger = make()
+    other = spawn("hold", hold_cfg(folder, 8))
+    assert other.event()["event"] == "held"
+    with pytest.raises(LeaseTimeout):
+        ledger.acquire(need(4), "mine", 0.05)  # this process has just found the holder alive
+    other.kill()
+    killed = time.monotonic()
+    assert ledger.acquire(need(4), "mine", 10).parts == (("GPU-0", 4 * GiB),)
+    # Waiters look again at least every FULL_CHECK_S; the verdict is trusted ALIVE_MAX_AGE_S.
+    assert time.monotonic() - killed < ALIVE_MAX_AGE_S + FULL_CHECK_S + 5
+
+
 def test_a_closed_ledger_refuses_work(make: Callable[..., Ledger]) -> None:
     ledger = make()
     ledger.close()
@@ -453,7 +499,7 @@ def test_holdings_are_read_whole_or_not_at_all(folder: Path, make: Callable[...,
     with open(path, "r+b") as f:  # a write caught half-way: the checksum no longer matches
         f.seek(len(whole) - 5)
         f.write(b"XXXXX")
-    with pytest.raises(HoldingsUnreadable, match="do not match their checksum"):
+    with pytest.raises(HoldingsUnreadable, match="does not match its checksum"):
         read_holdings(checked, ledger.owner.key)
     assert read_holdings(checked, "1-0123456789abcdef") is None
 
@@ -778,34 +824,62 @@ def test_place_and_never_fits_are_pure() -> None:
 
 
 def valid_ledger(folder: Path) -> bytes:
-    return (folder / ledger_name("GPU-0")).read_bytes()
+    """The JSON document of GPU-0's ledger, without its header line."""
+    return unframe(LEDGER_FRAME, (folder / ledger_name("GPU-0")).read_bytes())[0]
+
+
+def framed(payload: bytes) -> bytes:
+    return frame(LEDGER_FRAME, payload, 7)
 
 
 def mutate(data: bytes, change: Callable[[dict[str, Any]], None]) -> bytes:
+    """The document changed, framed again (a well-formed file whose content is wrong)."""
     parsed = json.loads(data)
     change(parsed)
-    return json.dumps(parsed).encode()
+    return framed(json.dumps(parsed).encode())
+
+
+def first_booking(field: str, value: Any) -> Callable[[bytes], bytes]:
+    """The first booking's ``field`` set to ``value`` (bookings are rows of BOOKING_FIELDS)."""
+
+    def change(d: dict[str, Any]) -> None:
+        d["bookings"][0][BOOKING_FIELDS.index(field)] = value
+
+    return lambda data: mutate(data, change)
+
+
+def torn(data: bytes) -> bytes:
+    """A rewrite in place cut short: the new header, the start of the new document, then the
+    end of the old one."""
+    old, new = framed(data), framed(data.replace(b'"kept::test"', b'"kept::test, renamed"'))
+    return new[: len(new) // 2] + old[len(new) // 2 :]
 
 
 DAMAGE: dict[str, Callable[[bytes], bytes]] = {
     "garbage": lambda data: b"\x00\xffthis is not json",
     "empty": lambda data: b"",
-    "truncated": lambda data: data[: len(data) // 2],
-    "not an object": lambda data: b"[1, 2, 3]",
-    "bytes as text": lambda data: mutate(data, lambda d: d["bookings"][0].update(bytes="6GiB")),
-    "negative bytes": lambda data: mutate(data, lambda d: d["bookings"][0].update(bytes=-1)),
-    "bool bytes": lambda data: mutate(data, lambda d: d["bookings"][0].update(bytes=True)),
-    "absurd bytes": lambda data: mutate(data, lambda d: d["bookings"][0].update(bytes=10**30)),
-    "nan time": lambda data: data.replace(b'"taken_at":', b'"taken_at":NaN,"x":', 1),
-    "owners as list": lambda data: mutate(data, lambda d: d.update(owners=[])),
+    "truncated": lambda data: framed(data)[: len(data) // 2],
+    "torn write": torn,
+    "no header": lambda data: data,
+    "not json": lambda data: framed(b"\x00\xffthis is not json"),
+    "not an object": lambda data: framed(b"[1, 2, 3]"),
+    "bytes as text": first_booking("bytes", "6GiB"),
+    "negative bytes": first_booking("bytes", -1),
+    "bool bytes": first_booking("bytes", True),
+    "absurd bytes": first_booking("bytes", 10**30),
+    "nan time": first_booking("taken_at", float("nan")),
+    "short row": lambda data: mutate(data, lambda d: d["bookings"][0].pop()),
+    "booking as object": lambda data: mutate(data, lambda d: d["bookings"].append({"bytes": 1})),
+    "owners as object": lambda data: mutate(data, lambda d: d.update(owners={})),
+    "owner twice": lambda data: mutate(data, lambda d: d["owners"].append(d["owners"][0])),
     "missing waiters": lambda data: mutate(data, lambda d: d.pop("waiters")),
-    "unknown kind": lambda data: mutate(data, lambda d: d["bookings"][0].update(kind="gift")),
+    "unknown kind": first_booking("kind", "gift"),
     "dangling owner": lambda data: mutate(data, lambda d: d["owners"].clear()),
-    "path in a key": lambda data: mutate(data, lambda d: d["bookings"][0].update(owner="../../etc")),
+    "path in a key": first_booking("owner", "../../etc"),
     "other gpu": lambda data: mutate(data, lambda d: d.update(uuid="GPU-9")),
     "future version": lambda data: mutate(data, lambda d: d.update(version=99)),
-    "huge": lambda data: data + b" " * MAX_FILE_BYTES,
-    "deep nesting": lambda data: b"[" * 100_000 + b"]" * 100_000,
+    "huge": lambda data: framed(data) + b" " * MAX_FILE_BYTES,
+    "deep nesting": lambda data: framed(b"[" * 100_000 + b"]" * 100_000),
 }
 
 
@@ -862,7 +936,7 @@ def test_unreadable_holdings_of_a_live_owner_block_the_gpu_until_it_speaks(
     holder.snapshot()
     assert any("lacked 1 booking(s)" in line for line in lines)
     holdings = read_holdings(open_ledger_folder(folder), holder.owner.key)
-    assert holdings is not None and json.loads(holdings)["bookings"]["GPU-0"][0]["test_id"] == "kept::test"
+    assert holdings is not None and json.loads(holdings)["bookings"]["GPU-0"][0][2] == "kept::test"
     assert ledger.acquire(need(4), "t", 1)
     with pytest.raises(LeaseTimeout):
         ledger.acquire(need(1), "t2", 0.1)
@@ -952,7 +1026,7 @@ def test_status_reclaims_and_reports_in_json(
 def test_status_rebuilds_a_damaged_ledger_from_live_owners(folder: Path, make: Callable[..., Ledger]) -> None:
     holder = make(session="live")
     holder.acquire(need(3), "kept::test", 1)
-    (folder / ledger_name("GPU-0")).write_bytes(b"{broken")
+    (folder / ledger_name("GPU-0")).write_bytes(frame(LEDGER_FRAME, b"{broken", 3))
     status = read_status(folder)
     (repair,) = status["repaired"]
     assert repair["reason"].startswith("not JSON") and repair["moved_to"]

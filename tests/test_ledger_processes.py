@@ -25,7 +25,8 @@ import pytest
 
 from pytest_gpushare.admission import LedgerGpu
 from pytest_gpushare.ledger import FULL_CHECK_S, Ledger, Need, Owner, ledger_name, read_status
-from pytest_gpushare.ledgerstate import TEST, parse_gpu_state
+from pytest_gpushare.ledgerfs import open_ledger_folder, read_settled
+from pytest_gpushare.ledgerstate import LEDGER_FRAME, TEST, GpuState, parse_gpu_state
 from pytest_gpushare.units import GiB, MemRequest, MiB
 
 WORKER = Path(__file__).parent / "ledger_workers" / "worker.py"
@@ -95,8 +96,16 @@ def gpu_dict(n: int, total: int, usable: int) -> dict[str, Any]:
     }
 
 
+def raw_state(folder: Path, uuid: str) -> GpuState:
+    """The GPU's ledger read without the lock while others may rewrite it in place (a torn read is
+    read again)."""
+    data = read_settled(open_ledger_folder(folder, create=False), ledger_name(uuid), LEDGER_FRAME)
+    assert data is not None, f"no ledger for {uuid}"
+    return parse_gpu_state(data, uuid)
+
+
 def raw_states(folder: Path, uuids: list[str]) -> dict[str, Any]:
-    return {u: parse_gpu_state((folder / ledger_name(u)).read_bytes(), u) for u in uuids}
+    return {u: raw_state(folder, u) for u in uuids}
 
 
 def assert_owner_gone(folder: Path, uuids: list[str], key: str) -> None:
@@ -422,10 +431,6 @@ def test_two_accounts_share_a_group_folder(
             mine.release(held)
         finally:
             mine.close()
-        assert not [
-            b
-            for b in parse_gpu_state((shared / ledger_name("GPU-0")).read_bytes(), "GPU-0").bookings
-            if b.kind == TEST
-        ]
+        assert not [b for b in raw_state(shared, "GPU-0").bookings if b.kind == TEST]
     finally:
         shutil.rmtree(base)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import inspect
 import os
@@ -18,7 +19,7 @@ from fake_pynvml import NVML_ERROR_GPU_IS_LOST, NVML_ERROR_LIBRARY_NOT_FOUND, Fa
 from fake_torch import FakeLease, install_fake_torch
 
 from pytest_gpushare import devices, nvml
-from pytest_gpushare.advice import NOT_MEASURABLE, observation_record
+from pytest_gpushare.advice import NOT_MEASURABLE, GpuObservation, observation_record
 from pytest_gpushare.devices import GpuProcess, NvmlProbe
 from pytest_gpushare.errors import GpuShareError, SettingError
 from pytest_gpushare.nvml import process_usage
@@ -489,6 +490,37 @@ def test_simulated_and_cpu_leases(box: Callable[..., FakeNvml]) -> None:
     assert (obs.uuid, obs.source, obs.peak_bytes) == (B, NOT_MEASURABLE, None)
     assert "simulated" in (obs.note or "")
     assert fake.process_reads == 0
+
+
+def test_simulated_and_cpu_leases_are_not_measured_at_all(
+    box: Callable[..., FakeNvml], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fast path for trivial tests: no NVML reading, no sampling thread, no torch call."""
+    fake = box([FakeGpu(A)])
+    torch = install_fake_torch(monkeypatch)
+    torch.allocate("cuda:0", GiB)
+    watch = Watch(sampler=Sampler(0.001, detect_platform=False))
+    threads = threading.active_count()
+    watch.begin([FakeLease(device="cpu", uuid=B, simulated=True)])
+    assert not watch.sampler.running and threading.active_count() == threads
+    (obs,) = watch.end()
+    assert (obs.uuid, obs.declared_bytes, obs.source) == (B, FakeLease().mem, NOT_MEASURABLE)
+    assert obs.note == "simulated GPU: nothing to measure"
+    assert fake.process_reads == 0
+    assert torch.calls == []  # not even empty_cache: the test had no CUDA device
+    watch.begin([FakeLease(device="cpu", uuid=None, mem=0, is_cpu=True)])
+    assert watch.end() == []
+    # A real lease after them is measured as before.
+    watch.begin([FakeLease()])
+    assert watch.sampler.running
+    watch.end()
+    assert fake.process_reads > 0 and ("empty_cache", None) in torch.calls
+
+
+def test_an_observation_dict_is_what_asdict_gives() -> None:
+    obs = GpuObservation(A, "cuda:0", GiB, 2 * GiB, "nvml", 2 * GiB, GiB, 300 * MiB, 300 * MiB, True, 4, "n")
+    assert obs.to_dict() == dataclasses.asdict(obs)
+    assert GpuObservation.from_dict(obs.to_dict()) == obs
 
 
 def test_release_cached_empties_torchs_cache(monkeypatch: pytest.MonkeyPatch) -> None:

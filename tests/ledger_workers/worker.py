@@ -17,8 +17,8 @@ from typing import Any
 from pytest_gpushare.errors import LeaseTimeout
 from pytest_gpushare.ledger import Ledger, LedgerGpu, Need, Owner
 from pytest_gpushare.ledgeraccess import lock_name
-from pytest_gpushare.ledgerfs import locked, open_ledger_folder, read_file
-from pytest_gpushare.ledgerstate import UNKNOWN, Damaged, parse_gpu_state
+from pytest_gpushare.ledgerfs import locked, open_ledger_folder, read_file, read_settled
+from pytest_gpushare.ledgerstate import LEDGER_FRAME, UNKNOWN, Damaged, parse_gpu_state
 from pytest_gpushare.units import MemRequest
 
 
@@ -153,7 +153,8 @@ def role_stress(cfg: dict[str, Any]) -> None:
 
 
 def role_audit(cfg: dict[str, Any]) -> None:
-    """Read every ledger continuously, without the lock and under it, until the stop file shows."""
+    """Read every ledger continuously, without the lock (retrying torn reads) and under it, until
+    the stop file shows."""
     folder = open_ledger_folder(cfg["folder"], create=False)
     uuids = [g["uuid"] for g in cfg["gpus"]]
     report: dict[str, Any] = {"reads": 0, "locked_reads": 0, "unreadable": [], "over": [], "peak": {}}
@@ -168,7 +169,9 @@ def role_audit(cfg: dict[str, Any]) -> None:
                         data = read_file(folder, name)
                     report["locked_reads"] += 1
                 else:
-                    data = read_file(folder, name)
+                    # Ledgers are rewritten in place: a read without the lock that catches a
+                    # write half-way reads again.
+                    data = read_settled(folder, name, LEDGER_FRAME)
                 report["reads"] += 1
                 if data is None:
                     continue
