@@ -466,3 +466,18 @@ def test_status_json_into_a_closed_pipe_ends_quietly(tmp_path: Path) -> None:
     err = proc.stderr.read()
     assert proc.wait(timeout=60) == 1
     assert "Traceback" not in err and "BrokenPipe" not in err
+
+
+def test_marker_validation_is_per_marker_even_when_cached(
+    pytester: pytest.Pytester, env: dict[str, str]
+) -> None:
+    # 1 == True in Python: a per-process cache of validated markers must still tell them apart.
+    pytester.makepyfile(
+        "import pytest\n"
+        "@pytest.mark.gpu(mem=1)\ndef test_one_byte(gpu): assert gpu.mem == 1\n"
+        "@pytest.mark.gpu(mem=True)\ndef test_bool(gpu): pass\n"
+        "@pytest.mark.gpu(mem=1)\ndef test_one_byte_again(gpu): assert gpu.mem == 1\n"
+    )
+    result = run(pytester, "--gpushare-simulate=8GiB")
+    result.assert_outcomes(passed=2, errors=1)
+    result.stdout.fnmatch_lines(["*the marker on *::test_bool: not a size: True*"])
