@@ -13,7 +13,7 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import pytest
 
@@ -73,10 +73,10 @@ class GpuNeed:
 
 
 def need_from_marker(
-    args: Sequence[Any], kwargs: dict[str, Any], default_mem: MemRequest, where: str
+    args: Sequence[Any], kwargs: dict[str, Any], default_mem: MemRequest, source: str
 ) -> GpuNeed:
-    """Validate ``@pytest.mark.gpu(...)``; a bad marker is a SettingError naming the test."""
-    source = f"the marker on {where}"
+    """Validate ``@pytest.mark.gpu(...)`` or ``lease(...)`` arguments; a bad one is a SettingError
+    whose message starts with ``source`` (``the marker on tests/test_x.py::test_y``)."""
     unknown = sorted(set(kwargs) - set(_KNOWN_KWARGS))
     if unknown:
         raise SettingError(f"{source}: unknown keyword {unknown[0]!r} (use mem=, count=, exclusive=)")
@@ -246,13 +246,23 @@ class Runtime:
                 self.log.append(f"{name} in {impl.plugin_name} raised {type(exc).__name__}: {exc} (ignored)")
 
 
-_ACTIVE: list[Runtime] = []
+class RuntimeProvider(Protocol):
+    """What makes this process's :class:`Runtime` on first use (the session's lease plugin)."""
+
+    @property
+    def runtime(self) -> Runtime: ...
+
+
+#: The providers of the sessions active in this process (pytester can nest one in another).
+_ACTIVE: list[RuntimeProvider] = []
 
 
 def active_runtime() -> Runtime:
+    """This process's runtime, made on first use: a ``lease()`` in a fixture may come before
+    any GPU test of the session."""
     if not _ACTIVE:
         raise GpuShareError("pytest_gpushare.lease() needs a pytest session with pytest-gpushare active")
-    return _ACTIVE[-1]
+    return _ACTIVE[-1].runtime
 
 
 @contextmanager
@@ -268,7 +278,12 @@ def lease(
     """
     rt = active_runtime()
     label = name or os.environ.get("PYTEST_CURRENT_TEST", "").rsplit(" ", 1)[0] or "lease()"
-    need = need_from_marker((), {"mem": mem, "count": count, "exclusive": exclusive}, rt.default_mem, label)
+    need = need_from_marker(
+        (),
+        {"mem": mem, "count": count, "exclusive": exclusive},
+        rt.default_mem,
+        f"pytest_gpushare.lease() of {label}",
+    )
     if not rt.plan.gpus:
         raise NeverFits("pytest_gpushare.lease(): no GPU on this box")
     grant = rt.acquire(need, f"{label} [lease()]", anywhere=True, block=True)

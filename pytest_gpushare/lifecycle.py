@@ -48,6 +48,7 @@ class LeasePlugin:
         #: Validated markers by their arguments: a module's ``pytestmark`` is the same for each of
         #: its tests. Only good markers are kept; a bad one fails each test naming it.
         self._needs: dict[tuple[Any, ...], GpuNeed] = {}
+        _ACTIVE.append(self)
         self._summary: tuple[int, int, dict[str, Any]] | None = None
 
     # -- this process's runtime -----------------------------------------------------------
@@ -71,7 +72,6 @@ class LeasePlugin:
                 default_mem=s.default_mem,
                 hook=config.hook,
             )
-            _ACTIVE.append(self._runtime)
         return self._runtime
 
     @property
@@ -106,8 +106,8 @@ class LeasePlugin:
             self._waiter.stop()
         if self._runtime is not None:
             self._runtime.close()
-            if self._runtime in _ACTIVE:
-                _ACTIVE.remove(self._runtime)
+        if self in _ACTIVE:
+            _ACTIVE.remove(self)
 
     # -- per test -------------------------------------------------------------------------
 
@@ -125,12 +125,13 @@ class LeasePlugin:
             tuple((type(a), a) for a in marker.args),
             tuple(sorted((k, type(v), v) for k, v in marker.kwargs.items())),
         )
+        source = f"the marker on {item.nodeid}"
         try:
             need = self._needs.get(key)
         except TypeError:  # an unhashable argument: validated every time
-            return need_from_marker(marker.args, dict(marker.kwargs), default, item.nodeid), takes_fixture
+            return need_from_marker(marker.args, dict(marker.kwargs), default, source), takes_fixture
         if need is None:
-            need = self._needs[key] = need_from_marker(marker.args, dict(marker.kwargs), default, item.nodeid)
+            need = self._needs[key] = need_from_marker(marker.args, dict(marker.kwargs), default, source)
         return need, takes_fixture
 
     def _not_run(self, item: pytest.Item, need: GpuNeed, why: str) -> None:

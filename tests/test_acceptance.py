@@ -481,3 +481,47 @@ def test_marker_validation_is_per_marker_even_when_cached(
     result = run(pytester, "--gpushare-simulate=8GiB")
     result.assert_outcomes(passed=2, errors=1)
     result.stdout.fnmatch_lines(["*the marker on *::test_bool: not a size: True*"])
+
+
+def test_bad_lease_arguments_name_the_lease(pytester: pytest.Pytester, env: dict[str, str]) -> None:
+    pytester.makepyfile(
+        """
+        import pytest
+        import pytest_gpushare
+
+        @pytest.fixture(scope="module")
+        def model():
+            with pytest_gpushare.lease(mem="-1GiB", name="the model") as gpus:
+                yield gpus[0]
+
+        def test_uses(model):
+            pass
+        """
+    )
+    result = run(pytester, "--gpushare-simulate=8GiB")
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(
+        ["*pytest_gpushare.lease() of the model: a size cannot be negative: '-1GiB'*"]
+    )
+
+
+def test_lease_in_a_fixture_before_any_gpu_test(pytester: pytest.Pytester, env: dict[str, str]) -> None:
+    # The session's first lease comes from a fixture of a test that is not a GPU test itself.
+    pytester.makepyfile(
+        """
+        import pytest
+        import pytest_gpushare
+
+        @pytest.fixture(scope="module")
+        def model():
+            with pytest_gpushare.lease(mem="2GiB", name="the model") as gpus:
+                yield gpus[0]
+
+        def test_uses(model):
+            assert model.mem == 2 * 2**30
+        """
+    )
+    result = run(pytester, "--gpushare-simulate=8GiB", "--gpushare-report=report.json")
+    result.assert_outcomes(passed=1)
+    leases = json.loads((pytester.path / "report.json").read_text())["leases"]
+    assert [x["test_id"] for x in leases] == ["the model [lease()]"]
