@@ -56,9 +56,6 @@ from pathlib import Path
 from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
-import requests
-from urllib3.exceptions import ReadTimeoutError
-
 from pytest_gpushare.devices import Gpu
 from pytest_gpushare.errors import SettingError
 from pytest_gpushare.units import MiB, TiB, format_size
@@ -300,6 +297,9 @@ def _causes(exc: BaseException) -> list[BaseException]:
 
 
 def _exception_problem(exc: BaseException, timeout: float, *, body: bool) -> str:
+    import requests
+    from urllib3.exceptions import ReadTimeoutError
+
     causes = _causes(exc)
     if any(isinstance(c, ConnectionRefusedError) for c in causes):
         return "connection refused"
@@ -319,6 +319,10 @@ def _exception_problem(exc: BaseException, timeout: float, *, body: bool) -> str
 
 def _fetch(url: str, timeout: float, deadline: float) -> bytes | str:
     """The body of a 200 answer to ``GET url``, or a one-line problem. Never raises."""
+    # Imported here: requests is a third of the plugin's import time, and --help, --markers,
+    # --gpushare-ollama=off and gpushare status never ask Ollama.
+    import requests
+
     session = requests.Session()
     # trust_env=False drops every proxy variable (and .netrc): loopback never goes through a
     # proxy, as with Ollama's Go client. Other hosts keep requests' usual environment rules.
