@@ -16,7 +16,7 @@ is available for all of them: they wait for the lock, never for memory):
   frames it (read, check the frame, parse, add a booking, dump, frame, ``pwrite``): the least one
   update of the ledger as it is now written can cost;
 * ``ledger lock + JSON RMW``: the atomic read-modify-replace under the ledger's own lock
-  (:func:`pytest_gpushare.ledgerfs.locked`: filelock for a free lock, a kernel wait for a busy one);
+  (:func:`pytest_gpushare.ledger.folder.locked`: filelock for a free lock, a kernel wait for a busy one);
 * ``lease cycle``: :meth:`Ledger.acquire` + :meth:`Ledger.release` of 64MiB on a simulated 24GiB
   GPU. A cycle updates the ledger twice (the grant and the release).
 
@@ -50,9 +50,9 @@ from typing import Any
 from _util import Ratio, machine, median, ms, print_ratios, quantile, table
 from filelock import FileLock
 
-from pytest_gpushare.ledger import Ledger, LedgerGpu, Need, Owner
-from pytest_gpushare.ledgerfs import frame, locked, open_ledger_folder, unframe
-from pytest_gpushare.ledgerstate import LEDGER_FRAME
+from pytest_gpushare.ledger.folder import frame, locked, open_ledger_folder, unframe
+from pytest_gpushare.ledger.handle import Ledger, LedgerGpu, Need, Owner
+from pytest_gpushare.ledger.records import LEDGER_FRAME
 from pytest_gpushare.units import GiB, MemRequest, MiB
 
 UUID = "GPU-bench-lease-cost"

@@ -27,7 +27,7 @@ box: the tests sleep, so 2 real cores carry 16 workers. CUDA context bookings ar
 running pays the same context per worker, so the bound's "usable" is all the tests'.
 
 Checked, not assumed: while the plugin runs, an auditor process reads every ledger with
-``pytest_gpushare.ledger.read_status`` every 20 ms, and every test reads them at its start (its
+``pytest_gpushare.ledger.handle.read_status`` every 20 ms, and every test reads them at its start (its
 lease is then in the ledger); the peak leased memory seen must never exceed usable.
 
 Goals (issue 7): makespan at most 1.15x the lower bound max(sum mem*time / usable,
@@ -52,7 +52,7 @@ from typing import Any
 
 from _util import Ratio, clean_env, machine, print_ratios, pytest_cmd, require_ok, run, table
 
-from pytest_gpushare.devices import SimulatedProbe
+from pytest_gpushare.gpus import SimulatedProbe
 from pytest_gpushare.planner import Budget, make_plan, reservations_from_sizes
 from pytest_gpushare.units import GiB, MiB, format_size, parse_per_gpu_sizes
 
@@ -147,7 +147,7 @@ PLUGIN_CONFTEST = (
     RECORD_FIXTURE
     + """
 
-from pytest_gpushare.ledger import read_status
+from pytest_gpushare.ledger.handle import read_status
 
 
 def gpu_index(gpu):
@@ -236,7 +236,7 @@ def write_suite(folder: Path, cases: Sequence[Case], conftest: str) -> None:
 
 
 def _audit(folder: str, stop: Any, out: Any) -> None:
-    from pytest_gpushare.ledger import read_status
+    from pytest_gpushare.ledger.handle import read_status
 
     peaks: dict[str, int] = {}
     limits: dict[str, int] = {}

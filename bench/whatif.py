@@ -1,6 +1,6 @@
 """What-if patches: measure a proposed change to the ledger before anyone makes it.
 
-Not part of the plugin. Each patch replaces one piece of :mod:`pytest_gpushare.ledger` in the
+Not part of the plugin. Each patch replaces one piece of :mod:`pytest_gpushare.ledger.handle` in the
 running process, so a benchmark can show what the change would buy. Call :func:`install`, or
 load this module as a pytest plugin (``-p whatif`` with ``bench/`` on ``PYTHONPATH``) with
 ``BENCH_WHATIF=name[,name]`` in the environment. Importing it changes nothing.
@@ -22,10 +22,10 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
-from pytest_gpushare import ledger as _ledger
-from pytest_gpushare import ledgerfs
 from pytest_gpushare.errors import LedgerError
-from pytest_gpushare.ledgerstate import LEDGER_FRAME, Damaged, parse_gpu_state
+from pytest_gpushare.ledger import folder as ledgerfs
+from pytest_gpushare.ledger import handle as _ledger
+from pytest_gpushare.ledger.records import LEDGER_FRAME, Damaged, parse_gpu_state
 
 ENV = "BENCH_WHATIF"
 PARK_S = 0.05

@@ -15,7 +15,7 @@ fi
 sim=()
 if ! .venv/bin/python - <<'PY'
 import sys
-from pytest_gpushare.devices import NvmlProbe
+from pytest_gpushare.gpus.nvml import NvmlProbe
 sys.exit(0 if NvmlProbe().probe().gpus else 1)
 PY
 then

@@ -1,15 +1,41 @@
-"""pytest-gpushare: VRAM-aware ``-n auto`` and per-GPU memory leases for shared GPU boxes."""
+"""pytest-gpushare: VRAM-aware ``-n auto`` and per-GPU memory leases for shared GPU boxes.
+
+The public names are imported on first use (PEP 562), so importing a pure module such as
+``pytest_gpushare.units`` loads no pytest, filelock, requests, pynvml or ledger code.
+"""
 
 from __future__ import annotations
 
-from pytest_gpushare.errors import GpuShareError, LeaseTimeout, LedgerError, NeverFits, SettingError
-from pytest_gpushare.fixtures import GpuLease, lease
-from pytest_gpushare.planner import Reservation
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
+if TYPE_CHECKING:
+    from pytest_gpushare.errors import GpuShareError, LeaseTimeout, LedgerError, NeverFits, SettingError
+    from pytest_gpushare.fixtures import GpuLease, lease
+    from pytest_gpushare.gpus.model import Gpu, GpuInventory, GpuProcess
+    from pytest_gpushare.planner import Reservation
+
+#: public name -> the module that defines it
+_HOMES = {
+    "Gpu": "pytest_gpushare.gpus.model",
+    "GpuInventory": "pytest_gpushare.gpus.model",
+    "GpuLease": "pytest_gpushare.fixtures",
+    "GpuProcess": "pytest_gpushare.gpus.model",
+    "GpuShareError": "pytest_gpushare.errors",
+    "LeaseTimeout": "pytest_gpushare.errors",
+    "LedgerError": "pytest_gpushare.errors",
+    "NeverFits": "pytest_gpushare.errors",
+    "Reservation": "pytest_gpushare.planner",
+    "SettingError": "pytest_gpushare.errors",
+    "lease": "pytest_gpushare.fixtures",
+}
+
 __all__ = [
+    "Gpu",
+    "GpuInventory",
     "GpuLease",
+    "GpuProcess",
     "GpuShareError",
     "LeaseTimeout",
     "LedgerError",
@@ -19,3 +45,18 @@ __all__ = [
     "__version__",
     "lease",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(home), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_HOMES})

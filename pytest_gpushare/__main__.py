@@ -4,6 +4,6 @@ from __future__ import annotations
 
 import sys
 
-from pytest_gpushare.cli import entry
+from pytest_gpushare.commands import entry
 
 sys.exit(entry())

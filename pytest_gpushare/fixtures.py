@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 import pytest
 
-from pytest_gpushare.admission import ledger_gpus
+from pytest_gpushare.credits import nvml_refresh
 from pytest_gpushare.errors import GpuShareError, NeverFits, SettingError
 from pytest_gpushare.ledger import (
     Lease,
@@ -25,11 +25,11 @@ from pytest_gpushare.ledger import (
     Need,
     Owner,
     default_ledger_dir,
+    ledger_gpus,
     prepare_ledger_dir,
 )
 from pytest_gpushare.planner import Plan
 from pytest_gpushare.units import MemRequest, parse_mem
-from pytest_gpushare.usage import nvml_refresh
 
 __all__ = ["GpuLease", "Runtime", "lease", "need_from_marker"]
 

@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING
 import pytest
 
 if TYPE_CHECKING:
-    from pytest_gpushare.devices import Gpu, GpuInventory
     from pytest_gpushare.fixtures import GpuLease
+    from pytest_gpushare.gpus.model import Gpu, GpuInventory
     from pytest_gpushare.planner import Reservation
 
 
@@ -29,7 +29,7 @@ def pytest_gpushare_probe(config: pytest.Config) -> GpuInventory | None:
     """Return the GPUs of this box, or None to let the next implementation answer.
 
     :param config: the pytest config.
-    :returns: a :class:`pytest_gpushare.devices.GpuInventory`; ``firstresult``: the first
+    :returns: a :class:`pytest_gpushare.gpus.model.GpuInventory`; ``firstresult``: the first
         implementation that returns something other than None wins.
 
     Called once per session in the controller. The plugin's own implementations are

@@ -17,7 +17,8 @@ from typing import Any
 
 import pytest
 
-from pytest_gpushare import advice, observe, report
+from pytest_gpushare import observations as advice
+from pytest_gpushare import observe, report
 from pytest_gpushare.enforce import Enforcement, annotate_oom, enforce
 from pytest_gpushare.errors import GpuShareError, LeaseTimeout, NeverFits, SettingError
 from pytest_gpushare.fixtures import _ACTIVE, GpuLease, GpuNeed, Grant, Runtime, need_from_marker

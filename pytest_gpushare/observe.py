@@ -1,12 +1,12 @@
 """What a GPU test really uses: NVML's per-process figures and PyTorch's allocator.
 
 - :class:`Sampler` reads this process's memory on the leased GPUs from NVML's per-process list
-  (:func:`pytest_gpushare.nvml.process_usage`): once when the test starts, from a light
+  (:func:`pytest_gpushare.gpus.nvml.process_usage`): once when the test starts, from a light
   daemon thread every ``interval_s`` while it runs, once when it ends.
 - :class:`Watch` is one process's observer around each GPU test: the sampler, PyTorch's own
   peak where the test's process already uses torch, the CUDA context kept apart from the test,
   the allocator's cache released after the test. It yields one
-  :class:`~pytest_gpushare.advice.GpuObservation` per GPU; ``advice`` says what they mean.
+  :class:`~pytest_gpushare.observations.GpuObservation` per GPU; ``advice`` says what they mean.
 
 Nothing here imports pytest or torch, and nothing initialises CUDA: a torch call is made only
 when ``torch`` is already in ``sys.modules`` and ``torch.cuda.is_initialized()``.
@@ -23,9 +23,9 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, NamedTuple, Protocol
 
-from pytest_gpushare import nvml
-from pytest_gpushare.advice import NOT_MEASURABLE, GpuObservation
 from pytest_gpushare.errors import SettingError
+from pytest_gpushare.gpus import nvml
+from pytest_gpushare.observations import NOT_MEASURABLE, GpuObservation
 
 __all__ = [
     "DEFAULT_INTERVAL_S",

@@ -56,8 +56,8 @@ from pathlib import Path
 from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
-from pytest_gpushare.devices import Gpu
 from pytest_gpushare.errors import SettingError
+from pytest_gpushare.gpus.model import Gpu
 from pytest_gpushare.units import MiB, TiB, format_size
 
 __all__ = [

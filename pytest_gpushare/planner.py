@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from pytest_gpushare.devices import Gpu, GpuInventory
+from pytest_gpushare.gpus.model import Gpu, GpuInventory
 from pytest_gpushare.units import GiB, PerGpuSizes, format_size
 
 __all__ = [

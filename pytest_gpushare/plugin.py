@@ -15,15 +15,16 @@ from typing import Any, TypeVar
 
 import pytest
 
-from pytest_gpushare import advice, hookspecs, planner, report
+from pytest_gpushare import hookspecs, planner, report
+from pytest_gpushare import observations as advice
 from pytest_gpushare import settings as _settings
-from pytest_gpushare.devices import Gpu, GpuInventory, probe_for
+from pytest_gpushare.credits import holder_credits
 from pytest_gpushare.enforce import framework_env
 from pytest_gpushare.errors import GpuShareError
 from pytest_gpushare.fixtures import GpuLease
+from pytest_gpushare.gpus import Gpu, GpuInventory, probe_for
 from pytest_gpushare.ollama import OllamaStatus, attribute_held, query_ollama
 from pytest_gpushare.planner import Budget, Plan, Reservation, WorkerCount
-from pytest_gpushare.usage import holder_credits
 
 __all__ = ["get_plan", "get_settings", "is_worker", "ollama_status", "session_id"]
 

@@ -37,9 +37,9 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from pytest_gpushare.advice import parse_budget_mode
-from pytest_gpushare.devices import parse_simulate
 from pytest_gpushare.errors import SettingError
+from pytest_gpushare.gpus.simulated import parse_simulate
+from pytest_gpushare.observations import parse_budget_mode
 from pytest_gpushare.units import (
     GiB,
     MemRequest,

@@ -9,26 +9,22 @@ once a lower lease ends, so the stack would rise above the leased total and coul
 line although the ledger never overcommitted. Stacking this way keeps the top of the stack equal to
 the leased total at every moment, which is what the picture is for.
 
-``render_svg`` is pure (no I/O); ``cmd_timeline`` is the command around it.
+``render_svg`` is pure (no I/O); :mod:`pytest_gpushare.commands.timeline` is the command around it.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import re
-import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 from pytest_gpushare.report import REPORT_VERSION, peak_concurrent
 from pytest_gpushare.units import GiB, KiB, MiB, format_size
 
-__all__ = ["cmd_timeline", "render_svg"]
+__all__ = ["render_svg"]
 
 # Tableau 10: distinct in print and for the common colour-vision deficiencies.
 PALETTE = (
@@ -447,54 +443,3 @@ def render_svg(report: dict[str, Any]) -> str:
         _panel(out, run, panel, HEADER + i * panel_height, colour)
     out.append("</svg>")
     return "\n".join(out) + "\n"
-
-
-# --- the command -------------------------------------------------------------------------------
-
-
-def _arguments(args: Sequence[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="gpushare timeline",
-        description="Draw the leases of a run per GPU over time from a --gpushare-report JSON file.",
-    )
-    parser.add_argument("report", metavar="REPORT", help="the JSON file --gpushare-report wrote")
-    parser.add_argument(
-        "-o", "--output", metavar="FILE", help="where to write the SVG (default: REPORT with .svg suffix)"
-    )
-    return parser.parse_args(list(args))
-
-
-def cmd_timeline(args: list[str]) -> int:
-    """``gpushare timeline REPORT [-o FILE]``: write the SVG and print its path; 2 on bad input."""
-    try:
-        options = _arguments(args)
-    except SystemExit as exc:  # argparse has printed usage or help already
-        return exc.code if isinstance(exc.code, int) else 2
-    source = Path(options.report)
-    if options.output is not None:
-        target = Path(options.output)
-    elif source.suffix == ".svg":
-        target = source.with_name(source.name + ".svg")  # never write over the report itself
-    else:
-        target = source.with_suffix(".svg")
-    try:
-        text = source.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        return _fail(f"cannot read {source}: {exc}")
-    try:
-        svg = render_svg(json.loads(text))
-    except json.JSONDecodeError as exc:
-        return _fail(f"{source} is not JSON: {exc}")
-    except ValueError as exc:
-        return _fail(f"{source}: {exc}")
-    try:
-        target.write_text(svg, encoding="utf-8")
-    except OSError as exc:
-        return _fail(f"cannot write {target}: {exc}")
-    print(target)
-    return 0
-
-
-def _fail(message: str) -> int:
-    print(f"gpushare timeline: {message}", file=sys.stderr)
-    return 2

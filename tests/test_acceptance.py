@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_gpushare.ledger import read_status
+from pytest_gpushare.ledger.handle import read_status
 
 pytest_plugins = ["pytester"]
 
@@ -26,7 +26,7 @@ GiB = 2**30
 RECORDING_CONFTEST = """
 import json, os, time
 import pytest
-from pytest_gpushare.ledger import read_status
+from pytest_gpushare.ledger.handle import read_status
 
 @pytest.fixture
 def record(request, gpus):
@@ -301,8 +301,8 @@ def test_waiting_line_names_the_holder(pytester: pytest.Pytester, env: dict[str,
             sys.executable,
             "-c",
             "import os, sys, time\n"
-            "from pytest_gpushare.ledger import Ledger, LedgerGpu, Need, Owner\n"
-            "from pytest_gpushare.devices import SimulatedProbe\n"
+            "from pytest_gpushare.ledger.handle import Ledger, LedgerGpu, Need, Owner\n"
+            "from pytest_gpushare.gpus import SimulatedProbe\n"
             "from pytest_gpushare.units import MemRequest\n"
             "g = SimulatedProbe('8GiB').probe().gpus[0]\n"
             "gpu = LedgerGpu(g.uuid, 0, g.name, g.total_bytes, 7*2**30, 7*2**30)\n"

@@ -6,7 +6,8 @@ from typing import Any
 
 import pytest
 
-from pytest_gpushare.advice import (
+from pytest_gpushare.errors import SettingError
+from pytest_gpushare.observations import (
     NOT_MEASURABLE,
     GpuObservation,
     budget_from_history,
@@ -18,7 +19,6 @@ from pytest_gpushare.advice import (
     run_observations,
     suggest_mem,
 )
-from pytest_gpushare.errors import SettingError
 from pytest_gpushare.units import GiB, MiB, format_size, parse_size
 
 A = "GPU-aaaaaaaa-0000-0000-0000-000000000000"

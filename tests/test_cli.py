@@ -19,10 +19,10 @@ from typing import Any
 
 import pytest
 
-from pytest_gpushare.devices import Gpu, GpuInventory, SimulatedProbe
-from pytest_gpushare.ledger import Lease, Owner
+from pytest_gpushare.commands.run import child_environment, should_forward
+from pytest_gpushare.gpus import Gpu, GpuInventory, SimulatedProbe
+from pytest_gpushare.ledger.handle import Lease, Owner
 from pytest_gpushare.planner import Budget, make_plan, ollama_reservations
-from pytest_gpushare.run import child_environment, should_forward
 from pytest_gpushare.units import GiB, PerGpuSizes
 
 SIM = "24GiB"
@@ -491,7 +491,7 @@ SESSION_TESTS = textwrap.dedent(
 
     import pytest
 
-    from pytest_gpushare.ledger import read_status
+    from pytest_gpushare.ledger.handle import read_status
 
 
     @pytest.mark.gpu(mem="8GiB")

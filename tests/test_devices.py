@@ -24,17 +24,10 @@ from fake_pynvml import (
     install_fake_pynvml,
 )
 
-from pytest_gpushare import nvml
-from pytest_gpushare.devices import (
-    FROM_ENVIRONMENT,
-    GpuInventory,
-    GpuProcess,
-    NvmlProbe,
-    SimulatedProbe,
-    parse_simulate,
-    probe_for,
-)
 from pytest_gpushare.errors import SettingError
+from pytest_gpushare.gpus import GpuInventory, GpuProcess, SimulatedProbe, nvml, probe_for
+from pytest_gpushare.gpus.nvml import FROM_ENVIRONMENT, NvmlProbe
+from pytest_gpushare.gpus.simulated import parse_simulate
 from pytest_gpushare.units import GiB, MiB
 
 A = "GPU-aaaaaaaa-1111-2222-3333-000000000001"
@@ -410,7 +403,7 @@ def test_a_forked_child_starts_its_own_nvml(monkeypatch: pytest.MonkeyPatch) -> 
 
 
 def test_importing_devices_does_not_import_pynvml() -> None:
-    code = "import sys, pytest_gpushare.devices; print('pynvml' in sys.modules)"
+    code = "import sys, pytest_gpushare.gpus.model; print('pynvml' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
 

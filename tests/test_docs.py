@@ -58,7 +58,7 @@ PAGES = sorted(p for p in DOCS.rglob("*.rst") if "_build" not in p.parts)
 #: Languages of code blocks that are shown but never run.
 SHOWN_ONLY = {"bash", "python", "ini", "toml", "yaml", "json", "text", "cfg", "pycon"}
 #: ``gpushare`` subcommands and the module each needs: a command of one not built yet is skipped.
-SUBCOMMAND_MODULES = {"status": "pytest_gpushare.status", "run": "pytest_gpushare.run"}
+SUBCOMMAND_MODULES = {"status": "pytest_gpushare.commands.status", "run": "pytest_gpushare.commands.run"}
 DIRECTIVE_RE = re.compile(
     r"^(?P<indent>\s*)\.\. (?P<kind>code-block|literalinclude|code|sourcecode)::\s*(?P<arg>.*)$"
 )

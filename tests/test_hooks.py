@@ -43,7 +43,7 @@ def test_a_conftest_reservation_shows_with_its_reason_and_cuts_the_worker_count(
 def test_a_probe_plugin_replaces_nvml(pytester: pytest.Pytester) -> None:
     pytester.makeconftest(
         """
-        from pytest_gpushare.devices import Gpu, GpuInventory
+        from pytest_gpushare.gpus.model import Gpu, GpuInventory
 
         def pytest_gpushare_probe(config):
             gpu = Gpu(0, "GPU-rocm-0000", "AMD Instinct MI300X", 192 * 2**30, 180 * 2**30, 12 * 2**30, ())

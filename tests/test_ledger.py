@@ -18,9 +18,19 @@ from typing import Any
 
 import pytest
 
-from pytest_gpushare.admission import Fit, evaluate, never_fits, place
 from pytest_gpushare.errors import LeaseTimeout, LedgerError, NeverFits
-from pytest_gpushare.ledger import (
+from pytest_gpushare.ledger.access import lock_name
+from pytest_gpushare.ledger.admission import Fit, evaluate, never_fits, place
+from pytest_gpushare.ledger.folder import (
+    KEEP_DAMAGED,
+    MAX_FILE_BYTES,
+    frame,
+    open_ledger_folder,
+    read_settled,
+    unframe,
+    write_file,
+)
+from pytest_gpushare.ledger.handle import (
     ALIVE_MAX_AGE_S,
     FULL_CHECK_S,
     Ledger,
@@ -33,17 +43,8 @@ from pytest_gpushare.ledger import (
     read_status,
     waiting_lines,
 )
-from pytest_gpushare.ledgeraccess import lock_name
-from pytest_gpushare.ledgerfs import (
-    KEEP_DAMAGED,
-    MAX_FILE_BYTES,
-    frame,
-    open_ledger_folder,
-    read_settled,
-    unframe,
-    write_file,
-)
-from pytest_gpushare.ledgerstate import (
+from pytest_gpushare.ledger.liveness import HoldingsUnreadable, live_name, probe_alive, read_holdings
+from pytest_gpushare.ledger.records import (
     BOOKING_FIELDS,
     CONTEXT,
     LEDGER_FRAME,
@@ -55,7 +56,6 @@ from pytest_gpushare.ledgerstate import (
     dump_gpu_state,
     parse_gpu_state,
 )
-from pytest_gpushare.liveness import HoldingsUnreadable, live_name, probe_alive, read_holdings
 from pytest_gpushare.units import GiB, MemRequest, MiB
 
 WORKER = Path(__file__).parent / "ledger_workers" / "worker.py"
@@ -406,7 +406,7 @@ def test_a_removed_liveness_file_is_recreated_and_bookings_restored(
     lease = mine.acquire(need(6), "held", 1)
     (folder / live_name(mine.owner.key)).unlink()  # a temp cleaner, say
     # Until this process touches the ledger again, other processes take it for dead...
-    code = "import sys; from pytest_gpushare.ledger import read_status; read_status(sys.argv[1])"
+    code = "import sys; from pytest_gpushare.ledger.handle import read_status; read_status(sys.argv[1])"
     subprocess.run([sys.executable, "-c", code, str(folder)], check=True)
     assert leases_in(folder) == []
     # ...and then it proves alive again and restores what it holds.
@@ -656,7 +656,7 @@ def test_the_most_conservative_live_session_sets_the_limit(make: Callable[..., L
 
 
 def test_refresh_is_asked_while_waiting(make: Callable[..., Ledger], monkeypatch: pytest.MonkeyPatch) -> None:
-    import pytest_gpushare.ledger as ledger_module
+    import pytest_gpushare.ledger.handle as ledger_module
 
     monkeypatch.setattr(ledger_module, "REFRESH_S", 0.05)
     calls: list[float] = []
@@ -675,7 +675,7 @@ def test_refresh_is_asked_while_waiting(make: Callable[..., Ledger], monkeypatch
 def test_a_failing_refresh_is_logged_not_raised(
     make: Callable[..., Ledger], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import pytest_gpushare.ledger as ledger_module
+    import pytest_gpushare.ledger.handle as ledger_module
 
     monkeypatch.setattr(ledger_module, "REFRESH_S", 0.02)
     lines: list[str] = []

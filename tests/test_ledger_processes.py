@@ -23,10 +23,10 @@ from typing import Any
 
 import pytest
 
-from pytest_gpushare.admission import LedgerGpu
-from pytest_gpushare.ledger import FULL_CHECK_S, Ledger, Need, Owner, ledger_name, read_status
-from pytest_gpushare.ledgerfs import open_ledger_folder, read_settled
-from pytest_gpushare.ledgerstate import LEDGER_FRAME, TEST, GpuState, parse_gpu_state
+from pytest_gpushare.ledger.admission import LedgerGpu
+from pytest_gpushare.ledger.folder import open_ledger_folder, read_settled
+from pytest_gpushare.ledger.handle import FULL_CHECK_S, Ledger, Need, Owner, ledger_name, read_status
+from pytest_gpushare.ledger.records import LEDGER_FRAME, TEST, GpuState, parse_gpu_state
 from pytest_gpushare.units import GiB, MemRequest, MiB
 
 WORKER = Path(__file__).parent / "ledger_workers" / "worker.py"

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from pytest_gpushare import ledgerfs
 from pytest_gpushare.errors import LedgerError
-from pytest_gpushare.ledgerfs import (
+from pytest_gpushare.ledger import folder as ledgerfs
+from pytest_gpushare.ledger.folder import (
     BadFrame,
     LedgerFolder,
     frame,
@@ -197,7 +197,7 @@ def test_waiters_in_several_processes_each_get_the_lock_alone(folder: LedgerFold
     counter.write_text("0")
     script = (
         "import sys, time\n"
-        "from pytest_gpushare.ledgerfs import locked, open_ledger_folder\n"
+        "from pytest_gpushare.ledger.folder import locked, open_ledger_folder\n"
         "folder = open_ledger_folder(sys.argv[1])\n"
         "path = folder.path / 'counter'\n"
         "for _ in range(100):\n"

@@ -18,11 +18,10 @@ import pytest
 from fake_pynvml import NVML_ERROR_GPU_IS_LOST, NVML_ERROR_LIBRARY_NOT_FOUND, FakeGpu, FakeMig, FakeNvml
 from fake_torch import FakeLease, install_fake_torch
 
-from pytest_gpushare import devices, nvml
-from pytest_gpushare.advice import NOT_MEASURABLE, GpuObservation, observation_record
-from pytest_gpushare.devices import GpuProcess, NvmlProbe
 from pytest_gpushare.errors import GpuShareError, SettingError
-from pytest_gpushare.nvml import process_usage
+from pytest_gpushare.gpus.model import GpuProcess
+from pytest_gpushare.gpus.nvml import NvmlProbe, process_usage
+from pytest_gpushare.observations import NOT_MEASURABLE, GpuObservation, observation_record
 from pytest_gpushare.observe import (
     Sampler,
     Watch,
@@ -157,17 +156,12 @@ def test_the_probe_sums_a_process_listed_once_per_compute_instance(box: Callable
     assert gpu.processes == (GpuProcess(PID, 3 * GiB),)
 
 
-def test_devices_re_exports_the_nvml_names_in_either_import_order() -> None:
-    assert devices.NvmlProbe is nvml.NvmlProbe
-    assert devices.process_usage is nvml.process_usage
-    assert devices.FROM_ENVIRONMENT is nvml.FROM_ENVIRONMENT
-    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
-        devices.nothing  # noqa: B018
-    for first in ("nvml", "devices", "observe", "enforce", "advice"):
+def test_the_gpu_modules_import_in_any_order_without_pynvml_or_torch() -> None:
+    for first in ("gpus.nvml", "gpus", "gpus.model", "observe", "enforce", "observations"):
         code = (
             f"import sys, pytest_gpushare.{first}\n"
-            "from pytest_gpushare.devices import NvmlProbe, probe_for\n"
-            "import pytest_gpushare.observe, pytest_gpushare.enforce, pytest_gpushare.advice\n"
+            "from pytest_gpushare.gpus import probe_for\nfrom pytest_gpushare.gpus.nvml import NvmlProbe\n"
+            "import pytest_gpushare.observe, pytest_gpushare.enforce, pytest_gpushare.observations\n"
             "assert isinstance(probe_for(None), NvmlProbe)\n"
             "print(sorted({'pynvml', 'torch'} & set(sys.modules)))"
         )

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_gpushare.ledger import read_status
+from pytest_gpushare.ledger.handle import read_status
 
 pytest_plugins = ["pytester"]
 

@@ -14,8 +14,8 @@ from typing import NoReturn
 import pytest
 from ollama_server import FakeOllama, ps_model, refused_port, silent_listener
 
-from pytest_gpushare.devices import Gpu, GpuProcess
 from pytest_gpushare.errors import SettingError
+from pytest_gpushare.gpus.model import Gpu, GpuProcess
 from pytest_gpushare.ollama import (
     DEFAULT_ADDRESS,
     OllamaModel,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pytest_gpushare.devices import Gpu, GpuInventory, GpuProcess, SimulatedProbe
+from pytest_gpushare.gpus import Gpu, GpuInventory, GpuProcess, SimulatedProbe
 from pytest_gpushare.planner import (
     Budget,
     Plan,

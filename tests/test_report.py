@@ -7,7 +7,7 @@ import os
 import pytest
 
 from pytest_gpushare import plugin, report
-from pytest_gpushare.devices import Gpu, GpuInventory, GpuProcess, SimulatedProbe
+from pytest_gpushare.gpus import Gpu, GpuInventory, GpuProcess, SimulatedProbe
 from pytest_gpushare.planner import Budget, Reservation, make_plan
 from pytest_gpushare.units import GiB, MiB
 

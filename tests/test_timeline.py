@@ -14,11 +14,12 @@ from typing import Any
 
 import pytest
 
-from pytest_gpushare.devices import SimulatedProbe
+from pytest_gpushare.commands.timeline import cmd_timeline
 from pytest_gpushare.fixtures import LeaseRecord
+from pytest_gpushare.gpus import SimulatedProbe
 from pytest_gpushare.planner import Budget, make_plan
 from pytest_gpushare.report import json_report, summarize
-from pytest_gpushare.timeline import cmd_timeline, render_svg
+from pytest_gpushare.timeline import render_svg
 
 GIB = 2**30
 NS = {"s": "http://www.w3.org/2000/svg"}

@@ -7,12 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-from pytest_gpushare.admission import LedgerGpu, Need
-from pytest_gpushare.devices import Gpu, GpuInventory, GpuProcess
-from pytest_gpushare.ledger import Ledger, Owner
+from pytest_gpushare.credits import fresh_usable, holder_credits, parent_pid
+from pytest_gpushare.gpus.model import Gpu, GpuInventory, GpuProcess
+from pytest_gpushare.ledger.admission import LedgerGpu, Need
+from pytest_gpushare.ledger.handle import Ledger, Owner
 from pytest_gpushare.planner import Budget, credit_for, make_plan
 from pytest_gpushare.units import GiB, MemRequest, MiB
-from pytest_gpushare.usage import fresh_usable, holder_credits, parent_pid
 
 UUID = "GPU-12345678-0000-0000-0000-000000000000"
 

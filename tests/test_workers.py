@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_gpushare.devices import SimulatedProbe
+from pytest_gpushare.gpus import SimulatedProbe
 from pytest_gpushare.planner import Budget, make_plan
 from pytest_gpushare.units import GiB, MiB
 from pytest_gpushare.workers import HOME_ENV, worker_env

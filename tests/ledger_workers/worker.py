@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from pytest_gpushare.errors import LeaseTimeout
-from pytest_gpushare.ledger import Ledger, LedgerGpu, Need, Owner
-from pytest_gpushare.ledgeraccess import lock_name
-from pytest_gpushare.ledgerfs import locked, open_ledger_folder, read_file, read_settled
-from pytest_gpushare.ledgerstate import LEDGER_FRAME, UNKNOWN, Damaged, parse_gpu_state
+from pytest_gpushare.ledger.access import lock_name
+from pytest_gpushare.ledger.folder import locked, open_ledger_folder, read_file, read_settled
+from pytest_gpushare.ledger.handle import Ledger, LedgerGpu, Need, Owner
+from pytest_gpushare.ledger.records import LEDGER_FRAME, UNKNOWN, Damaged, parse_gpu_state
 from pytest_gpushare.units import MemRequest
 
 

@@ -1,6 +1,6 @@
 """Who may take memory on a GPU now: the ledger's rules, as pure functions over a ledger's state.
 
-No I/O: :mod:`pytest_gpushare.ledger` loads the ledgers under their locks, asks these functions,
+No I/O: :mod:`pytest_gpushare.ledger.handle` loads the ledgers under their locks, asks these functions,
 and writes the outcome.
 
 * **Admission.** A grant keeps a GPU's bookings (test leases + CUDA contexts) within its
@@ -26,7 +26,7 @@ the time they started, so the oldest aged waiter is never held back by anyone, w
 requests keep flowing around a large one until it has aged and wherever it does not need room.
 
 Bound: with ``H`` the longest time one lease is held, ``P`` the longest pause between a waiter's
-retries (:data:`pytest_gpushare.ledger.FULL_CHECK_S`) and ``n`` the number of requests older than
+retries (:data:`pytest_gpushare.ledger.handle.FULL_CHECK_S`) and ``n`` the number of requests older than
 a waiter ``W`` that wait on GPUs it also waits on, ``W`` is granted within
 ``fair_after + (n + 1) * (H + P)`` of starting to wait, however many younger requests arrive,
 provided that the GPUs' limits less the CUDA contexts of live processes can hold its need and do
@@ -42,7 +42,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from pytest_gpushare.ledgerstate import CONTEXT, GpuState
+from pytest_gpushare.ledger.records import CONTEXT, GpuState
 from pytest_gpushare.units import MemRequest, format_size
 
 if TYPE_CHECKING:

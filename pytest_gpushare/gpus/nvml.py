@@ -23,8 +23,8 @@ from dataclasses import dataclass, field, replace
 from types import ModuleType
 from typing import Any, Final, TypeVar
 
-from pytest_gpushare.devices import Gpu, GpuInventory, GpuProcess
 from pytest_gpushare.errors import GpuShareError
+from pytest_gpushare.gpus.model import Gpu, GpuInventory, GpuProcess
 
 __all__ = [
     "FROM_ENVIRONMENT",

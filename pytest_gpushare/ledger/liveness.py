@@ -15,7 +15,7 @@ The file's content is the owner's *holdings* (what it holds on every GPU, see
 writes it, in place (no new inode per change: creating and renaming files is what costs on a
 journalling filesystem), framed with its length and a CRC so that a reader that catches a write
 half-way reads again, and one that cannot get a whole copy treats the holdings as unknown
-(:func:`pytest_gpushare.ledgerfs.frame`).
+(:func:`pytest_gpushare.ledger.folder.frame`).
 
 Raw ``fcntl.flock`` rather than filelock: this lock lives as long as the process and is probed
 from outside without waiting, which filelock's acquire/release cycle does not model.
@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pytest_gpushare.errors import LedgerError
-from pytest_gpushare.ledgerfs import MAX_FILE_BYTES, BadFrame, LedgerFolder, frame, remove_file, unframe
+from pytest_gpushare.ledger.folder import MAX_FILE_BYTES, BadFrame, LedgerFolder, frame, remove_file, unframe
 
 __all__ = [
     "KEY_RE",

@@ -1,6 +1,6 @@
 """The ledger folder: where it lives, who may use it, and how its files are read, written and locked.
 
-Nothing here knows what a lease is; :mod:`pytest_gpushare.ledger` builds on these pieces.
+Nothing here knows what a lease is; :mod:`pytest_gpushare.ledger.handle` builds on these pieces.
 
 Safety rests on three habits:
 

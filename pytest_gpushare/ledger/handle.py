@@ -2,7 +2,7 @@
 
 Library level: no pytest here. Any process that wants GPU memory opens a :class:`Ledger` on the
 shared ledger folder and calls :meth:`Ledger.acquire` / :meth:`Ledger.release`; the rules of who
-may take what are in :mod:`pytest_gpushare.admission` (fairness and its bound included).
+may take what are in :mod:`pytest_gpushare.ledger.admission` (fairness and its bound included).
 
 Files in the folder:
 
@@ -43,7 +43,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pytest_gpushare.admission import (
+from pytest_gpushare.errors import LeaseTimeout, LedgerError, NeverFits
+from pytest_gpushare.ledger.access import (
+    LOCK_TIMEOUT_S,
+    Access,
+    describe,
+    ledger_name,
+    lock_name,
+    read_status,
+    waiting_lines,
+)
+from pytest_gpushare.ledger.admission import (
     FAIR_AFTER_S,
     Fit,
     LedgerGpu,
@@ -53,24 +63,15 @@ from pytest_gpushare.admission import (
     never_fits,
     place,
 )
-from pytest_gpushare.errors import LeaseTimeout, LedgerError, NeverFits
-from pytest_gpushare.ledgeraccess import (
-    LOCK_TIMEOUT_S,
-    Access,
-    describe,
-    ledger_name,
-    lock_name,
-    read_status,
-    waiting_lines,
-)
-from pytest_gpushare.ledgerfs import (
+from pytest_gpushare.ledger.folder import (
     default_ledger_dir,
     locked,
     open_ledger_folder,
     prepare_ledger_dir,
     read_head,
 )
-from pytest_gpushare.ledgerstate import (
+from pytest_gpushare.ledger.liveness import Liveness, Owner
+from pytest_gpushare.ledger.records import (
     CONTEXT,
     TEST,
     UNKNOWN,
@@ -81,7 +82,6 @@ from pytest_gpushare.ledgerstate import (
     Waiter,
     dump_holdings,
 )
-from pytest_gpushare.liveness import Liveness, Owner
 from pytest_gpushare.units import format_size
 
 __all__ = [

@@ -14,8 +14,8 @@ import socket
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from pytest_gpushare.devices import Gpu, GpuInventory
 from pytest_gpushare.errors import LedgerError
+from pytest_gpushare.gpus.model import Gpu, GpuInventory
 from pytest_gpushare.planner import Plan, credits_from_status, make_plan
 
 __all__ = ["fresh_usable", "holder_credits", "parent_pid"]
@@ -110,7 +110,7 @@ def nvml_refresh(plan: Plan, ledger_dir: str | None) -> Callable[[], Mapping[str
         return None
 
     def refresh() -> Mapping[str, int]:
-        from pytest_gpushare.nvml import NvmlProbe
+        from pytest_gpushare.gpus.nvml import NvmlProbe
 
         return fresh_usable(plan, ledger_dir, NvmlProbe().probe)
 

@@ -1,7 +1,7 @@
 """What a ledger file and an owner's holdings file contain, read strictly.
 
 A ledger (``gpu-<uuid>.json``: a JSON document behind a header line, see
-:func:`pytest_gpushare.ledgerfs.frame`) lists, for one GPU, the owners that use it with the
+:func:`pytest_gpushare.ledger.folder.frame`) lists, for one GPU, the owners that use it with the
 usable memory each one's session computed, the bookings (test leases, CUDA contexts) and the
 waiters. An owner's holdings (the content of its liveness file) list what it holds on every GPU: they are
 the source of truth from which a damaged ledger is rebuilt.
@@ -23,8 +23,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, TypeGuard
 
-from pytest_gpushare.ledgerfs import BadFrame, frame, unframe
-from pytest_gpushare.liveness import KEY_RE
+from pytest_gpushare.ledger.folder import BadFrame, frame, unframe
+from pytest_gpushare.ledger.liveness import KEY_RE
 
 __all__ = [
     "BOOKING_FIELDS",

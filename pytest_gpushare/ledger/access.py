@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from pytest_gpushare.ledgerfs import (
+from pytest_gpushare.ledger.folder import (
     BadFrame,
     FileTooLarge,
     LedgerFolder,
@@ -32,7 +32,14 @@ from pytest_gpushare.ledgerfs import (
     unframe,
     write_file,
 )
-from pytest_gpushare.ledgerstate import (
+from pytest_gpushare.ledger.liveness import (
+    KEY_RE,
+    HoldingsUnreadable,
+    probe_alive,
+    read_holdings,
+    remove_owner_files,
+)
+from pytest_gpushare.ledger.records import (
     CONTEXT,
     LEDGER_FRAME,
     UNKNOWN,
@@ -44,13 +51,6 @@ from pytest_gpushare.ledgerstate import (
     dump_gpu_state,
     parse_gpu_state,
     parse_holdings,
-)
-from pytest_gpushare.liveness import (
-    KEY_RE,
-    HoldingsUnreadable,
-    probe_alive,
-    read_holdings,
-    remove_owner_files,
 )
 from pytest_gpushare.units import format_size
 

@@ -50,16 +50,22 @@ from contextlib import contextmanager
 from types import FrameType
 from typing import Any
 
-from pytest_gpushare.admission import Need, ledger_gpus
-from pytest_gpushare.cli import pytest_view
+from pytest_gpushare.commands.common import CommandParser, UsageError, pytest_view
+from pytest_gpushare.credits import nvml_refresh
 from pytest_gpushare.errors import GpuShareError, LeaseTimeout, LedgerError, NeverFits, SettingError
-from pytest_gpushare.ledger import Lease, Ledger, Owner, default_ledger_dir, prepare_ledger_dir
-from pytest_gpushare.ledgerstate import CONTEXT
+from pytest_gpushare.ledger import (
+    CONTEXT,
+    Lease,
+    Ledger,
+    Need,
+    Owner,
+    default_ledger_dir,
+    ledger_gpus,
+    prepare_ledger_dir,
+)
 from pytest_gpushare.planner import Plan
 from pytest_gpushare.settings import OPTION_NAMES, Settings
-from pytest_gpushare.status import CommandParser, UsageError
 from pytest_gpushare.units import format_size, parse_mem
-from pytest_gpushare.usage import nvml_refresh
 
 __all__ = [
     "EXIT_NEVER_FITS",
@@ -136,7 +142,7 @@ def _parser() -> CommandParser:
     )
     settings = parser.add_argument_group("settings (the plugin's, also without the gpushare- part)")
     for option in OPTION_NAMES:
-        # cli.translate_flags has turned --timeout into --gpushare-timeout already.
+        # commands.translate_flags has turned --timeout into --gpushare-timeout already.
         help_text = f"{option.help} (env {option.env})".replace("%", "%%")
         if option.is_flag:
             settings.add_argument(

@@ -1,7 +1,7 @@
 """``gpushare status``: who holds what on this box, per GPU, beside what the devices say.
 
 Reading the ledgers is an access like any other: owners whose liveness lock is free are dead,
-and their leases are reclaimed on the way (:func:`pytest_gpushare.ledger.read_status`); what this
+and their leases are reclaimed on the way (:func:`pytest_gpushare.ledger.handle.read_status`); what this
 access reclaimed or repaired is listed with the rest.
 
 The ledger folder is the one pytest would use in the current folder: ``--ledger-dir``, else
@@ -16,34 +16,20 @@ to use; 4 for a bad setting value.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from collections.abc import Mapping, Sequence
-from typing import Any, NoReturn
+from typing import Any
 
-from pytest_gpushare.cli import pytest_view
-from pytest_gpushare.devices import GpuInventory, probe_for
+from pytest_gpushare.commands.common import CommandParser, UsageError, pytest_view
 from pytest_gpushare.errors import LedgerError, SettingError
-from pytest_gpushare.ledgeraccess import read_status
-from pytest_gpushare.ledgerfs import default_ledger_dir
-from pytest_gpushare.ledgerstate import CONTEXT
+from pytest_gpushare.gpus import GpuInventory, probe_for
+from pytest_gpushare.ledger import CONTEXT, default_ledger_dir, read_status
 from pytest_gpushare.units import format_size
 
-__all__ = ["CommandParser", "UsageError", "cmd_status", "device_view", "status_document", "status_lines"]
+__all__ = ["cmd_status", "device_view", "status_document", "status_lines"]
 
 _RUN_WORKER = "gpushare-run"
-
-
-class UsageError(Exception):
-    """A bad command line of a ``gpushare`` command; the caller prints it as one line."""
-
-
-class CommandParser(argparse.ArgumentParser):
-    """argparse that raises :class:`UsageError` instead of printing usage and exiting."""
-
-    def error(self, message: str) -> NoReturn:
-        raise UsageError(message)
 
 
 def _parser() -> CommandParser:
@@ -56,7 +42,7 @@ def _parser() -> CommandParser:
             "gpushare_ledger_dir, else the account's own folder."
         ),
     )
-    # cli.translate_flags has turned --ledger-dir into --gpushare-ledger-dir already.
+    # commands.translate_flags has turned --ledger-dir into --gpushare-ledger-dir already.
     parser.add_argument(
         "--gpushare-ledger-dir",
         dest="ledger_dir",
