@@ -1,12 +1,37 @@
-"""Shared fixtures of the test suite."""
+"""Shared fixtures and helpers of the test suite."""
 
 from __future__ import annotations
 
+import subprocess
+import time
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 from fake_pynvml import FakeNvml, install_fake_pynvml
+
+
+def wait_until(
+    condition: Callable[[], object],
+    what: str = "the condition",
+    *,
+    timeout: float = 30.0,
+    proc: subprocess.Popen[Any] | None = None,
+    poll: float = 0.005,
+) -> None:
+    """Wait for ``condition()`` to be true, failing the test after ``timeout`` seconds.
+
+    The one waiting helper of the suite: tests wait on conditions with deadlines, never on bare
+    sleeps. With ``proc``, a process that ends first fails the test at once with its output.
+    """
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if proc is not None and proc.poll() is not None:
+            out, err = proc.communicate()
+            pytest.fail(f"waiting for {what}: the process ended with {proc.returncode}: {out}{err}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"waited {timeout}s for {what}")
+        time.sleep(poll)
 
 
 @pytest.fixture
