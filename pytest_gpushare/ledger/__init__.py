@@ -11,7 +11,7 @@ repair, reclaim the dead, save), :mod:`.admission` (the pure rules: who may take
 from __future__ import annotations
 
 from pytest_gpushare.ledger.admission import LedgerGpu, Need, ledger_gpus
-from pytest_gpushare.ledger.folder import default_ledger_dir, prepare_ledger_dir
+from pytest_gpushare.ledger.folder import default_ledger_dir, ledger_dir_for, prepare_ledger_dir
 from pytest_gpushare.ledger.handle import Lease, Ledger, read_status, waiting_lines
 from pytest_gpushare.ledger.liveness import Owner
 from pytest_gpushare.ledger.records import CONTEXT
@@ -24,6 +24,7 @@ __all__ = [
     "Need",
     "Owner",
     "default_ledger_dir",
+    "ledger_dir_for",
     "ledger_gpus",
     "prepare_ledger_dir",
     "read_status",

@@ -59,6 +59,7 @@ __all__ = [
     "FileTooLarge",
     "LedgerFolder",
     "default_ledger_dir",
+    "ledger_dir_for",
     "frame",
     "locked",
     "open_ledger_folder",
@@ -214,6 +215,12 @@ def default_ledger_dir() -> Path:
         ):
             return Path(runtime) / "pytest-gpushare"
     return Path(tempfile.gettempdir()) / f"pytest-gpushare-{os.geteuid()}"
+
+
+def ledger_dir_for(configured: str | os.PathLike[str] | None) -> Path:
+    """The ledger folder a session uses: the configured one (``--gpushare-ledger-dir``, its ini key
+    or environment variable), else :func:`default_ledger_dir`. The one place this choice is made."""
+    return Path(configured) if configured else default_ledger_dir()
 
 
 def prepare_ledger_dir(path: str | os.PathLike[str]) -> Path:
