@@ -95,6 +95,7 @@ class Settings:
     ollama_reserve: PerGpuSizes
     fallback: str
     timeout_s: float
+    notice_after_s: float
     policy: str
     ledger_dir: str | None
     simulate: str | None
@@ -350,6 +351,8 @@ OPTION_NAMES: tuple[Option, ...] = (
     _option("framework_defaults", "framework_defaults", "on", _parse_on_off,         "{on,off}",
             "in workers, where unset: JAX preallocation off, TensorFlow allow-growth on; "
             "torch's cached memory released after each GPU test"),
+    _option("notice_after_s",    "notice_after",   "10",     _parse_seconds,         "SECONDS",
+            "after this long waiting for memory, a line says what a test waits for and who holds it"),
 )
 # fmt: on
 

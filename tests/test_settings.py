@@ -132,6 +132,8 @@ def test_the_table_holds_the_spec_names() -> None:
         "--gpushare-observe-interval",
         "--gpushare-worker-mem-from",
         "--gpushare-framework-defaults",
+        # beyond SPEC's table: the waiting notice's delay (SPEC: 10 s), so tests need not sit through it
+        "--gpushare-notice-after",
     ]
 
 
@@ -195,6 +197,7 @@ GOOD: dict[str, tuple[tuple[object, object], tuple[object, object]]] = {
     "gpushare_ollama_reserve": (("12GiB", PerGpuSizes(12 * GiB)), ("1:3GiB", PerGpuSizes(0, {1: 3 * GiB}))),
     "gpushare_fallback": (("cpu", "cpu"), ("FAIL", "fail")),
     "gpushare_timeout": (("10", 10.0), ("0.5", 0.5)),
+    "gpushare_notice_after": (("0.2", 0.2), ("30", 30.0)),
     "gpushare_policy": (("pack", "pack"), ("Spread", "spread")),
     "gpushare_ledger_dir": (("/srv/gpushare", "/srv/gpushare"), ("/tmp/ledgers", "/tmp/ledgers")),
     "gpushare_simulate": (("24GiB", "24GiB"), ("2x80GiB:used=1GiB", "2x80GiB:used=1GiB")),
@@ -276,6 +279,7 @@ BAD: dict[str, list[tuple[str, str]]] = {
         ("inf", "finite"),
         ("soon", "not a number"),
     ],
+    "gpushare_notice_after": [("-1", "cannot be negative"), ("soon", "not a number")],
     "gpushare_policy": [("random", "use one of spread, pack")],
     "gpushare_simulate": [
         ("0GiB", "larger than zero"),
