@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final, NamedTuple, Protocol
 
 from pytest_gpushare.errors import SettingError
-from pytest_gpushare.gpus import nvml
+from pytest_gpushare.gpus import nvml, visible
 from pytest_gpushare.observations import NOT_MEASURABLE, GpuObservation
 
 __all__ = [
@@ -137,7 +137,7 @@ class Sampler:
         interval_s: float = DEFAULT_INTERVAL_S,
         *,
         usage: Callable[[str], Mapping[int, int | None]] = nvml.process_usage,
-        pid_exists: Callable[[int], bool] = nvml.pid_exists,
+        pid_exists: Callable[[int], bool] = visible.pid_exists,
         unavailable: str | None = None,
         detect_platform: bool = True,
     ) -> None:
@@ -147,7 +147,9 @@ class Sampler:
         self.interval_s = float(interval_s)
         self._usage = usage
         self._pid_exists = pid_exists
-        self.unavailable = unavailable or (nvml.per_process_unavailable_reason() if detect_platform else None)
+        self.unavailable = unavailable or (
+            visible.per_process_unavailable_reason() if detect_platform else None
+        )
         self._run: _Run | None = None
         self.stop_timeout_s = 5.0
 

@@ -3,7 +3,7 @@
 It copies what the real binding shows to its callers (checked against the installed
 ``pynvml.py`` by ``test_devices.py::test_fake_pynvml_matches_the_real_binding``):
 
-- the same function names and parameters for what ``pytest_gpushare.gpus.model`` calls;
+- the same function names and parameters for what ``pytest_gpushare.gpus.nvml`` calls;
 - ctypes structures with the real field names (``c_nvmlMemory_t``, ``c_nvmlMemory_v2_t``,
   ``nvmlPciInfo_t``) and process entries as ``nvmlFriendlyObject`` with ``pid``,
   ``usedGpuMemory`` (None where NVML says "not available"), ``gpuInstanceId``,

@@ -26,8 +26,9 @@ from fake_pynvml import (
 
 from pytest_gpushare.errors import SettingError
 from pytest_gpushare.gpus import GpuInventory, GpuProcess, SimulatedProbe, nvml, probe_for
-from pytest_gpushare.gpus.nvml import FROM_ENVIRONMENT, NvmlProbe
+from pytest_gpushare.gpus.nvml import NvmlProbe
 from pytest_gpushare.gpus.simulated import parse_simulate
+from pytest_gpushare.gpus.visible import FROM_ENVIRONMENT, pid_exists
 from pytest_gpushare.units import GiB, MiB
 
 A = "GPU-aaaaaaaa-1111-2222-3333-000000000001"
@@ -452,8 +453,8 @@ def test_mig_devices_have_their_own_process_figures(monkeypatch: pytest.MonkeyPa
 
 
 def test_the_default_pid_check_sees_this_process_and_not_an_unused_pid() -> None:
-    assert nvml.pid_exists(os.getpid())
-    assert not nvml.pid_exists(2**31 - 1)
+    assert pid_exists(os.getpid())
+    assert not pid_exists(2**31 - 1)
 
 
 def test_an_nvml_inventory_survives_the_round_trip_through_a_dict(monkeypatch: pytest.MonkeyPatch) -> None:

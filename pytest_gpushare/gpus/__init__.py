@@ -2,7 +2,9 @@
 
 :class:`~pytest_gpushare.gpus.nvml.NvmlProbe` asks NVML through ``pynvml`` (nvidia-ml-py),
 started lazily; :class:`~pytest_gpushare.gpus.simulated.SimulatedProbe` answers from
-``--gpushare-simulate``. Importing this package imports neither ``pynvml`` nor NVML's module.
+``--gpushare-simulate``. :mod:`~pytest_gpushare.gpus.visible` says what this process can see
+(``CUDA_VISIBLE_DEVICES``, other PIDs). Importing this package imports neither ``pynvml`` nor
+NVML's module.
 """
 
 from __future__ import annotations

@@ -13,26 +13,25 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import enum
 import os
-import platform
-import re
 import threading
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Mapping
+from dataclasses import replace
 from types import ModuleType
 from typing import Any, Final, TypeVar
 
 from pytest_gpushare.errors import GpuShareError
 from pytest_gpushare.gpus.model import Gpu, GpuInventory, GpuProcess
+from pytest_gpushare.gpus.visible import (
+    FROM_ENVIRONMENT,
+    FromEnvironment,
+    PhysicalGpu,
+    pid_exists,
+    select_visible,
+    visible_spec,
+)
 
-__all__ = [
-    "FROM_ENVIRONMENT",
-    "NvmlProbe",
-    "per_process_unavailable_reason",
-    "pid_exists",
-    "process_usage",
-]
+__all__ = ["FROM_ENVIRONMENT", "NvmlProbe", "process_usage"]
 
 _T = TypeVar("_T")
 
@@ -48,7 +47,6 @@ _NVML_ERROR_LIBRARY_NOT_FOUND: Final = 12
 _NVML_ERROR_FUNCTION_NOT_FOUND: Final = 13
 _NVML_ERROR_LIB_RM_VERSION_MISMATCH: Final = 18
 _NVML_ERROR_ARGUMENT_VERSION_MISMATCH: Final = 25
-_NVML_DEVICE_MIG_ENABLE: Final = 1
 
 # What NVML's terse text means for someone reading the pytest header.
 _NVML_HINTS: Final = {
@@ -60,14 +58,6 @@ _NVML_HINTS: Final = {
     ),
     _NVML_ERROR_NO_PERMISSION: "this account may not open the GPU device files /dev/nvidia*",
 }
-
-
-class _FromEnvironment(enum.Enum):
-    TOKEN = "CUDA_VISIBLE_DEVICES at probe time"
-
-
-FROM_ENVIRONMENT: Final = _FromEnvironment.TOKEN
-"""Default of ``NvmlProbe(visible=...)``: read ``CUDA_VISIBLE_DEVICES`` each time ``probe()`` runs."""
 
 
 # --- NVML's lifetime -------------------------------------------------------------------------
@@ -149,29 +139,7 @@ def _with_nvml(nvml: Any, read: Callable[[Any], _T]) -> _T:
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-# --- NVML's words and per-process figures ------------------------------------------------------
-
-
-def pid_exists(pid: int) -> bool:
-    """Whether ``pid`` is a process of our PID namespace, as ``/proc`` shows it.
-
-    NVML lists host PIDs; one we cannot see means another PID namespace (or a ``/proc`` that
-    hides other accounts' processes). Without ``/proc`` (not Linux) nothing can be matched,
-    which leads to the safe side.
-    """
-    return os.path.exists(f"/proc/{pid}")
-
-
-def per_process_unavailable_reason() -> str | None:
-    """Why this platform gives no per-process GPU memory at all, else None.
-
-    Under WSL2 the driver lists no per-process figures (or no processes), whatever the
-    process does; an empty list there must not read as "uses nothing".
-    """
-    release = platform.uname().release.lower()
-    if "microsoft" in release or "wsl" in release:
-        return "WSL2 does not report per-process GPU memory"
-    return None
+# --- NVML's words and the per-process list ------------------------------------------------------
 
 
 def _text(value: object) -> str:
@@ -190,11 +158,11 @@ def _nvml_error_text(exc: BaseException) -> str:
     return f"{text} ({hint})" if hint else text
 
 
-def _list_mismatch(nvml: Any) -> type[BaseException]:
-    # pynvml turns "function not found" for the unversioned process-list call into its own
-    # NVMLLibraryMismatchError, which is not an NVMLError.
-    mismatch: type[BaseException] = getattr(nvml, "NVMLLibraryMismatchError", nvml.NVMLError)
-    return mismatch
+def _refusals(nvml: Any) -> tuple[type[BaseException], type[BaseException]]:
+    """What NVML raises when it refuses a call: its NVMLError, and pynvml's own
+    NVMLLibraryMismatchError (not an NVMLError) for "function not found" on the unversioned
+    process-list call."""
+    return nvml.NVMLError, getattr(nvml, "NVMLLibraryMismatchError", nvml.NVMLError)
 
 
 def _process_list(nvml: Any, handle: Any) -> dict[int, int | None]:
@@ -202,12 +170,12 @@ def _process_list(nvml: Any, handle: Any) -> dict[int, int | None]:
     for info in nvml.nvmlDeviceGetComputeRunningProcesses(handle):
         pid = int(info.pid)
         # pynvml turns NVML_VALUE_NOT_AVAILABLE into None.
-        used = None if info.usedGpuMemory is None else int(info.usedGpuMemory)
+        used_bytes = None if info.usedGpuMemory is None else int(info.usedGpuMemory)
         if pid in usage:
             # One process on several compute instances of a device is listed once per instance.
             before = usage[pid]
-            used = None if before is None or used is None else before + used
-        usage[pid] = used
+            used_bytes = None if before is None or used_bytes is None else before + used_bytes
+        usage[pid] = used_bytes
     return usage
 
 
@@ -231,90 +199,174 @@ def process_usage(uuid: str) -> dict[int, int | None]:
         return _with_nvml(nvml, read)
     except nvml.NVMLError as exc:
         raise GpuShareError(_nvml_error_text(exc)) from None
-    except _list_mismatch(nvml) as exc:
+    except _refusals(nvml) as exc:  # the library mismatch
         raise GpuShareError(f"this NVML library cannot list processes: {exc}") from None
 
 
 # --- the probe -------------------------------------------------------------------------------
 
-
-@dataclass
-class _Physical:
-    """One physical GPU as CUDA_VISIBLE_DEVICES can name it, and the devices it gives."""
-
-    uuid: str
-    pci: tuple[int, int, int]
-    devices: tuple[Gpu, ...]
-    # (GPU instance id, compute instance id) of each MIG device, for ``MIG-GPU-<uuid>/gi/ci``.
-    mig_ids: dict[str, tuple[int, int]] = field(default_factory=dict)
-
-
-_ORDINAL_RE = re.compile(r"\s*([+-]?)(\d+)")
-_OLD_MIG_RE = re.compile(r"MIG-(GPU-[^/]+)/(\d+)/(\d+)")
-
-
-def _unique(matches: Sequence[Any]) -> Any | None:
-    return matches[0] if len(matches) == 1 else None
+_NVML_DEVICE_MIG_ENABLE: Final = 1
+# NVML's ways of saying "no" (not failures), each mapped to what it means here.
+_MIG_OFF: Final = (0, 0)  # (current, pending) mode: a GPU without MIG support
+_NO_MIG_MODE: Final = dict.fromkeys((_NVML_ERROR_NOT_SUPPORTED, _NVML_ERROR_FUNCTION_NOT_FOUND), _MIG_OFF)
+_EMPTY_SLOT: Final = object()
+# MIG slots are sparse: an empty one is "not found", not a failure.
+_NO_MIG_DEVICE: Final = dict.fromkeys((_NVML_ERROR_NOT_FOUND, _NVML_ERROR_INVALID_ARGUMENT), _EMPTY_SLOT)
+_ASK_V1: Final = object()
+# Drivers before 510 lack the v2 memory call; MIG devices may refuse it.
+_NO_MEMORY_V2: Final = dict.fromkeys(
+    (_NVML_ERROR_NOT_SUPPORTED, _NVML_ERROR_FUNCTION_NOT_FOUND, _NVML_ERROR_ARGUMENT_VERSION_MISMATCH),
+    _ASK_V1,
+)
 
 
-def _resolve_entry(
-    entry: str, kind: str, physical: Sequence[_Physical]
-) -> tuple[str, tuple[Gpu, ...]] | None:
-    """What one CUDA_VISIBLE_DEVICES entry names: a key for duplicates and its devices."""
-    if kind == "GPU-":
-        if not entry.startswith("GPU-"):
-            return None
-        gpu = _unique([p for p in physical if p.uuid.startswith(entry)])
-        return None if gpu is None else (gpu.uuid, gpu.devices)
-    if kind == "MIG-":
-        if not entry.startswith("MIG-"):
-            return None
-        old = _OLD_MIG_RE.fullmatch(entry)
-        if old:
-            parent = _unique([p for p in physical if p.uuid.startswith(old.group(1))])
-            if parent is None:
-                return None
-            ids = (int(old.group(2)), int(old.group(3)))
-            dev = _unique([d for d in parent.devices if parent.mig_ids.get(d.uuid) == ids])
-        else:
-            dev = _unique([d for p in physical for d in p.devices if d.uuid.startswith(entry)])
-        return None if dev is None else (dev.uuid, (dev,))
-    match = _ORDINAL_RE.match(entry)
-    if match is None or (match.group(1) == "-" and int(match.group(2)) != 0):
-        return None
-    ordinal = int(match.group(2))
-    if ordinal >= len(physical):
-        return None
-    return physical[ordinal].uuid, physical[ordinal].devices
+class _Reader:
+    """One probe's pass over NVML: every call goes through :meth:`query`.
 
-
-def _select_visible(spec: str | None, physical: Sequence[_Physical]) -> list[Gpu]:
-    """The devices ``CUDA_VISIBLE_DEVICES=spec`` leaves visible, in its order.
-
-    This follows CUDA as its documentation and PyTorch's model of it (``torch.cuda.
-    _parse_visible_devices`` and its tests) describe it: unset shows every
-    GPU, an empty value none; the list is of one kind, chosen by its first entry
-    (integers, ``GPU-`` UUIDs or unique prefixes of them, ``MIG-`` UUIDs or
-    ``MIG-GPU-<uuid>/<gi>/<ci>``); an integer is read like strtoul (``1gpu`` is 1, ``-0``
-    is 0); the first invalid, ambiguous, out-of-range or other-kind entry hides itself and
-    all after it; a GPU named twice hides every GPU.
+    ``unusable`` collects what could not be read, as ``"<what>: <NVML's words>"``.
     """
-    if spec is None:
-        return [dev for p in physical for dev in p.devices]
-    entries = spec.split(",")
-    kind = next((k for k in ("GPU-", "MIG-") if entries[0].startswith(k)), "")
-    chosen: list[Gpu] = []
-    seen: set[str] = set()
-    for entry in entries:
-        found = _resolve_entry(entry, kind, physical)
-        if found is None:
-            break
-        key, devices = found
-        if key in seen:
-            return []
-        seen.add(key)
-        chosen.extend(devices)
-    return chosen
+
+    def __init__(self, nvml: Any, pid_exists: Callable[[int], bool]) -> None:
+        self.nvml = nvml
+        self.pid_exists = pid_exists
+        self.unusable: list[str] = []
+
+    def query(
+        self,
+        func: Callable[..., Any],
+        *args: Any,
+        note: str | None = None,
+        expected: Mapping[int, Any] | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """``func(*args, **kwargs)``, or a default where NVML refuses (nvitop's ``nvmlQuery``).
+
+        The one place where an NVML error becomes a value. A code in ``expected`` gives the
+        value it maps to (NVML's way of saying "no"); any other error gives None, and with
+        ``note`` the line ``"<note>: <NVML's words>"`` goes to ``unusable``.
+        """
+        try:
+            return func(*args, **kwargs)
+        except _refusals(self.nvml) as exc:
+            code: Any = getattr(exc, "value", None)
+            if expected is not None and code in expected:
+                return expected[code]
+            if note is not None:
+                self.unusable.append(f"{note}: {_nvml_error_text(exc)}")
+            return None
+
+    def physical_gpu(self, i: int) -> PhysicalGpu | None:
+        """GPU ``i`` with its devices (none where they cannot be read); None without UUID or PCI address."""
+        nvml = self.nvml
+        handle = self.query(nvml.nvmlDeviceGetHandleByIndex, i, note=f"GPU {i}")
+        uuid = None if handle is None else self.query(nvml.nvmlDeviceGetUUID, handle, note=f"GPU {i}")
+        if uuid is None:
+            return None
+        uuid = _text(uuid)
+        label = f"GPU {i} ({uuid})"
+        pci = self.query(nvml.nvmlDeviceGetPciInfo, handle, note=label)
+        if pci is None:
+            return None
+        gpu = PhysicalGpu(uuid, (int(pci.domain), int(pci.bus), int(pci.device)), ())
+        name = self.query(nvml.nvmlDeviceGetName, handle, note=label)
+        if name is None:  # each failure is in ``unusable`` now: the GPU gives no device
+            return gpu
+        mig_mode = self.query(nvml.nvmlDeviceGetMigMode, handle, note=label, expected=_NO_MIG_MODE)
+        if mig_mode is None:
+            return gpu
+        current_mode, _pending = mig_mode
+        if int(current_mode) == _NVML_DEVICE_MIG_ENABLE:
+            gpu.devices = self._mig_devices(gpu, handle, _text(name), label)
+        else:
+            device = self._device(handle, uuid, _text(name), note=label)
+            gpu.devices = () if device is None else (device,)
+        return gpu
+
+    def _mig_devices(self, gpu: PhysicalGpu, handle: Any, parent_name: str, label: str) -> tuple[Gpu, ...]:
+        """The MIG devices of ``gpu``; their instance ids go to ``gpu.mig_ids``."""
+        nvml = self.nvml
+        max_count = self.query(nvml.nvmlDeviceGetMaxMigDeviceCount, handle, note=label)
+        if max_count is None:
+            return ()
+        devices: list[Gpu] = []
+        slots = 0
+        for m in range(int(max_count)):
+            where = f"{label} MIG device {m}"
+            mig = self.query(
+                nvml.nvmlDeviceGetMigDeviceHandleByIndex, handle, m, note=where, expected=_NO_MIG_DEVICE
+            )
+            if mig is _EMPTY_SLOT:
+                continue
+            slots += 1
+            mig_uuid = None if mig is None else self.query(nvml.nvmlDeviceGetUUID, mig, note=where)
+            if mig_uuid is None:
+                continue
+            mig_uuid = _text(mig_uuid)
+            device = self._device(
+                mig, mig_uuid, self._mig_name(mig, parent_name), note=f"{where} ({mig_uuid})"
+            )
+            if device is None:
+                continue
+            devices.append(device)
+            # Only the old MIG-GPU-<uuid>/<gi>/<ci> spelling needs these ids.
+            gi = self.query(nvml.nvmlDeviceGetGpuInstanceId, mig)
+            ci = None if gi is None else self.query(nvml.nvmlDeviceGetComputeInstanceId, mig)
+            if ci is not None:
+                gpu.mig_ids[mig_uuid] = (int(gi), int(ci))
+        if not slots:
+            self.unusable.append(f"{label}: MIG mode is enabled but the GPU has no MIG device")
+        return tuple(devices)
+
+    def _mig_name(self, mig: Any, parent_name: str) -> str:
+        name = self.query(self.nvml.nvmlDeviceGetName, mig)
+        if name is None:
+            return f"{parent_name} MIG"
+        name = _text(name)
+        # NVML names MIG devices "<GPU name> MIG <profile>"; keep the GPU in sight if not.
+        return name if "MIG" in name else f"{parent_name} MIG {name}"
+
+    def _device(self, handle: Any, uuid: str, name: str, *, note: str) -> Gpu | None:
+        """The device behind ``handle``; None (and a line in ``unusable``) without its memory."""
+        memory = self._memory_bytes(handle, note)
+        if memory is None:
+            return None
+        total_bytes, free_bytes = memory
+        return Gpu(
+            index=-1,
+            uuid=uuid,
+            name=name,
+            total_bytes=total_bytes,
+            free_bytes=free_bytes,
+            used_bytes=total_bytes - free_bytes,
+            processes=self._processes(handle),
+        )
+
+    def _memory_bytes(self, handle: Any, note: str) -> tuple[int, int] | None:
+        """(total, free) bytes: ``nvmlDeviceGetMemoryInfo`` v2 where the driver has it, else v1."""
+        nvml = self.nvml
+        v2 = getattr(nvml, "nvmlMemory_v2", None)
+        info: Any = (
+            _ASK_V1
+            if v2 is None
+            else self.query(
+                nvml.nvmlDeviceGetMemoryInfo, handle, version=v2, note=note, expected=_NO_MEMORY_V2
+            )
+        )
+        if info is _ASK_V1:
+            info = self.query(nvml.nvmlDeviceGetMemoryInfo, handle, note=note)
+        return None if info is None else (int(info.total), int(info.free))
+
+    def _processes(self, handle: Any) -> tuple[GpuProcess, ...] | None:
+        """The compute processes, or None where their figures cannot be matched to ours."""
+        usage = self.query(_process_list, self.nvml, handle)
+        if usage is None:
+            return None
+        processes = []
+        for pid, used_bytes in usage.items():
+            if used_bytes is None or not self.pid_exists(pid):
+                return None
+            processes.append(GpuProcess(pid=pid, used_bytes=used_bytes))
+        return tuple(processes)
 
 
 class NvmlProbe:
@@ -329,12 +381,8 @@ class NvmlProbe:
       ``NVIDIA A100-SXM4-40GB MIG 1g.5gb``) instead of itself.
     - ``visible`` is the inherited ``CUDA_VISIBLE_DEVICES``: :data:`FROM_ENVIRONMENT` (the
       default) reads it at each probe, None means unset (every GPU), a string is applied
-      as CUDA applies it (see ``_select_visible``). Integer entries count GPUs in PCI bus
-      order, which is CUDA's order only with ``CUDA_DEVICE_ORDER=PCI_BUS_ID`` or on a box
-      with one GPU (CUDA's default, FASTEST_FIRST, may differ): prefer UUIDs. An integer or
-      ``GPU-`` UUID that names a GPU in MIG mode gives all its MIG devices, although a
-      CUDA process itself uses only one MIG device (give each worker one ``MIG-`` UUID). GPUs
-      that NVML cannot identify (no handle, UUID or PCI address) take no integer.
+      as CUDA applies it (:func:`~pytest_gpushare.gpus.visible.select_visible`). GPUs that
+      NVML cannot identify (no handle, UUID or PCI address) take no integer there.
     - ``Gpu.index`` is the position in the visible list.
     - Memory comes from ``nvmlDeviceGetMemoryInfo`` v2 where the driver has it, else v1;
       ``free`` is the same in both. ``used_bytes`` is ``total - free``, so it includes the
@@ -352,7 +400,7 @@ class NvmlProbe:
 
     def __init__(
         self,
-        visible: str | _FromEnvironment | None = FROM_ENVIRONMENT,
+        visible: str | FromEnvironment | None = FROM_ENVIRONMENT,
         *,
         pid_exists: Callable[[int], bool] = pid_exists,
     ) -> None:
@@ -378,138 +426,16 @@ class NvmlProbe:
             return GpuInventory(gpus=(), source="NVML", error=_nvml_error_text(exc))
 
     def _read(self, nvml: Any) -> GpuInventory:
-        spec = (
-            os.environ.get("CUDA_VISIBLE_DEVICES")
-            if isinstance(self.visible, _FromEnvironment)
-            else self.visible
-        )
-        try:
-            details = [f"driver {_text(nvml.nvmlSystemGetDriverVersion())}"]
-        except nvml.NVMLError:
-            details = []
+        spec = visible_spec(self.visible)
+        reader = _Reader(nvml, self._pid_exists)
+        driver = reader.query(nvml.nvmlSystemGetDriverVersion)
+        details = [] if driver is None else [f"driver {_text(driver)}"]
         if spec is not None:
             details.append(f"CUDA_VISIBLE_DEVICES={spec!r}")
         source = f"NVML ({', '.join(details)})" if details else "NVML"
+        # Without a device count there is nothing to read: that error is the probe's.
         count = nvml.nvmlDeviceGetCount()
-        unusable: list[str] = []
-        physical = [p for i in range(count) if (p := self._read_gpu(nvml, i, unusable)) is not None]
+        physical = [p for i in range(count) if (p := reader.physical_gpu(i)) is not None]
         physical.sort(key=lambda p: p.pci)
-        gpus = tuple(replace(gpu, index=n) for n, gpu in enumerate(_select_visible(spec, physical)))
-        return GpuInventory(gpus=gpus, source=source, unusable=tuple(unusable))
-
-    def _read_gpu(self, nvml: Any, i: int, unusable: list[str]) -> _Physical | None:
-        try:
-            handle = nvml.nvmlDeviceGetHandleByIndex(i)
-            uuid = _text(nvml.nvmlDeviceGetUUID(handle))
-        except nvml.NVMLError as exc:
-            unusable.append(f"GPU {i}: {_nvml_error_text(exc)}")
-            return None
-        label = f"GPU {i} ({uuid})"
-        try:
-            pci = nvml.nvmlDeviceGetPciInfo(handle)
-            bus = (int(pci.domain), int(pci.bus), int(pci.device))
-        except nvml.NVMLError as exc:
-            unusable.append(f"{label}: {_nvml_error_text(exc)}")
-            return None
-        try:
-            name = _text(nvml.nvmlDeviceGetName(handle))
-            if not self._mig_enabled(nvml, handle):
-                return _Physical(uuid, bus, (self._device(nvml, handle, uuid, name),))
-            max_mig = int(nvml.nvmlDeviceGetMaxMigDeviceCount(handle))
-        except nvml.NVMLError as exc:
-            unusable.append(f"{label}: {_nvml_error_text(exc)}")
-            return _Physical(uuid, bus, ())
-        gpu = _Physical(uuid, bus, ())
-        devices: list[Gpu] = []
-        slots = 0
-        for m in range(max_mig):
-            try:
-                mig = nvml.nvmlDeviceGetMigDeviceHandleByIndex(handle, m)
-            except nvml.NVMLError as exc:
-                # MIG slots are sparse: an empty one is "not found", not a failure.
-                if exc.value not in (_NVML_ERROR_NOT_FOUND, _NVML_ERROR_INVALID_ARGUMENT):
-                    unusable.append(f"{label} MIG device {m}: {_nvml_error_text(exc)}")
-                    slots += 1
-                continue
-            slots += 1
-            try:
-                mig_uuid = _text(nvml.nvmlDeviceGetUUID(mig))
-            except nvml.NVMLError as exc:
-                unusable.append(f"{label} MIG device {m}: {_nvml_error_text(exc)}")
-                continue
-            try:
-                devices.append(self._device(nvml, mig, mig_uuid, self._mig_name(nvml, mig, name)))
-            except nvml.NVMLError as exc:
-                unusable.append(f"{label} MIG device {m} ({mig_uuid}): {_nvml_error_text(exc)}")
-                continue
-            # Only the old MIG-GPU-<uuid>/<gi>/<ci> spelling needs these ids.
-            with contextlib.suppress(nvml.NVMLError):
-                gpu.mig_ids[mig_uuid] = (
-                    int(nvml.nvmlDeviceGetGpuInstanceId(mig)),
-                    int(nvml.nvmlDeviceGetComputeInstanceId(mig)),
-                )
-        if not slots:
-            unusable.append(f"{label}: MIG mode is enabled but the GPU has no MIG device")
-        gpu.devices = tuple(devices)
-        return gpu
-
-    @staticmethod
-    def _mig_enabled(nvml: Any, handle: Any) -> bool:
-        try:
-            current, _pending = nvml.nvmlDeviceGetMigMode(handle)
-        except nvml.NVMLError as exc:
-            if exc.value in (_NVML_ERROR_NOT_SUPPORTED, _NVML_ERROR_FUNCTION_NOT_FOUND):
-                return False
-            raise
-        return int(current) == _NVML_DEVICE_MIG_ENABLE
-
-    @staticmethod
-    def _mig_name(nvml: Any, mig: Any, parent_name: str) -> str:
-        try:
-            name = _text(nvml.nvmlDeviceGetName(mig))
-        except nvml.NVMLError:
-            return f"{parent_name} MIG"
-        # NVML names MIG devices "<GPU name> MIG <profile>"; keep the GPU in sight if not.
-        return name if "MIG" in name else f"{parent_name} MIG {name}"
-
-    def _device(self, nvml: Any, handle: Any, uuid: str, name: str) -> Gpu:
-        total, free = self._memory(nvml, handle)
-        return Gpu(
-            index=-1,
-            uuid=uuid,
-            name=name,
-            total_bytes=total,
-            free_bytes=free,
-            used_bytes=total - free,
-            processes=self._processes(nvml, handle),
-        )
-
-    @staticmethod
-    def _memory(nvml: Any, handle: Any) -> tuple[int, int]:
-        version = getattr(nvml, "nvmlMemory_v2", None)
-        if version is not None:
-            try:
-                info = nvml.nvmlDeviceGetMemoryInfo(handle, version=version)
-                return int(info.total), int(info.free)
-            except nvml.NVMLError as exc:
-                # Drivers before 510 lack the v2 call; MIG devices may refuse it.
-                if exc.value not in (
-                    _NVML_ERROR_NOT_SUPPORTED,
-                    _NVML_ERROR_FUNCTION_NOT_FOUND,
-                    _NVML_ERROR_ARGUMENT_VERSION_MISMATCH,
-                ):
-                    raise
-        info = nvml.nvmlDeviceGetMemoryInfo(handle)
-        return int(info.total), int(info.free)
-
-    def _processes(self, nvml: Any, handle: Any) -> tuple[GpuProcess, ...] | None:
-        try:
-            usage = _process_list(nvml, handle)
-        except (nvml.NVMLError, _list_mismatch(nvml)):
-            return None
-        processes = []
-        for pid, used in usage.items():
-            if used is None or not self._pid_exists(pid):
-                return None
-            processes.append(GpuProcess(pid=pid, used_bytes=used))
-        return tuple(processes)
+        gpus = tuple(replace(gpu, index=n) for n, gpu in enumerate(select_visible(spec, physical)))
+        return GpuInventory(gpus=gpus, source=source, unusable=tuple(reader.unusable))
