@@ -982,12 +982,13 @@ def test_before_pytest_9_2_ini_values_are_strings(
         _settings(project)
 
 
-def test_resolving_loads_no_nvml(tmp_path: Path) -> None:
+def test_resolving_loads_neither_nvml_nor_pytest(tmp_path: Path) -> None:
     code = (
         "import sys\n"
         "from pytest_gpushare.settings import resolve\n"
         f"resolve({{}}, {{'GPUSHARE_SIMULATE': '2x24GiB'}}, {{}}, cwd={str(tmp_path)!r})\n"
         "assert 'pynvml' not in sys.modules\n"
+        "assert 'pytest' not in sys.modules and '_pytest' not in sys.modules, 'pytest loaded'\n"
     )
     completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert completed.returncode == 0, completed.stderr
