@@ -24,8 +24,8 @@ from pytest_gpushare.ollama import (
     find_ollama_pids,
     query_ollama,
     resolve_address,
-    spilling_models,
 )
+from pytest_gpushare.report import spilling_lines
 from pytest_gpushare.units import GiB, MiB, TiB
 
 # A correctness bound (SPEC: "at most about one second"), not a benchmark.
@@ -162,8 +162,9 @@ def test_loaded_models_are_read_with_their_sizes(server: FakeOllama) -> None:
         OllamaModel("qwen3:14b", 10 * GiB, 8 * GiB),
     )
     assert status.held_bytes() == 5137025024 + 8 * GiB
-    assert spilling_models(status) == (OllamaModel("qwen3:14b", 10 * GiB, 8 * GiB),)
-    assert spilling_models(status)[0].cpu_bytes == 2 * GiB
+    assert spilling_lines(status) == [
+        "WARNING: Ollama model qwen3:14b is spilling to the CPU: 2.0GiB of 10.0GiB is not on the GPU"
+    ]
     assert server.requests == ["/api/ps"]
 
 
@@ -190,7 +191,9 @@ def test_a_model_without_size_vram_is_all_on_the_cpu(server: FakeOllama) -> None
     status = ask(server)
     assert status.answered
     assert status.held_bytes() == 0
-    assert spilling_models(status)[0].cpu_bytes == 40 * GiB
+    assert spilling_lines(status) == [
+        "WARNING: Ollama model llama3:70b is spilling to the CPU: 40.0GiB of 40.0GiB is not on the GPU"
+    ]
 
 
 def test_the_name_falls_back_to_model_and_is_made_one_printable_line(server: FakeOllama) -> None:
@@ -324,7 +327,7 @@ def test_an_untrustworthy_answer_is_not_used(server: FakeOllama, body: bytes, pr
     assert status.problem is not None
     assert status.problem.startswith(problem)
     assert "\n" not in status.problem
-    assert spilling_models(status) == ()
+    assert spilling_lines(status) == []
 
 
 def test_a_number_with_thousands_of_digits_is_not_used(server: FakeOllama) -> None:
@@ -543,7 +546,7 @@ def test_held_bytes_of_an_unused_answer_is_zero() -> None:
     # Models are never kept with answered=False, but held_bytes must not trust them anyway.
     status = OllamaStatus("u", True, False, (OllamaModel("a", 5, 3),), "doubt")
     assert status.held_bytes() == 0
-    assert spilling_models(status) == ()
+    assert spilling_lines(status) == []
 
 
 # --- which GPU holds Ollama's memory --------------------------------------------------------
