@@ -9,7 +9,8 @@
   memory as they need it instead of most of the GPU at once.
 
 Nothing here imports torch or initialises CUDA: torch is used only when it is already in
-``sys.modules``, and a cap waits for the test's own initialisation of CUDA.
+``sys.modules`` (:mod:`~pytest_gpushare.torch_cuda`), and a cap waits for the test's own
+initialisation of CUDA.
 """
 
 from __future__ import annotations
@@ -17,13 +18,13 @@ from __future__ import annotations
 import contextlib
 import math
 import re
-import sys
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from pytest_gpushare.observe import LeasedDevice, torch_in_use
+from pytest_gpushare.observe import LeasedDevice
+from pytest_gpushare.torch_cuda import imported_cuda, torch_in_use
 from pytest_gpushare.units import GiB, MiB, format_size
 
 __all__ = [
@@ -203,8 +204,7 @@ def enforce(leases: Sequence[LeasedDevice]) -> Enforcement | str:
     nothing to enforce with (no torch in this process, no CUDA device leased).
     """
     global _pending, _hook_queued_in
-    torch = sys.modules.get("torch")
-    cuda = getattr(torch, "cuda", None) if torch is not None else None
+    cuda = imported_cuda()
     if cuda is None:
         return UNAVAILABLE_NO_TORCH
     targets = [

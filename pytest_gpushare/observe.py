@@ -6,10 +6,11 @@
 - :class:`Watch` is one process's observer around each GPU test: the sampler, PyTorch's own
   peak where the test's process already uses torch, the CUDA context kept apart from the test,
   the allocator's cache released after the test. It yields one
-  :class:`~pytest_gpushare.observations.GpuObservation` per GPU; ``advice`` says what they mean.
+  :class:`~pytest_gpushare.observations.GpuObservation` per GPU;
+  :mod:`~pytest_gpushare.observations` says what they mean.
 
-Nothing here imports pytest or torch, and nothing initialises CUDA: a torch call is made only
-when ``torch`` is already in ``sys.modules`` and ``torch.cuda.is_initialized()``.
+Nothing here imports pytest or torch, and nothing initialises CUDA: torch is asked through
+:mod:`~pytest_gpushare.torch_cuda`, only where this process already started CUDA with it.
 """
 
 from __future__ import annotations
@@ -17,15 +18,15 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import sys
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final, NamedTuple, Protocol
+from typing import Final, NamedTuple, Protocol
 
 from pytest_gpushare.errors import SettingError
 from pytest_gpushare.gpus import nvml, visible
 from pytest_gpushare.observations import NOT_MEASURABLE, GpuObservation
+from pytest_gpushare.torch_cuda import initialised_cuda, release_cached, torch_peak_start, torch_peak_stop
 
 __all__ = [
     "DEFAULT_INTERVAL_S",
@@ -33,11 +34,7 @@ __all__ = [
     "NvmlPeak",
     "Sampler",
     "Watch",
-    "release_cached",
     "split_context",
-    "torch_in_use",
-    "torch_peak_start",
-    "torch_peak_stop",
 ]
 
 DEFAULT_INTERVAL_S: Final = 0.05
@@ -54,16 +51,16 @@ class _Reading(NamedTuple):
     """One read of the process list, as it concerns our process."""
 
     kind: str  # "seen" | "absent" | "ambiguous" | "unavailable"
-    used: int
+    used_bytes: int
     reason: str | None = None
 
 
 def _interpret(usage: Mapping[int, int | None], pid: int, pid_exists: Callable[[int], bool]) -> _Reading:
     if pid in usage:
-        used = usage[pid]
-        if used is None:
+        used_bytes = usage[pid]
+        if used_bytes is None:
             return _Reading("unavailable", 0, _WITHHELD)
-        return _Reading("seen", used)
+        return _Reading("seen", used_bytes)
     # Absent: we hold nothing there, unless NVML lists host PIDs we cannot see (another
     # PID namespace), in which case our own entry may be among them under another number.
     if any(used is None for used in usage.values()):
@@ -77,8 +74,8 @@ def _interpret(usage: Mapping[int, int | None], pid: int, pid_exists: Callable[[
 
 @dataclass
 class _Track:
-    baseline: int | None = None
-    peak: int = 0
+    baseline_bytes: int | None = None
+    peak_bytes: int = 0
     samples: int = 0
     seen: bool = False
     ambiguous: str | None = None
@@ -92,9 +89,9 @@ class _Track:
         if reading.kind == "ambiguous":
             self.ambiguous = reading.reason
         self.seen = self.seen or reading.kind == "seen"
-        if self.baseline is None:
-            self.baseline = reading.used
-        self.peak = max(self.peak, reading.used)
+        if self.baseline_bytes is None:
+            self.baseline_bytes = reading.used_bytes
+        self.peak_bytes = max(self.peak_bytes, reading.used_bytes)
 
 
 @dataclass(frozen=True)
@@ -169,7 +166,7 @@ class Sampler:
     def sample(self, uuid: str, pid: int | None = None) -> int | None:
         """Bytes ``pid`` (default: this process) uses on ``uuid`` now, or None when unknown."""
         reading = self._read(uuid, os.getpid() if pid is None else pid)
-        return reading.used if reading.kind in ("seen", "absent") else None
+        return reading.used_bytes if reading.kind in ("seen", "absent") else None
 
     def _sample_all(self, run: _Run) -> None:
         for uuid, track in run.tracks.items():
@@ -229,9 +226,9 @@ class _Run:
 
 def _peak(uuid: str, t: _Track) -> NvmlPeak:
     reason = t.failed or (t.ambiguous if not t.seen else None)
-    if reason is not None or t.baseline is None:
+    if reason is not None or t.baseline_bytes is None:
         return NvmlPeak(uuid, None, None, t.samples, reason or "no reading")
-    return NvmlPeak(uuid, t.baseline, t.peak, t.samples)
+    return NvmlPeak(uuid, t.baseline_bytes, t.peak_bytes, t.samples)
 
 
 def split_context(baseline: int, peak: int, residual: int | None) -> tuple[int, int | None, bool]:
@@ -254,76 +251,6 @@ def split_context(baseline: int, peak: int, residual: int | None) -> tuple[int, 
         return peak, None, False
     context = min(residual, peak)
     return peak - context, context, True
-
-
-# --- PyTorch, only where the process already uses it --------------------------------------
-
-
-def _torch_cuda() -> Any | None:
-    """``torch.cuda`` when this process imported torch and started CUDA, else None."""
-    torch = sys.modules.get("torch")
-    cuda = getattr(torch, "cuda", None) if torch is not None else None
-    if cuda is None:
-        return None
-    try:
-        return cuda if cuda.is_initialized() else None
-    except Exception:  # a half-imported or broken torch is "not in use"
-        return None
-
-
-def torch_in_use() -> bool:
-    """Whether torch is imported and has initialised CUDA in this process (never imports it)."""
-    return _torch_cuda() is not None
-
-
-def _cuda_devices(devs: Iterable[str]) -> list[str]:
-    return [d for d in dict.fromkeys(devs) if d.startswith("cuda")]
-
-
-def torch_peak_start(devs: Iterable[str]) -> dict[str, int]:
-    """Reset torch's peak statistics on ``devs`` (``"cuda:N"``); returns what each had reserved.
-
-    Empty when torch is not in use. A test that starts CUDA itself needs no reset: its
-    peak counts from its own initialisation.
-    """
-    cuda = _torch_cuda()
-    if cuda is None:
-        return {}
-    base: dict[str, int] = {}
-    for dev in _cuda_devices(devs):
-        with contextlib.suppress(Exception):
-            base[dev] = int(cuda.memory_reserved(dev))
-            cuda.reset_peak_memory_stats(dev)
-    return base
-
-
-def torch_peak_stop(devs: Iterable[str], baseline: Mapping[str, int] | None = None) -> dict[str, int]:
-    """Bytes torch's allocator reserved at its highest on each of ``devs`` since the start,
-    above what it held then (``baseline`` from :func:`torch_peak_start`). Empty when torch
-    is not in use."""
-    cuda = _torch_cuda()
-    if cuda is None:
-        return {}
-    base = baseline or {}
-    peaks: dict[str, int] = {}
-    for dev in _cuda_devices(devs):
-        with contextlib.suppress(Exception):
-            peaks[dev] = max(0, int(cuda.max_memory_reserved(dev)) - base.get(dev, 0))
-    return peaks
-
-
-def release_cached() -> bool:
-    """Give torch's cached, unused blocks back to the driver after a GPU test.
-
-    Without this, a worker keeps its previous test's peak reserved and the next lease on the
-    GPU no longer matches what is really free. Returns whether torch was in use.
-    """
-    cuda = _torch_cuda()
-    if cuda is None:
-        return False
-    with contextlib.suppress(Exception):
-        cuda.empty_cache()
-    return True
 
 
 # --- one process's observer ------------------------------------------------------------------
@@ -419,7 +346,7 @@ class Watch:
             residual = None
             if nvml.baseline_bytes == 0 and nvml.peak_bytes > 0:
                 residual = self.sampler.sample(uuid, self._pid)
-                cuda = _torch_cuda()
+                cuda = initialised_cuda()
                 if residual and cuda is not None:
                     # Tensors still alive in wider-scoped fixtures are not the context.
                     with contextlib.suppress(Exception):

@@ -13,15 +13,16 @@ import sys
 import termios
 import textwrap
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import wait_until
 
 from pytest_gpushare.commands.run import child_environment, should_forward
 from pytest_gpushare.gpus import Gpu, GpuInventory, SimulatedProbe
-from pytest_gpushare.ledger.handle import Lease, Owner
+from pytest_gpushare.ledger import Lease, Owner
 from pytest_gpushare.planner import Budget, make_plan, ollama_reservations
 from pytest_gpushare.units import GiB, PerGpuSizes
 
@@ -153,7 +154,7 @@ class CliBox:
 
     def wait_file(self, name: str, proc: subprocess.Popen[str] | None = None) -> str:
         path = self.file(name)
-        wait_until(path.exists, f"{name} to appear", proc)
+        wait_until(path.exists, f"{name} to appear", proc=proc)
         return path.read_text()
 
     def cleanup(self) -> None:
@@ -173,19 +174,6 @@ def cli(tmp_path: Path) -> Iterator[CliBox]:
     box = CliBox(tmp_path)
     yield box
     box.cleanup()
-
-
-def wait_until(
-    condition: Callable[[], object], what: str, proc: subprocess.Popen[str] | None = None, timeout: float = 30
-) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if proc is not None and proc.poll() is not None:
-            out, err = proc.communicate()
-            pytest.fail(f"waiting for {what}: the process ended with {proc.returncode}: {out}{err}")
-        if time.monotonic() > deadline:
-            pytest.fail(f"waited {timeout}s for {what}")
-        time.sleep(0.02)
 
 
 def run_leases(document: dict[str, Any]) -> list[dict[str, Any]]:
@@ -454,7 +442,7 @@ def test_runs_serialise_and_a_timed_out_wait_names_the_holder(cli: CliBox) -> No
         # Past the second after which gpushare run says what it waits for.
         return any(w["waited_s"] > 1.5 for g in cli.status()["gpus"] for w in g["waiters"])
 
-    wait_until(waited_long, "the second run to wait", second)
+    wait_until(waited_long, "the second run to wait", proc=second)
     assert not cli.file("b.start").exists()
     cli.file("a.stop").touch()
     assert first.wait(30) == 0
@@ -472,7 +460,7 @@ def test_a_signal_while_waiting_withdraws_the_wait(cli: CliBox) -> None:
     first = cli.start_run("--mem", "16GiB", "--simulate", SIM, "--", *cli.child_cmd("hold", "a"))
     cli.wait_file("a.start", first)
     second = cli.start_run("--mem", "16GiB", "--simulate", SIM, "--", *cli.child_cmd("hold", "b"))
-    wait_until(lambda: any(g["waiters"] for g in cli.status()["gpus"]), "the second run to wait", second)
+    wait_until(lambda: any(g["waiters"] for g in cli.status()["gpus"]), "the second run to wait", proc=second)
     second.send_signal(signal.SIGTERM)
     assert second.wait(30) == 128 + signal.SIGTERM
     document = cli.status()
@@ -538,7 +526,7 @@ def test_a_run_holds_memory_beside_a_pytest_session_and_frees_it_when_killed(cli
             for w in g["waiters"]
         )
 
-    wait_until(session_waits, "the pytest session's tests to wait", session, timeout=45)
+    wait_until(session_waits, "the pytest session's tests to wait", proc=session, timeout=45)
     assert not list(cli.out.glob("test-*.json"))
 
     run.send_signal(signal.SIGKILL)

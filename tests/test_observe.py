@@ -15,6 +15,7 @@ from collections.abc import Callable
 from types import SimpleNamespace
 
 import pytest
+from conftest import wait_until
 from fake_pynvml import NVML_ERROR_GPU_IS_LOST, NVML_ERROR_LIBRARY_NOT_FOUND, FakeGpu, FakeMig, FakeNvml
 from fake_torch import FakeLease, install_fake_torch
 
@@ -22,14 +23,8 @@ from pytest_gpushare.errors import GpuShareError, SettingError
 from pytest_gpushare.gpus.model import GpuProcess
 from pytest_gpushare.gpus.nvml import NvmlProbe, process_usage
 from pytest_gpushare.observations import NOT_MEASURABLE, GpuObservation, observation_record
-from pytest_gpushare.observe import (
-    Sampler,
-    Watch,
-    release_cached,
-    split_context,
-    torch_peak_start,
-    torch_peak_stop,
-)
+from pytest_gpushare.observe import Sampler, Watch, split_context
+from pytest_gpushare.torch_cuda import release_cached, torch_peak_start, torch_peak_stop
 from pytest_gpushare.units import GiB, MiB
 
 PID = os.getpid()
@@ -39,17 +34,9 @@ NO_SUCH_PID = 2**22 + 12345  # above Linux's pid_max ceiling: never a process he
 Processes = list[tuple[int, int | None]]
 
 
-def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met within the deadline")
-        time.sleep(0.001)
-
-
 def wait_reads(fake: FakeNvml, more: int) -> None:
     target = fake.process_reads + more
-    wait_for(lambda: fake.process_reads >= target)
+    wait_until(lambda: fake.process_reads >= target, f"{more} more reads of the process list")
 
 
 class Schedule:
@@ -178,7 +165,7 @@ def test_sampler_catches_a_spike_that_lasts_one_reading(box: Callable[..., FakeN
     s = sampler()
     s.start([A])
     # Reading 0 is the baseline at start; reading 1, the spike, is the thread's first.
-    wait_for(lambda: schedule.reads >= 4)
+    wait_until(lambda: schedule.reads >= 4, "the spike and the reading after it")
     peak = s.stop()[A]
     assert peak.measurable
     assert peak.baseline_bytes == 100 * MiB
@@ -232,7 +219,8 @@ def test_one_withheld_reading_makes_the_whole_test_not_measurable(box: Callable[
     box([FakeGpu(A, usage=schedule)])
     s = sampler()
     s.start([A])
-    wait_for(lambda: schedule.reads >= 3)  # the thread's first reading is the withheld one
+    # The thread's first reading is the withheld one.
+    wait_until(lambda: schedule.reads >= 3, "the withheld reading and the one after it")
     peak = s.stop()[A]
     assert peak.peak_bytes is None
     assert "usedGpuMemory" in (peak.reason or "")
@@ -312,14 +300,17 @@ def test_a_hung_nvml_call_neither_hangs_the_test_nor_leaks_into_the_next(
     s.stop_timeout_s = 0.05
     s.start([A])
     hang.set()
-    wait_for(lambda: not hang.is_set())  # the old thread is inside the hung call
+    wait_until(lambda: not hang.is_set(), "the old thread to enter the hung call")
     peak = s.stop()[A]
     assert peak.peak_bytes is None
     assert peak.reason == "NVML did not answer within 0.05s"
     s.stop_timeout_s = 5.0
     s.start([A])
     release.set()
-    wait_for(lambda: sum(t.name == "gpushare-observe" for t in threading.enumerate()) == 1)
+    wait_until(
+        lambda: sum(t.name == "gpushare-observe" for t in threading.enumerate()) == 1,
+        "the hung thread to end",
+    )
     wait_reads(fake, 2)
     peak = s.stop()[A]
     assert (peak.baseline_bytes, peak.peak_bytes) == (GiB, GiB)
