@@ -76,20 +76,7 @@ class GpuObservation:
     def to_dict(self) -> dict[str, Any]:
         # Every field is a plain value, so a shallow dict is what ``dataclasses.asdict`` gives,
         # without its deep copy (this runs for every GPU test, and again in the controller).
-        return {
-            "uuid": self.uuid,
-            "device": self.device,
-            "declared_bytes": self.declared_bytes,
-            "peak_bytes": self.peak_bytes,
-            "source": self.source,
-            "nvml_peak_bytes": self.nvml_peak_bytes,
-            "torch_peak_bytes": self.torch_peak_bytes,
-            "baseline_bytes": self.baseline_bytes,
-            "context_bytes": self.context_bytes,
-            "context_from_test": self.context_from_test,
-            "samples": self.samples,
-            "note": self.note,
-        }
+        return {name: getattr(self, name) for name in self.__dataclass_fields__}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> GpuObservation:

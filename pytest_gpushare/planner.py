@@ -3,7 +3,8 @@
 No I/O, no pytest: values in, values out. The formula is SPEC's:
 
 * reservations come as :class:`Reservation` values, one per GPU and reason; Ollama's is
-  ``ollama_hold_g = max(0, ollama_reserve_g - ollama_held_g)`` (built in ollama.py's hook)
+  ``ollama_hold_g = max(0, ollama_reserve_g - ollama_held_g)`` (:func:`ollama_reservations`,
+  with what :func:`pytest_gpushare.ollama.attribute_held` finds Ollama holds on each GPU)
 * ``free_g = nvml_free_g + credit_g`` where ``credit_g`` is what processes holding leases on
   this box really use on g, each at most what it booked there (leases + context)
 * ``usable_g = max(0, free_g - Σ reservations_g - safety_g)``

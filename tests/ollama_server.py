@@ -236,23 +236,22 @@ class FakeOllama:
 
 
 @contextlib.contextmanager
-def refused_port() -> Iterator[int]:
+def _local_port(*, listen: bool) -> Iterator[int]:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.bind(("127.0.0.1", 0))
+        if listen:
+            sock.listen(16)
+        yield int(sock.getsockname()[1])
+    finally:
+        sock.close()
+
+
+def refused_port() -> contextlib.AbstractContextManager[int]:
     """A port on 127.0.0.1 that refuses connections: bound (so nobody else takes it), not listening."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        sock.bind(("127.0.0.1", 0))
-        yield int(sock.getsockname()[1])
-    finally:
-        sock.close()
+    return _local_port(listen=False)
 
 
-@contextlib.contextmanager
-def silent_listener() -> Iterator[int]:
+def silent_listener() -> contextlib.AbstractContextManager[int]:
     """A port whose connections the kernel accepts and nobody ever reads from or answers."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        sock.bind(("127.0.0.1", 0))
-        sock.listen(16)
-        yield int(sock.getsockname()[1])
-    finally:
-        sock.close()
+    return _local_port(listen=True)

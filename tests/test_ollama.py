@@ -409,17 +409,17 @@ def test_a_listener_that_never_reads() -> None:
     assert elapsed < BOUND
 
 
-def test_a_body_that_stalls_after_the_headers(server: FakeOllama) -> None:
-    server.mode = "stall_body"
-    status, elapsed = timed(server.url)
-    assert status.answered is False
-    assert status.problem is not None and NO_ANSWER.fullmatch(status.problem)
-    assert elapsed < BOUND
-
-
-def test_headers_that_trickle_forever(server: FakeOllama) -> None:
-    # Each header line comes well within any socket timeout: only the overall deadline helps.
-    server.mode = "trickle_headers"
+@pytest.mark.parametrize(
+    "mode",
+    [
+        "stall_body",  # a body that stalls after the headers
+        # Headers that trickle forever: each line comes well within any socket timeout, so only
+        # the overall deadline helps.
+        "trickle_headers",
+    ],
+)
+def test_a_server_that_stalls_is_cut_off_at_the_deadline(server: FakeOllama, mode: str) -> None:
+    server.mode = mode
     status, elapsed = timed(server.url)
     assert status.answered is False
     assert status.problem is not None and NO_ANSWER.fullmatch(status.problem)

@@ -1,7 +1,7 @@
 """``gpushare status``: who holds what on this box, per GPU, beside what the devices say.
 
 Reading the ledgers is an access like any other: owners whose liveness lock is free are dead,
-and their leases are reclaimed on the way (:func:`pytest_gpushare.ledger.handle.read_status`); what this
+and their leases are reclaimed on the way (:func:`pytest_gpushare.ledger.read_status`); what this
 access reclaimed or repaired is listed with the rest.
 
 The ledger folder is the one pytest would use in the current folder: ``--ledger-dir``, else
@@ -23,7 +23,7 @@ from typing import Any
 
 from pytest_gpushare.commands.common import CommandParser, UsageError, pytest_view
 from pytest_gpushare.errors import LedgerError, SettingError
-from pytest_gpushare.gpus import GpuInventory, probe_for
+from pytest_gpushare.gpus import Gpu, GpuInventory, probe_for
 from pytest_gpushare.ledger import CONTEXT, default_ledger_dir, read_status
 from pytest_gpushare.units import format_size
 
@@ -79,19 +79,7 @@ def status_document(
     gpus = []
     for gpu in snapshot.get("gpus", []):
         seen = by_uuid.get(gpu["uuid"])
-        entry = dict(gpu)
-        entry["device"] = (
-            None
-            if seen is None
-            else {
-                "index": seen.index,
-                "name": seen.name,
-                "total_bytes": seen.total_bytes,
-                "free_bytes": seen.free_bytes,
-                "used_bytes": seen.used_bytes,
-            }
-        )
-        gpus.append(entry)
+        gpus.append({**gpu, "device": None if seen is None else _device_fields(seen)})
     # In the devices' order where they are known; the folder lists ledgers by file name.
     gpus.sort(key=lambda g: (g["device"] is None, g["device"]["index"] if g["device"] else 0, g["uuid"]))
     document = dict(snapshot)
@@ -104,12 +92,8 @@ def status_document(
         "unusable": list(devices.unusable),
         "gpus": [
             {
-                "index": g.index,
+                **_device_fields(g),
                 "uuid": g.uuid,
-                "name": g.name,
-                "total_bytes": g.total_bytes,
-                "free_bytes": g.free_bytes,
-                "used_bytes": g.used_bytes,
                 "simulated": g.simulated,
                 "in_ledger": g.uuid in ledger_uuids,
             }
@@ -117,6 +101,16 @@ def status_document(
         ],
     }
     return document
+
+
+def _device_fields(gpu: Gpu) -> dict[str, Any]:
+    return {
+        "index": gpu.index,
+        "name": gpu.name,
+        "total_bytes": gpu.total_bytes,
+        "free_bytes": gpu.free_bytes,
+        "used_bytes": gpu.used_bytes,
+    }
 
 
 def _age(seconds: float) -> str:
@@ -144,71 +138,77 @@ def _holder(lease: Mapping[str, Any]) -> str:
     return f"test {lease['test_id']}"
 
 
-def _device_line(device: Mapping[str, Any] | None, source: str) -> str:
-    what = "NVML" if source.startswith("NVML") else "simulated"
-    if device is None:
-        return f"  {what}: does not show this GPU"
+def _usage(device: Mapping[str, Any]) -> str:
     return (
-        f"  {what} GPU {device['index']}: used {format_size(device['used_bytes'])}, "
+        f"used {format_size(device['used_bytes'])}, "
         f"free {format_size(device['free_bytes'])} of {format_size(device['total_bytes'])}"
     )
 
 
-def status_lines(document: Mapping[str, Any]) -> list[str]:
-    """The text ``gpushare status`` prints for a :func:`status_document`."""
-    devices = document["devices"]
-    lines = [f"gpushare status: ledger folder {document['folder']} ({document['folder_source']})"]
-    if not document["gpus"]:
-        lines.append("no leases")
-    for gpu in document["gpus"]:
-        limit = gpu["limit_bytes"]
-        booked = gpu["booked_bytes"]
-        name = gpu["name"] or "unknown GPU"
-        head = f"{gpu['uuid']} ({name}"
-        head += f", {format_size(gpu['total_bytes'])})" if gpu["total_bytes"] else ")"
-        if limit is None:
-            head += f": booked {format_size(booked)}, no live owner sets a limit"
+def _ledger_head(gpu: Mapping[str, Any]) -> str:
+    """A ledger GPU's first line: what it is, its limit and what is booked on it."""
+    limit, booked = gpu["limit_bytes"], gpu["booked_bytes"]
+    head = f"{gpu['uuid']} ({gpu['name'] or 'unknown GPU'}"
+    head += f", {format_size(gpu['total_bytes'])})" if gpu["total_bytes"] else ")"
+    if limit is None:
+        return f"{head}: booked {format_size(booked)}, no live owner sets a limit"
+    return (
+        f"{head}: limit {format_size(limit)}, booked {format_size(booked)} "
+        f"(leases {format_size(gpu['leased_bytes'])}, CUDA contexts {format_size(gpu['context_bytes'])}), "
+        f"{format_size(max(0, limit - booked))} left"
+    )
+
+
+def _ledger_gpu_lines(gpu: Mapping[str, Any], devices: Mapping[str, Any]) -> list[str]:
+    """One ledger GPU: its head, what the device says, its leases, contexts and waiters."""
+    lines = [_ledger_head(gpu)]
+    device = gpu["device"]
+    seer = "NVML" if devices["source"].startswith("NVML") else "simulated"
+    if device is not None:
+        lines.append(f"  {seer} GPU {device['index']}: {_usage(device)}")
+    elif devices["error"] is None:  # a failed NVML shows no GPU; its failure is said below
+        lines.append(f"  {seer}: does not show this GPU")
+    # Test leases first, then the CUDA contexts that come with them.
+    for lease in sorted(gpu["leases"], key=lambda lease: lease["kind"] == CONTEXT):
+        size = format_size(lease["bytes"])
+        age = _age(lease["age_s"])
+        if lease["kind"] == CONTEXT:
+            lines.append(f"  context  {size:>9}  {_who(lease['owner'])}, {age}")
         else:
-            head += (
-                f": limit {format_size(limit)}, booked {format_size(booked)} "
-                f"(leases {format_size(gpu['leased_bytes'])}, "
-                f"CUDA contexts {format_size(gpu['context_bytes'])}), "
-                f"{format_size(max(0, limit - booked))} left"
-            )
-        lines.append(head)
-        if devices["error"] is None or gpu["device"] is not None:
-            lines.append(_device_line(gpu["device"], devices["source"]))
-        # Test leases first, then the CUDA contexts that come with them.
-        for lease in sorted(gpu["leases"], key=lambda lease: lease["kind"] == CONTEXT):
-            size = format_size(lease["bytes"])
-            age = _age(lease["age_s"])
-            if lease["kind"] == CONTEXT:
-                lines.append(f"  context  {size:>9}  {_who(lease['owner'])}, {age}")
-            else:
-                lines.append(f"  lease    {size:>9}  {_holder(lease)}  ({_who(lease['owner'])}, {age})")
-        for waiter in gpu["waiters"]:
-            what = format_size(waiter["bytes"]) + (" exclusive" if waiter["exclusive"] else "")
-            if waiter["count"] > 1:
-                what += f" on each of {waiter['count']} GPUs"
-            lines.append(
-                f"  waiting  {what:>9}  {waiter['test_id']}  "
-                f"({_who(waiter['owner'])}, waited {_age(waiter['waited_s'])})"
-            )
-    if document["log"]:
-        lines.append("this access reclaimed or repaired:")
-        lines += [f"  {line}" for line in document["log"]]
-    if devices["error"] is not None:
-        lines.append(f"NVML failed: {devices['error']}")
+            lines.append(f"  lease    {size:>9}  {_holder(lease)}  ({_who(lease['owner'])}, {age})")
+    for waiter in gpu["waiters"]:
+        need = format_size(waiter["bytes"]) + (" exclusive" if waiter["exclusive"] else "")
+        if waiter["count"] > 1:
+            need += f" on each of {waiter['count']} GPUs"
+        lines.append(
+            f"  waiting  {need:>9}  {waiter['test_id']}  "
+            f"({_who(waiter['owner'])}, waited {_age(waiter['waited_s'])})"
+        )
+    return lines
+
+
+def _device_lines(devices: Mapping[str, Any]) -> list[str]:
+    """What the devices say beyond the ledgers: NVML's failure, unreadable GPUs, GPUs without a ledger."""
+    lines = [] if devices["error"] is None else [f"NVML failed: {devices['error']}"]
     lines += [f"{devices['source']}: cannot read {what}" for what in devices["unusable"]]
     others = [g for g in devices["gpus"] if not g["in_ledger"]]
     if others:
         lines.append(f"GPUs without a ledger here ({devices['source']}):")
-        lines += [
-            f"  GPU {g['index']} ({g['name']}, {g['uuid']}): used {format_size(g['used_bytes'])}, "
-            f"free {format_size(g['free_bytes'])} of {format_size(g['total_bytes'])}"
-            for g in others
-        ]
+        lines += [f"  GPU {g['index']} ({g['name']}, {g['uuid']}): {_usage(g)}" for g in others]
     return lines
+
+
+def status_lines(document: Mapping[str, Any]) -> list[str]:
+    """The text ``gpushare status`` prints for a :func:`status_document`."""
+    lines = [f"gpushare status: ledger folder {document['folder']} ({document['folder_source']})"]
+    if not document["gpus"]:
+        lines.append("no leases")
+    for gpu in document["gpus"]:
+        lines += _ledger_gpu_lines(gpu, document["devices"])
+    if document["log"]:
+        lines.append("this access reclaimed or repaired:")
+        lines += [f"  {line}" for line in document["log"]]
+    return lines + _device_lines(document["devices"])
 
 
 def cmd_status(args: list[str]) -> int:
