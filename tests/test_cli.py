@@ -20,7 +20,8 @@ from typing import Any
 import pytest
 from conftest import wait_until
 
-from pytest_gpushare.commands.run import child_environment, should_forward
+from pytest_gpushare.commands.run import child_environment
+from pytest_gpushare.commands.spawn import should_forward
 from pytest_gpushare.gpus import Gpu, GpuInventory, SimulatedProbe
 from pytest_gpushare.ledger import Lease, Owner
 from pytest_gpushare.planner import Budget, make_plan, ollama_reservations

@@ -1,6 +1,7 @@
 """The ``gpushare`` command (also ``python -m pytest_gpushare``): one module per subcommand.
 
-Subcommands are imported when they are called, so ``gpushare --help`` stays fast.
+Subcommands are imported when they are called, so ``gpushare --help`` stays fast. ``common``
+holds what they share; ``spawn`` runs ``gpushare run``'s command with its signals.
 """
 
 from __future__ import annotations

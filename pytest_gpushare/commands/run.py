@@ -22,7 +22,8 @@ all usable memory of each GPU (``--mem``, then optional, is the least it accepts
    a SIGINT, SIGQUIT or SIGHUP that the terminal sent to the whole foreground process group,
    which the command got already (a second copy would turn one Ctrl-C into "force quit" for
    many servers). Signals that ``gpushare run`` inherited as ignored stay ignored and are not
-   forwarded (``nohup``, background jobs of a script).
+   forwarded (``nohup``, background jobs of a script). :mod:`~pytest_gpushare.commands.spawn`
+   runs the command.
 6. When the command ends, the lease is given back and its exit code returned (``128 + N`` when
    signal ``N`` killed it, as shells report it). If ``gpushare run`` itself is killed, even by
    SIGKILL, its lease dies with it: the command never holds the ledger's liveness lock
@@ -37,20 +38,23 @@ executed / is not found; ``128 + N`` when signal ``N`` stopped the wait.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shlex
-import signal
 import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
-from types import FrameType
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from pytest_gpushare.commands.common import CommandParser, UsageError, pytest_view
+from pytest_gpushare.commands.spawn import (
+    Interrupted,
+    handled_signals,
+    signal_name,
+    signals_interrupt,
+    spawn_and_wait,
+)
 from pytest_gpushare.credits import nvml_refresh
 from pytest_gpushare.errors import GpuShareError, LeaseTimeout, LedgerError, NeverFits, SettingError
 from pytest_gpushare.ledger import (
@@ -71,30 +75,13 @@ __all__ = [
     "EXIT_NEVER_FITS",
     "EXIT_SETTING",
     "EXIT_TIMEOUT",
-    "FORWARDED_SIGNALS",
     "WORKER_ID",
     "child_environment",
     "cmd_run",
-    "should_forward",
 ]
 
 #: The worker id of ``gpushare run`` owners in the ledgers.
 WORKER_ID = "gpushare-run"
-FORWARDED_SIGNALS = (
-    signal.SIGINT,
-    signal.SIGTERM,
-    signal.SIGHUP,
-    signal.SIGQUIT,
-    signal.SIGUSR1,
-    signal.SIGUSR2,
-)
-# What a terminal sends to its whole foreground process group.
-_TTY_SIGNALS = frozenset({signal.SIGINT, signal.SIGQUIT, signal.SIGHUP})
-# si_code of a signal the kernel raised itself (a terminal's Ctrl-C, Ctrl-\ or hangup) rather
-# than a kill() by some process (SI_USER, 0). Linux's value; the module does not export it.
-_SI_KERNEL = 0x80
-# Python ignores these at start-up; the command gets the default back, as subprocess does it.
-_RESTORED_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ)
 
 EXIT_USAGE = 2
 EXIT_LEDGER = 2
@@ -108,14 +95,8 @@ WAIT_NOTICE_AFTER_S = 1.0
 WAIT_REPEAT_S = 30.0
 #: Longer command lines are cut in the ledger (its files are size-capped).
 COMMAND_CAP = 1000
-#: Without a SIGCHLD (it cannot be lost on Linux, but costs nothing to guard) the child is polled.
-_POLL_S = 1.0
 
 USAGE = "gpushare run --mem SIZE [--count N] [--exclusive] [--timeout S] [settings] -- COMMAND..."
-
-
-# What signal.signal() takes and returns.
-_Handler = Callable[[int, FrameType | None], Any] | int | signal.Handlers | None
 
 
 def _parser() -> CommandParser:
@@ -190,33 +171,6 @@ def child_environment(plan: Plan, lease: Lease, environ: Mapping[str, str]) -> d
 # --- waiting ---------------------------------------------------------------------------------
 
 
-class _Interrupted(BaseException):
-    """A forwarded signal arrived while no command was running yet."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signum)
-        self.signum = signum
-
-
-def _interrupt(signum: int, _frame: FrameType | None) -> None:
-    raise _Interrupted(signum)
-
-
-def _handled_signals() -> list[int]:
-    # A signal inherited as ignored stays ignored, as a shell's `nohup` or `cmd &` asked.
-    return [s for s in FORWARDED_SIGNALS if signal.getsignal(s) is not signal.SIG_IGN]
-
-
-@contextmanager
-def _signals_interrupt(signums: Sequence[int]) -> Iterator[None]:
-    previous = {s: signal.signal(s, _interrupt) for s in signums}
-    try:
-        yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-
-
 class _WaitNotice:
     """Says on standard error what the lease waits for, after a second and then every 30 s."""
 
@@ -258,82 +212,9 @@ class _WaitNotice:
         return text + ("; held by " + ", ".join(holders) if holders else "")
 
 
-# --- running the command ---------------------------------------------------------------------
-
-
-def should_forward(signum: int, si_code: int, child_pgid: int, own_pgid: int) -> bool:
-    """Whether a signal that reached ``gpushare run`` must be sent on to the command.
-
-    Not when a terminal raised it (``si_code`` is the kernel's) for the foreground process
-    group and the command is in ours: it got its own copy.
-    """
-    return not (signum in _TTY_SIGNALS and si_code == _SI_KERNEL and child_pgid == own_pgid)
-
-
-def _kill(pid: int, signum: int) -> None:
-    with contextlib.suppress(ProcessLookupError):  # it has just ended; the wait loop reaps it
-        os.kill(pid, signum)
-
-
-def _forward(pid: int, info: signal.struct_siginfo) -> None:
-    try:
-        child_pgid = os.getpgid(pid)
-    except ProcessLookupError:
-        return
-    if should_forward(info.si_signo, info.si_code, child_pgid, os.getpgrp()):
-        _kill(pid, info.si_signo)
-
-
-def _spawn_and_wait(command: Sequence[str], env: Mapping[str, str], forwarded: Sequence[int]) -> int:
-    """Run ``command``, forwarding signals, and return its exit code (``128 + N`` for signal N).
-
-    The signals are blocked and taken with ``sigtimedwait`` (with SIGCHLD for the command's
-    end), which gives each signal's origin; ``posix_spawn`` hands the command the mask and the
-    dispositions it should have, which ``subprocess`` cannot do.
-    """
-    waited_for = {*forwarded, signal.SIGCHLD}
-    previous: dict[int, _Handler] = {}
-    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, waited_for)
-    try:
-        pid = os.posix_spawnp(
-            command[0],
-            list(command),
-            dict(env),
-            setsigmask=old_mask,
-            setsigdef=(*forwarded, *_RESTORED_SIGNALS),
-        )
-        # A thread that does not block them (one a library left behind) may take a signal
-        # instead: its handler then passes it on rather than stop the wait.
-        for signum in forwarded:
-            previous.setdefault(signum, signal.signal(signum, lambda got, _frame: _kill(pid, got)))
-        while True:
-            info = signal.sigtimedwait(waited_for, _POLL_S)
-            if info is not None and info.si_signo != signal.SIGCHLD:
-                _forward(pid, info)
-            done, status = os.waitpid(pid, os.WNOHANG)
-            if done == pid:
-                code = os.waitstatus_to_exitcode(status)
-                return 128 - code if code < 0 else code
-    finally:
-        # Take what is still pending (a late SIGCHLD, a signal meant for the ended command)
-        # before the old mask lets it act on this process.
-        while signal.sigtimedwait(waited_for, 0) is not None:
-            pass
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
-
-
 def _fail(message: str, code: int) -> int:
     print(f"gpushare run: {message}", file=sys.stderr, flush=True)
     return code
-
-
-def _signal_name(signum: int) -> str:
-    try:
-        return signal.Signals(signum).name
-    except ValueError:
-        return f"signal {signum}"
 
 
 def cmd_run(args: list[str]) -> int:
@@ -363,36 +244,23 @@ def cmd_run(args: list[str]) -> int:
     label = line if len(line) <= COMMAND_CAP else line[: COMMAND_CAP - 1] + "…"
     need = Need(mem=mem, count=opts.count, exclusive=opts.exclusive)
 
-    forwarded = _handled_signals()
+    forwarded = handled_signals()
     try:
-        with _signals_interrupt(forwarded):
+        with signals_interrupt(forwarded):
             return _run_leased(settings, plan, need, label, command, forwarded)
-    except _Interrupted as stop:
-        return _fail(f"stopped by {_signal_name(stop.signum)}", 128 + stop.signum)
+    except Interrupted as stop:
+        return _fail(f"stopped by {signal_name(stop.signum)}", 128 + stop.signum)
 
 
 def _run_leased(
     settings: Settings, plan: Plan, need: Need, label: str, command: list[str], forwarded: list[int]
 ) -> int:
+    """Take the lease (waiting as a test would), run the command under it, give it back."""
     if not plan.gpus:
         why = plan.inventory.error or plan.inventory.source
         return _fail(f"no GPU on this box to lease ({why})", EXIT_NEVER_FITS)
-
-    def log(line: str) -> None:
-        print(line, file=sys.stderr, flush=True)
-
     try:
-        folder = prepare_ledger_dir(settings.ledger_dir or default_ledger_dir())
-        owner = Owner.current(uuid.uuid4().hex[:12], WORKER_ID, command=label)
-        ledger = Ledger(
-            folder,
-            ledger_gpus(plan),
-            owner,
-            context_bytes=settings.context_mem_bytes,
-            policy=settings.policy,
-            log=log,
-            refresh=nvml_refresh(plan, settings.ledger_dir),
-        )
+        ledger = _open_ledger(settings, plan, label)
     except LedgerError as exc:
         return _fail(str(exc), EXIT_LEDGER)
     with ledger:
@@ -406,15 +274,38 @@ def _run_leased(
         except LedgerError as exc:
             return _fail(str(exc), EXIT_LEDGER)
         try:
-            env = child_environment(plan, lease, os.environ)
-            try:
-                return _spawn_and_wait(command, env, forwarded)
-            except FileNotFoundError:
-                return _fail(f"{command[0]}: command not found", EXIT_NOT_FOUND)
-            except OSError as exc:
-                return _fail(f"{command[0]}: cannot run it: {exc.strerror or exc}", EXIT_NOT_EXECUTABLE)
+            return _run_command(command, child_environment(plan, lease, os.environ), forwarded)
         finally:
             try:
                 ledger.release(lease)
             except LedgerError as exc:
-                log(f"gpushare run: could not give the lease back ({exc}); closing the ledger drops it")
+                _log(f"gpushare run: could not give the lease back ({exc}); closing the ledger drops it")
+
+
+def _log(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def _open_ledger(settings: Settings, plan: Plan, label: str) -> Ledger:
+    """The ledger of this run's own owner (worker ``gpushare-run``, the command as its label)."""
+    folder = prepare_ledger_dir(settings.ledger_dir or default_ledger_dir())
+    owner = Owner.current(uuid.uuid4().hex[:12], WORKER_ID, command=label)
+    return Ledger(
+        folder,
+        ledger_gpus(plan),
+        owner,
+        context_bytes=settings.context_mem_bytes,
+        policy=settings.policy,
+        log=_log,
+        refresh=nvml_refresh(plan, settings.ledger_dir),
+    )
+
+
+def _run_command(command: Sequence[str], env: Mapping[str, str], forwarded: Sequence[int]) -> int:
+    """The command's exit code, or ours when it cannot be started."""
+    try:
+        return spawn_and_wait(command, env, forwarded)
+    except FileNotFoundError:
+        return _fail(f"{command[0]}: command not found", EXIT_NOT_FOUND)
+    except OSError as exc:
+        return _fail(f"{command[0]}: cannot run it: {exc.strerror or exc}", EXIT_NOT_EXECUTABLE)
