@@ -12,15 +12,16 @@ __version__ = "0.1.0"
 
 if TYPE_CHECKING:
     from pytest_gpushare.errors import GpuShareError, LeaseTimeout, LedgerError, NeverFits, SettingError
-    from pytest_gpushare.fixtures import GpuLease, lease
     from pytest_gpushare.gpus.model import Gpu, GpuInventory, GpuProcess
     from pytest_gpushare.planner import Reservation
+    from pytest_gpushare.runtime import GpuLease
+    from pytest_gpushare.testhooks import lease
 
 #: public name -> the module that defines it
 _HOMES = {
     "Gpu": "pytest_gpushare.gpus.model",
     "GpuInventory": "pytest_gpushare.gpus.model",
-    "GpuLease": "pytest_gpushare.fixtures",
+    "GpuLease": "pytest_gpushare.runtime",
     "GpuProcess": "pytest_gpushare.gpus.model",
     "GpuShareError": "pytest_gpushare.errors",
     "LeaseTimeout": "pytest_gpushare.errors",
@@ -28,7 +29,7 @@ _HOMES = {
     "NeverFits": "pytest_gpushare.errors",
     "Reservation": "pytest_gpushare.planner",
     "SettingError": "pytest_gpushare.errors",
-    "lease": "pytest_gpushare.fixtures",
+    "lease": "pytest_gpushare.testhooks",
 }
 
 __all__ = [

@@ -9,6 +9,10 @@ the planner. Their answers travel to the workers with the plan, so workers never
 
 The lease hooks are observers, called in the process that holds the lease (an xdist worker,
 or the single pytest process).
+
+Each plugin's implementations are called through pluggy, one plugin at a time, so a failing
+one can be named: hook wrappers and tracing see the calls. A plugin's wrapper wraps its own
+implementation; a plugin that only wraps a hook sees one call per implementing plugin.
 """
 
 from __future__ import annotations
@@ -19,9 +23,9 @@ from typing import TYPE_CHECKING
 import pytest
 
 if TYPE_CHECKING:
-    from pytest_gpushare.fixtures import GpuLease
     from pytest_gpushare.gpus.model import Gpu, GpuInventory
     from pytest_gpushare.planner import Reservation
+    from pytest_gpushare.runtime import GpuLease
 
 
 @pytest.hookspec(firstresult=True)

@@ -1,9 +1,9 @@
-"""xdist: the worker count, each worker's home GPU and environment, and the plan it receives.
+"""xdist: the worker count, each worker's home GPU and environment, and what it receives.
 
 These hook implementations are ``optionalhook``: the module is registered whether or not
 pytest-xdist is installed, and without it nothing here is called. They must be registered
 before xdist's ``pytest_cmdline_main`` asks for the worker count, so plugin.py registers this
-module from ``pytest_addhooks`` rather than from ``pytest_configure``.
+module (as :data:`PLUGIN_NAME`) from ``pytest_addhooks`` rather than from ``pytest_configure``.
 """
 
 from __future__ import annotations
@@ -14,18 +14,17 @@ from typing import Any
 
 import pytest
 
-from pytest_gpushare import planner
-from pytest_gpushare.plugin import (
-    AUTO_KEY,
-    get_plan,
-    get_settings,
-    never_plans,
-    ollama_status,
-    session_id,
-    xdist_default_count,
-)
+from pytest_gpushare import planner, report
+from pytest_gpushare.enforce import framework_env
+from pytest_gpushare.gpus.cuda_env import cuda_visible_env
+from pytest_gpushare.session import get_plan, get_settings, is_worker, never_plans, worker_input
 
+__all__ = ["HOME_ENV", "home_gpu", "worker_env", "worker_line", "xdist_default_count"]
+
+PLUGIN_NAME = "gpushare-xdist"
 HOME_ENV = "GPUSHARE_HOME_GPU"
+#: The plan's answer to ``-n auto``, kept for the header.
+AUTO_KEY = pytest.StashKey[planner.WorkerCount]()
 
 
 @pytest.hookimpl(tryfirst=True, optionalhook=True)
@@ -39,6 +38,29 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int | None:
     return count.workers
 
 
+def xdist_default_count(config: pytest.Config) -> int | None:
+    """xdist's own ``-n auto`` answer (it honours PYTEST_XDIST_AUTO_NUM_WORKERS and ``-n logical``)."""
+    if not config.pluginmanager.hasplugin("xdist"):
+        return None
+    me = config.pluginmanager.get_plugin(PLUGIN_NAME)
+    remove = [me] if me is not None else []
+    caller = config.pluginmanager.subset_hook_caller("pytest_xdist_auto_num_workers", remove)
+    result = caller(config=config)
+    return int(result) if result is not None else None
+
+
+def worker_line(config: pytest.Config, plan: planner.Plan) -> report.WorkerLine:
+    """The header's worker count: ``-n auto``'s, ``-n N``'s, or one process without xdist."""
+    auto = config.stash.get(AUTO_KEY, None)
+    n = getattr(config.option, "numprocesses", None)
+    if auto is not None:
+        return report.WorkerLine("auto", int(n or auto.workers), auto)
+    planned = plan.worker_count(xdist_default_count(config))
+    if isinstance(n, int) and n > 0:
+        return report.WorkerLine("fixed", n, planned)
+    return report.WorkerLine("single", 1, planned)
+
+
 def worker_env(plan: planner.Plan, home: str) -> dict[str, str]:
     """The environment of a worker whose home GPU is ``home`` (a uuid).
 
@@ -47,12 +69,18 @@ def worker_env(plan: planner.Plan, home: str) -> dict[str, str]:
     CUDA would pick. Simulated GPUs have no CUDA device behind them: their workers keep the
     inherited visibility, so a real GPU (if any) is not hidden by a made-up UUID.
     """
-    env = {HOME_ENV: home}
-    if plan.gpus and not plan.gpus[0].gpu.simulated:
-        order = [home] + [g.gpu.uuid for g in plan.gpus if g.gpu.uuid != home]
-        env["CUDA_VISIBLE_DEVICES"] = ",".join(order)
-        env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
-    return env
+    order = [plan.by_uuid(home).gpu] + [g.gpu for g in plan.gpus if g.gpu.uuid != home]
+    return {HOME_ENV: home, **cuda_visible_env(order)}
+
+
+def set_framework_defaults(config: pytest.Config) -> None:
+    """In the controller, where unset and enabled: the frameworks' settings that keep them from
+    taking a whole GPU. Workers inherit the controller's environment: one place covers ``-n N``
+    and a run without xdist."""
+    if is_worker(config) or not get_settings(config).framework_defaults:
+        return
+    for key, value in framework_env(os.environ).items():
+        os.environ.setdefault(key, value)
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -72,12 +100,7 @@ def pytest_xdist_setupnodes(config: pytest.Config, specs: Sequence[Any]) -> None
 @pytest.hookimpl(optionalhook=True)
 def pytest_configure_node(node: Any) -> None:
     """Send the controller's plan and Ollama's answer, so workers ask NVML and Ollama nothing."""
-    config = node.config
-    node.workerinput["gpushare_plan"] = get_plan(config).to_dict()
-    node.workerinput["gpushare_ollama"] = ollama_status(config).to_dict()
-    node.workerinput["gpushare_session"] = session_id(config)
-    settings = get_settings(config)
-    node.workerinput["gpushare_ledger_dir"] = settings.ledger_dir or ""
+    node.workerinput.update(worker_input(node.config))
 
 
 def home_gpu() -> str | None:

@@ -141,3 +141,49 @@ def test_a_raising_observer_is_reported_and_the_test_passes(pytester: pytest.Pyt
     result.stdout.fnmatch_lines(
         ["*pytest_gpushare_lease_acquired in *conftest.py raised ValueError: metrics down (ignored)"]
     )
+
+
+def test_lease_events_reach_wrappers_and_every_observer_even_past_a_raising_one(
+    pytester: pytest.Pytester,
+) -> None:
+    pytester.makeconftest(
+        """
+        import os, pytest
+        EVENTS = os.path.join(os.path.dirname(__file__), "events.txt")
+
+        def _write(line):
+            with open(EVENTS, "a") as f:
+                f.write(line + "\\n")
+
+        @pytest.hookimpl(wrapper=True, specname="pytest_gpushare_lease_acquired")
+        def pytest_around_lease_acquired(test_id):  # pytest takes only pytest_* names
+            _write("wrapper saw " + test_id)
+            try:
+                return (yield)
+            except ValueError as exc:
+                _write(f"wrapper saw it raise {exc}")
+                raise
+
+        def pytest_gpushare_lease_acquired(test_id):
+            raise ValueError("metrics down")
+
+        class Other:
+            def pytest_gpushare_lease_acquired(self, test_id):
+                _write("other observer saw " + test_id)
+
+        def pytest_configure(config):
+            config.pluginmanager.register(Other(), "other-observer")
+        """
+    )
+    pytester.makepyfile(test_a="import pytest\n@pytest.mark.gpu(mem='1GiB')\ndef test_a(gpu): pass\n")
+    result = pytester.runpytest_subprocess("--gpushare-simulate=24GiB", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(
+        ["*pytest_gpushare_lease_acquired in *conftest.py raised ValueError: metrics down (ignored)"]
+    )
+    events = (pytester.path / "events.txt").read_text().splitlines()
+    assert sorted(events) == [
+        "other observer saw test_a.py::test_a",
+        "wrapper saw it raise metrics down",
+        "wrapper saw test_a.py::test_a",
+    ]

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from pytest_gpushare import plugin, report
+from pytest_gpushare import report, summary
 from pytest_gpushare.gpus import Gpu, GpuInventory, GpuProcess, SimulatedProbe
 from pytest_gpushare.planner import Budget, Reservation, make_plan
 from pytest_gpushare.units import GiB, MiB
@@ -86,9 +86,9 @@ def test_summarize_counts_peaks_waits_and_not_run() -> None:
 def test_foreign_processes_on_a_private_folder_are_pointed_out(monkeypatch: pytest.MonkeyPatch) -> None:
     gpu = Gpu(0, "GPU-x", "X", 24 * GiB, 20 * GiB, 4 * GiB, (GpuProcess(os.getpid(), GiB),))
     plan = make_plan(GpuInventory((gpu,), "NVML"), BUDGET)
-    assert plugin._foreign_processes(plan) == {}  # our own process
+    assert summary._foreign_processes(plan) == {}  # our own process
     monkeypatch.setattr(os, "getuid", lambda: os.stat(f"/proc/{os.getpid()}").st_uid + 1)
-    found = plugin._foreign_processes(plan)
+    found = summary._foreign_processes(plan)
     assert found == {0: [os.getpid()]}
     line = report.foreign_lines(found)[0]
     assert line.startswith(f"WARNING: other accounts' processes use GPU 0 (pids {os.getpid()})")

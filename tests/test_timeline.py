@@ -15,10 +15,10 @@ from typing import Any
 import pytest
 
 from pytest_gpushare.commands.timeline import cmd_timeline
-from pytest_gpushare.fixtures import LeaseRecord
 from pytest_gpushare.gpus import SimulatedProbe
 from pytest_gpushare.planner import Budget, make_plan
 from pytest_gpushare.report import json_report, summarize
+from pytest_gpushare.runtime import LeaseRecord
 from pytest_gpushare.timeline import render_svg
 
 GIB = 2**30

@@ -1,37 +1,31 @@
-"""The lease lifecycle around a GPU test, the ``gpu``/``gpus`` fixtures and :func:`lease`.
+"""This process's part of the session: the ledger it opened and the leases it holds.
 
-One :class:`Runtime` per process holds the session's ledger. A GPU test's lease is taken in a
-``pytest_runtest_setup`` wrapper, before any fixture of the test runs, and given back after
-its teardown in every outcome (the ``pytest_runtest_protocol`` wrapper is the safety net for
-interrupts; a crashed process is covered by the ledger's liveness locks).
+One :class:`Runtime` per process (an xdist worker, or the single pytest process) takes a
+:class:`GpuNeed` from the ledger and hands back a :class:`Grant`: the ledger's lease, the
+per-device :class:`GpuLease` views the ``gpu``/``gpus`` fixtures and :func:`lease` give, and
+the :class:`LeaseRecord` the summary and the JSON report show. When a test's lease is taken
+and given back is testhooks.py's business.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import pytest
 
+from pytest_gpushare import hookcalls
 from pytest_gpushare.credits import nvml_refresh
-from pytest_gpushare.errors import GpuShareError, NeverFits, SettingError
-from pytest_gpushare.ledger import (
-    Lease,
-    Ledger,
-    Need,
-    Owner,
-    default_ledger_dir,
-    ledger_gpus,
-    prepare_ledger_dir,
-)
+from pytest_gpushare.errors import SettingError
+from pytest_gpushare.gpus.cuda_env import cuda_ordinal
+from pytest_gpushare.ledger import Lease, Ledger, Need, Owner, ledger_dir_for, ledger_gpus, prepare_ledger_dir
 from pytest_gpushare.planner import Plan
 from pytest_gpushare.units import MemRequest, parse_mem
 
-__all__ = ["GpuLease", "Runtime", "lease", "need_from_marker"]
+__all__ = ["GpuLease", "GpuNeed", "Grant", "LeaseRecord", "Runtime", "need_from_marker"]
 
 _KNOWN_KWARGS = ("mem", "count", "exclusive")
 
@@ -132,19 +126,22 @@ class Grant:
 
 @dataclass
 class Runtime:
-    """This process's part of the session: the plan, the ledger, and what it leased."""
+    """This process's part of the session: the plan, the ledger, and what it leased.
 
-    config: pytest.Config
+    ``ledger_dir`` is the setting (None: the account's own folder); ``log`` collects one-line
+    notes (the ledger's, ignored observer errors) until testhooks.py hands them to a report.
+    """
+
     plan: Plan
     session: str
     worker: str
-    ledger_dir: str
+    ledger_dir: str | None
     context_bytes: int
     policy: str
     timeout: float
     home: str | None
     default_mem: MemRequest
-    hook: Any = None
+    pluginmanager: pytest.PytestPluginManager | None = None  # None: no observer hooks
     _ledger: Ledger | None = None
     records: list[LeaseRecord] = field(default_factory=list)
     log: list[str] = field(default_factory=list)
@@ -162,13 +159,13 @@ class Runtime:
                 context_bytes=self.context_bytes,
                 policy=self.policy,
                 log=self.log.append,
-                refresh=nvml_refresh(self.plan, self.ledger_dir or None),
+                refresh=nvml_refresh(self.plan, self.ledger_dir),
             )
         return self._ledger
 
     def ledger_folder(self) -> str:
         """The session's ledger folder: the setting, or the account's private default."""
-        return self.ledger_dir or str(default_ledger_dir())
+        return str(ledger_dir_for(self.ledger_dir))
 
     def close(self) -> None:
         if self._ledger is not None:
@@ -177,10 +174,8 @@ class Runtime:
 
     def device_index(self, uuid: str) -> int:
         """``N`` of ``cuda:N`` for ``uuid`` in this process."""
-        visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
-        if uuid in visible:
-            return visible.index(uuid)
-        return self.plan.by_uuid(uuid).gpu.index
+        ordinal = cuda_ordinal(uuid, os.environ)
+        return self.plan.by_uuid(uuid).gpu.index if ordinal is None else ordinal
 
     def acquire(self, need: GpuNeed, test_id: str, *, anywhere: bool, block: bool = False) -> Grant:
         """Lease ``need`` for ``test_id``; raises NeverFits or LeaseTimeout.
@@ -217,9 +212,8 @@ class Runtime:
             parts.append((uuid, g.index, n_bytes))
         record = LeaseRecord(test_id, self.worker, parts, lease.waited_s, taken, block=block)
         self.records.append(record)
-        grant = Grant(lease, gpus, record)
         self._notify("pytest_gpushare_lease_acquired", gpus=gpus, test_id=test_id, waited=lease.waited_s)
-        return grant
+        return Grant(lease, gpus, record)
 
     def release(self, grant: Grant) -> None:
         if grant.released:
@@ -234,60 +228,7 @@ class Runtime:
             "pytest_gpushare_lease_released", gpus=grant.gpus, test_id=grant.record.test_id, held=held
         )
 
-    def _notify(self, name: str, **kwargs: Any) -> None:
+    def _notify(self, name: str, **kwargs: object) -> None:
         """Call an observer hook; an observer that raises is reported, never fails the test."""
-        if self.hook is None:
-            return
-        caller = getattr(self.hook, name)
-        for impl in reversed(caller.get_hookimpls()):
-            try:
-                impl.function(**{k: kwargs[k] for k in impl.argnames})
-            except Exception as exc:
-                self.log.append(f"{name} in {impl.plugin_name} raised {type(exc).__name__}: {exc} (ignored)")
-
-
-class RuntimeProvider(Protocol):
-    """What makes this process's :class:`Runtime` on first use (the session's lease plugin)."""
-
-    @property
-    def runtime(self) -> Runtime: ...
-
-
-#: The providers of the sessions active in this process (pytester can nest one in another).
-_ACTIVE: list[RuntimeProvider] = []
-
-
-def active_runtime() -> Runtime:
-    """This process's runtime, made on first use: a ``lease()`` in a fixture may come before
-    any GPU test of the session."""
-    if not _ACTIVE:
-        raise GpuShareError("pytest_gpushare.lease() needs a pytest session with pytest-gpushare active")
-    return _ACTIVE[-1].runtime
-
-
-@contextmanager
-def lease(
-    mem: object = None, count: int = 1, exclusive: bool = False, *, name: str | None = None
-) -> Iterator[list[GpuLease]]:
-    """Hold GPU memory for as long as the ``with`` block lives (module/session fixtures).
-
-    Yields the list of :class:`GpuLease`, one per device, like the ``gpus`` fixture; ``name``
-    is what ledgers and reports show as the holder (default: the calling test's id or
-    ``lease()``). Waits like a test would; a need that can never be met raises
-    :class:`NeverFits`, a wait past ``--gpushare-timeout`` raises :class:`LeaseTimeout`.
-    """
-    rt = active_runtime()
-    label = name or os.environ.get("PYTEST_CURRENT_TEST", "").rsplit(" ", 1)[0] or "lease()"
-    need = need_from_marker(
-        (),
-        {"mem": mem, "count": count, "exclusive": exclusive},
-        rt.default_mem,
-        f"pytest_gpushare.lease() of {label}",
-    )
-    if not rt.plan.gpus:
-        raise NeverFits("pytest_gpushare.lease(): no GPU on this box")
-    grant = rt.acquire(need, f"{label} [lease()]", anywhere=True, block=True)
-    try:
-        yield grant.gpus
-    finally:
-        rt.release(grant)
+        if self.pluginmanager is not None:
+            hookcalls.notify(self.pluginmanager, name, self.log.append, **kwargs)

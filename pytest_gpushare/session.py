@@ -1,0 +1,274 @@
+"""Per-session values, made once per process and kept in ``config.stash``, and the typed data
+that crosses processes.
+
+The settings, the plan, what Ollama holds and the session id are made on first use, not in
+``pytest_configure``: xdist asks for the worker count from its ``pytest_cmdline_main``, before
+``pytest_configure`` runs. The xdist controller (or a run without xdist) computes them; a
+worker receives the controller's in its ``workerinput`` (:class:`WorkerInput`), so workers ask
+NVML, Ollama and the planning hooks nothing. What flows back (each test's lease on its report,
+the ``lease()`` blocks in ``workeroutput``) is a :class:`LeaseEntry`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from collections.abc import Callable
+from typing import Any, Literal, TypedDict, TypeVar, cast
+
+import pytest
+
+from pytest_gpushare import hookcalls, planner
+from pytest_gpushare import observations as advice
+from pytest_gpushare import settings as _settings
+from pytest_gpushare.credits import holder_credits
+from pytest_gpushare.errors import GpuShareError, LedgerError
+from pytest_gpushare.gpus import Gpu, GpuInventory, probe_for
+from pytest_gpushare.ledger import ledger_dir_for, prepare_ledger_dir
+from pytest_gpushare.ollama import OllamaStatus, attribute_held, query_ollama
+from pytest_gpushare.planner import Budget, Plan, Reservation
+
+__all__ = [
+    "REPORT_ATTR",
+    "LeaseEntry",
+    "WorkerInput",
+    "WorkerOutput",
+    "compute_plan",
+    "get_plan",
+    "get_settings",
+    "is_worker",
+    "never_plans",
+    "ollama_status",
+    "session_id",
+    "worker_id",
+    "worker_input",
+]
+
+T = TypeVar("T")
+
+SETTINGS_KEY = pytest.StashKey[_settings.Settings]()
+PLAN_KEY = pytest.StashKey[Plan]()
+OLLAMA_KEY = pytest.StashKey[OllamaStatus]()
+SESSION_KEY = pytest.StashKey[str]()
+
+#: The attribute of a GPU test's teardown report that carries its :class:`LeaseEntry` (xdist
+#: serialises a report's attributes, so it reaches the controller).
+REPORT_ATTR = "gpushare"
+
+
+class WorkerInput(TypedDict):
+    """What the controller puts in each worker's ``workerinput`` (beside xdist's own keys)."""
+
+    gpushare_plan: dict[str, Any]
+    gpushare_ollama: dict[str, Any]
+    gpushare_session: str
+
+
+class LeaseEntry(TypedDict, total=False):
+    """What the controller collects of one lease: a GPU test's (from its teardown report, where
+    the worker leaves ``test_id`` out) or a ``lease()`` block's (outcome ``"lease()"``)."""
+
+    test_id: str
+    outcome: str
+    fallback: str | None  # how a test no GPU could serve ran: "skip", "cpu" or "fail"
+    lease: dict[str, Any]  # LeaseRecord.to_dict(); absent when no memory was leased
+    observed: list[dict[str, Any]]  # what the test was seen to use, per device
+    log: list[str]  # the plugin's notes on the test (waits, enforcement, ignored hook errors)
+
+
+class WorkerOutput(TypedDict):
+    """What a worker leaves in its ``workeroutput`` for the controller."""
+
+    gpushare_blocks: list[LeaseEntry]
+
+
+def is_worker(config: pytest.Config) -> bool:
+    return hasattr(config, "workerinput")
+
+
+def worker_id(config: pytest.Config) -> str:
+    """xdist's id of this worker (``gw0``), or ``main`` in the controller or a run without xdist."""
+    return str(config.workerinput["workerid"]) if is_worker(config) else "main"  # type: ignore[attr-defined]
+
+
+def never_plans(config: pytest.Config) -> bool:
+    """True for invocations that must not start NVML or contact anything."""
+    opt = config.option
+    return bool(
+        getattr(opt, "help", False) or getattr(opt, "version", False) or getattr(opt, "markers", False)
+    )
+
+
+def _once(
+    config: pytest.Config,
+    key: pytest.StashKey[T],
+    name: Literal["gpushare_plan", "gpushare_ollama", "gpushare_session"],
+    decode: Callable[[Any], T],
+    compute: Callable[[], T],
+) -> T:
+    """A per-session value, made once per process: a worker receives the controller's (in its
+    ``workerinput[name]``), the controller (or a run without xdist) computes it."""
+    if key in config.stash:
+        return config.stash[key]
+    received = cast(WorkerInput, getattr(config, "workerinput", {}))
+    value = decode(received[name]) if name in received else compute()
+    config.stash[key] = value
+    return value
+
+
+def session_id(config: pytest.Config) -> str:
+    """One id per pytest session, shared by the controller and its workers (ledger records)."""
+    return _once(config, SESSION_KEY, "gpushare_session", str, lambda: uuid.uuid4().hex[:12])
+
+
+def get_settings(config: pytest.Config) -> _settings.Settings:
+    """The session's settings, resolved once; a bad value is a usage error naming its source."""
+    try:
+        return config.stash[SETTINGS_KEY]
+    except KeyError:
+        pass
+    try:
+        resolved = _settings.resolve_settings(config)
+    except GpuShareError as exc:
+        raise pytest.UsageError(str(exc)) from None
+    config.stash[SETTINGS_KEY] = resolved
+    return resolved
+
+
+def ollama_status(config: pytest.Config) -> OllamaStatus:
+    """What Ollama holds: asked once per session in the controller, received by workers."""
+    return _once(
+        config,
+        OLLAMA_KEY,
+        "gpushare_ollama",
+        OllamaStatus.from_dict,
+        lambda: query_ollama(get_settings(config).ollama, os.environ),
+    )
+
+
+def get_plan(config: pytest.Config) -> Plan:
+    """The session's plan: computed once in the controller, received by xdist workers."""
+    return _once(config, PLAN_KEY, "gpushare_plan", Plan.from_dict, lambda: compute_plan(config))
+
+
+def worker_input(config: pytest.Config) -> WorkerInput:
+    """What a worker receives, so it asks NVML, Ollama and the planning hooks nothing."""
+    return WorkerInput(
+        gpushare_plan=get_plan(config).to_dict(),
+        gpushare_ollama=ollama_status(config).to_dict(),
+        gpushare_session=session_id(config),
+    )
+
+
+def prepare_ledger_folder(config: pytest.Config) -> None:
+    """Refuse an unsafe or unusable ledger folder once, at start (exit 4), not per test."""
+    folder = ledger_dir_for(get_settings(config).ledger_dir)
+    try:
+        prepare_ledger_dir(folder)
+    except (LedgerError, OSError) as exc:
+        raise pytest.UsageError(f"gpushare: ledger folder {folder}: {exc}") from None
+
+
+# --- the plan (controller only) ---------------------------------------------------------------
+
+
+def own_inventory(config: pytest.Config) -> GpuInventory:
+    """The plugin's own answer to the probe hook: ``--gpushare-simulate``, else NVML."""
+    return probe_for(get_settings(config).simulate).probe()
+
+
+def own_reservations(config: pytest.Config, gpus: tuple[Gpu, ...]) -> list[Reservation]:
+    """The plugin's own reservations: ``--gpushare-reserve`` and the Ollama hold."""
+    s = get_settings(config)
+    out = planner.reservations_from_sizes(s.reserve, gpus, "reserve")
+    held = attribute_held(ollama_status(config), gpus).by_gpu
+    out += planner.ollama_reservations(s.ollama_reserve, held, gpus)
+    return out
+
+
+def _probe(config: pytest.Config) -> GpuInventory:
+    name = "pytest_gpushare_probe"
+    for plugin_name, result in hookcalls.planning_results(config.pluginmanager, name, config=config):
+        if result is None:
+            continue
+        if not isinstance(result, GpuInventory):
+            raise pytest.UsageError(
+                f"gpushare: {name} in {plugin_name} returned {type(result).__name__}, not a GpuInventory"
+            )
+        return result
+    return GpuInventory(gpus=(), source="no probe answered")
+
+
+def _reservations(config: pytest.Config, gpus: tuple[Gpu, ...]) -> list[Reservation]:
+    name = "pytest_gpushare_reservations"
+    out: list[Reservation] = []
+    indices = {g.index for g in gpus}
+    for plugin_name, results in hookcalls.planning_results(
+        config.pluginmanager, name, config=config, gpus=gpus
+    ):
+        for result in cast(list[Any], results):
+            for r in result or ():
+                if not isinstance(r, Reservation) or r.bytes < 0 or r.gpu_index not in indices:
+                    raise pytest.UsageError(
+                        f"gpushare: {name} in {plugin_name} returned {r!r}: "
+                        f"expected Reservation values with bytes >= 0 for GPU indices {sorted(indices)}"
+                    )
+                out.append(r)
+    return out
+
+
+def _budget(config: pytest.Config, notes: list[str]) -> Budget:
+    """The settings' budget, its worker mem learned from earlier runs' peaks where not set."""
+    s = get_settings(config)
+    worker_mem = s.worker_mem_bytes
+    if s.sources.get("worker_mem_bytes") == _settings.DEFAULT_SOURCE and s.worker_mem_from != "off":
+        learned = advice.budget_from_history(
+            read_history(config), s.worker_mem_from, context_fallback=s.context_mem_bytes
+        )
+        if learned is not None:
+            worker_mem = learned.bytes
+            notes.append(
+                f"worker mem {learned.describe()} (--gpushare-worker-mem sets it; "
+                "--gpushare-worker-mem-from=off ignores history)"
+            )
+    return Budget(
+        safety_bytes=s.safety_bytes,
+        worker_mem_bytes=worker_mem,
+        context_bytes=s.context_mem_bytes,
+        workers_per_gb=s.workers_per_gb,
+        max_workers=s.max_workers,
+    )
+
+
+def compute_plan(config: pytest.Config) -> Plan:
+    """Probe, ask every reservation hook, and apply the formula (controller only)."""
+    s = get_settings(config)
+    inventory = _probe(config)
+    reservations = _reservations(config, inventory.gpus)
+    notes = list(s.notes)
+    budget = _budget(config, notes)
+    notes += [
+        f"--gpushare-reserve names GPU {i}, which this box does not have"
+        for i in sorted(set(s.reserve.per_index) - {g.index for g in inventory.gpus})
+    ]
+    credits = holder_credits(inventory.gpus, s.ledger_dir)  # our lease holders' real use
+    return planner.make_plan(inventory, budget, reservations=reservations, credits=credits, notes=notes)
+
+
+def read_history(config: pytest.Config) -> object:
+    """Observed peaks of earlier runs, from pytest's cache file (summary.py writes them).
+
+    ``config.cache`` does not exist yet when xdist asks for the worker count (the cache
+    provider makes it in ``pytest_configure``), so the file is read directly; without the
+    cache provider there is no history.
+    """
+    try:
+        cache_dir = config.rootpath / os.path.expanduser(str(config.getini("cache_dir")))
+    except (ValueError, KeyError):
+        return None
+    path = cache_dir / "v" / advice.HISTORY_KEY
+    try:
+        return json.loads(path.read_text("utf-8"))
+    except (OSError, ValueError):
+        return None

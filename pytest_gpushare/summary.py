@@ -1,0 +1,242 @@
+"""What the controller (or the single pytest process) shows and keeps of the session.
+
+The header (the VRAM analysis, which ``gpushare plan`` prints too), the lines naming tests that
+wait for memory, the terminal summary, the JSON report, and the history of observed peaks in
+pytest's cache (read back at planning by :func:`pytest_gpushare.session.read_history`).
+plugin.py registers one :class:`Collector` per session in ``pytest_configure``, in the
+controller only, unless the invocation never plans.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, cast
+
+import pytest
+
+from pytest_gpushare import observations as advice
+from pytest_gpushare import report
+from pytest_gpushare.ledger import ledger_dir_for, read_status, waiting_lines
+from pytest_gpushare.ollama import attribute_held
+from pytest_gpushare.planner import Plan
+from pytest_gpushare.session import (
+    REPORT_ATTR,
+    LeaseEntry,
+    get_plan,
+    get_settings,
+    never_plans,
+    ollama_status,
+    session_id,
+)
+from pytest_gpushare.workers import worker_line, xdist_default_count
+
+__all__ = ["Collector", "WaitWatcher", "header", "plan_lines"]
+
+#: A test that still waits hears about it again this often at most.
+WAIT_REPEAT_S = 30.0
+
+
+# --- the header ----------------------------------------------------------------------------------
+
+
+def header(config: pytest.Config, workers: report.WorkerLine | None = None) -> list[str]:
+    """The VRAM analysis block."""
+    plan = get_plan(config)
+    s = get_settings(config)
+    extra = ollama_lines(config, plan)
+    ledger_dir = s.ledger_dir or f"{ledger_dir_for(None)} (this account's private folder)"
+    if not s.ledger_dir:
+        extra += report.foreign_lines(_foreign_processes(plan))
+    line = workers or worker_line(config, plan)
+    return report.header_lines(plan, line, ledger=ledger_dir, extra=extra)
+
+
+def plan_lines(config: pytest.Config) -> list[str]:
+    """What ``gpushare plan`` prints: the header as ``pytest -n auto`` would show it here."""
+    if never_plans(config):
+        return []
+    count = get_plan(config).worker_count(xdist_default_count(config))
+    return header(config, report.WorkerLine("auto", count.workers, count))
+
+
+def ollama_lines(config: pytest.Config, plan: Plan) -> list[str]:
+    """The header's Ollama lines: address, answer, models, the hold, and what to worry about."""
+    status = ollama_status(config)
+    s = get_settings(config)
+    held = attribute_held(status, plan.inventory.gpus)
+    reserve_set = bool(s.ollama_reserve.default or any(s.ollama_reserve.per_index.values()))
+    return report.ollama_lines(
+        status, plan, reserve_set=reserve_set, held_by_gpu=held.by_gpu, attribution_note=held.note
+    )
+
+
+def _foreign_processes(plan: Plan) -> dict[int, list[int]]:
+    """GPU index -> PIDs of other accounts' processes NVML shows there (by /proc ownership)."""
+    me = os.getuid()
+    found: dict[int, list[int]] = {}
+    for g in plan.gpus:
+        for proc in g.gpu.processes or ():
+            try:
+                uid = os.stat(f"/proc/{proc.pid}").st_uid
+            except OSError:
+                continue
+            if uid != me:
+                found.setdefault(g.gpu.index, []).append(proc.pid)
+    return found
+
+
+# --- the collection ------------------------------------------------------------------------------
+
+
+class Collector:
+    """The controller's collection of every process's leases, and what it makes of them.
+
+    ``blocks`` gives this process's own ``lease()`` blocks (a run without xdist); workers send
+    theirs in ``workeroutput``.
+    """
+
+    def __init__(self, config: pytest.Config, blocks: Callable[[], list[LeaseEntry]]) -> None:
+        self.config = config
+        self._blocks = blocks
+        self.collected: list[LeaseEntry] = []
+        self.lost: list[str] = []
+        self.started = time.time()
+        self._waiter: WaitWatcher | None = None
+        self._summary: tuple[int, int, dict[str, Any]] | None = None
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        info = getattr(report, REPORT_ATTR, None)
+        if isinstance(info, dict):
+            entry = cast(LeaseEntry, dict(info))
+            entry["test_id"] = report.nodeid
+            entry.setdefault("outcome", report.outcome)
+            self.collected.append(entry)
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_testnodedown(self, node: Any, error: object | None) -> None:
+        if error is not None:
+            self.lost.append(f"worker {node.gateway.id} crashed: {error}")
+        output = getattr(node, "workeroutput", None) or {}
+        self.collected.extend(output.get("gpushare_blocks", []))
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_handlecrashitem(self, crashitem: str, report: Any, sched: Any) -> None:
+        self.lost.append(f"{crashitem}: its worker crashed; its lease was reclaimed by the ledger")
+
+    def pytest_sessionstart(self, session: pytest.Session) -> None:
+        if not get_plan(self.config).gpus:
+            return
+        tr = self.config.pluginmanager.get_plugin("terminalreporter")
+        if tr is not None:
+            s = get_settings(self.config)
+            folder = str(ledger_dir_for(s.ledger_dir))
+            self._waiter = WaitWatcher(tr, folder, session_id(self.config), s.notice_after_s)
+            self._waiter.start()
+
+    def summary_data(self) -> dict[str, Any]:
+        """The run's summary; computed once for the terminal summary and the JSON report (both
+        run at the end of the session), again only if something was collected in between."""
+        seen = (len(self.collected), len(self.lost))
+        if self._summary is not None and self._summary[:2] == seen:
+            return self._summary[2]
+        collected = cast(list[dict[str, Any]], self.collected)
+        data = report.summarize(collected, self.lost, time.time())
+        observed = [e for e in collected if e.get("observed")]
+        records = [advice.observation_record(e["test_id"], e["observed"]) for e in observed]
+        data["observed"] = advice.observed_table(records)
+        data["observed_records"] = records
+        self._summary = (*seen, data)
+        return data
+
+    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+        data = self.summary_data()
+        plan = get_plan(self.config)
+        lines = report.summary_lines(plan, data) + report.spilling_lines(ollama_status(self.config))
+        terminalreporter.write_sep("-", "gpushare")
+        for line in lines:
+            terminalreporter.write_line(line)
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        self.collected.extend(self._blocks())
+        data = self.summary_data()
+        self._remember(data["observed_records"])
+        path = get_settings(self.config).report
+        if path:
+            doc = report.json_report(get_plan(self.config), data, self.started, time.time())
+            _write_json(Path(path), doc)
+
+    def _remember(self, records: list[dict[str, Any]]) -> None:
+        """Keep this run's per-test peaks in pytest's cache for the next run's worker budget."""
+        cache = getattr(self.config, "cache", None)
+        if cache is None or not records:
+            return
+        peaks, context = advice.run_observations(records)
+        if peaks:
+            merged = advice.merge_history(cache.get(advice.HISTORY_KEY, None), peaks, context, time.time())
+            cache.set(advice.HISTORY_KEY, merged)
+
+    def pytest_unconfigure(self) -> None:
+        if self._waiter is not None:
+            self._waiter.stop()
+
+
+def _write_json(target: Path, doc: object) -> None:
+    """Write ``doc`` whole or not at all: a reader never sees half a report."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(target.name + f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(doc, indent=2, sort_keys=True))
+    os.replace(tmp, target)
+
+
+class WaitWatcher:
+    """Controller thread: prints who waits for memory (workers' setup output is captured).
+
+    It reads the waiters this session has registered in the ledger; a waiter past
+    ``notice_after_s`` (``--gpushare-notice-after``) gets a line saying what it waits for and
+    who holds the GPU, repeated at most every :data:`WAIT_REPEAT_S` seconds.
+    """
+
+    def __init__(
+        self, terminal: Any, folder: str, session: str, notice_after_s: float, interval: float = 1.0
+    ) -> None:
+        self.terminal = terminal
+        self.folder = folder
+        self.session = session
+        self.notice_after_s = notice_after_s
+        self.interval = interval
+        self._stop = threading.Event()
+        self._last: dict[str, float] = {}
+        self._thread = threading.Thread(target=self._run, name="gpushare-waits", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                lines = self.lines(time.time())
+            except Exception:  # a broken ledger must not kill the controller; the workers report it
+                continue
+            for line in lines:
+                self.terminal.write_line(line)
+
+    def lines(self, now: float) -> list[str]:
+        snapshot = read_status(self.folder)
+        out: list[str] = []
+        for line in waiting_lines(snapshot, session_id=self.session, min_wait_s=self.notice_after_s):
+            key = line.split(" has waited ", 1)[0]
+            if now - self._last.get(key, float("-inf")) < WAIT_REPEAT_S:
+                continue
+            self._last[key] = now
+            out.append(line)
+        return out
