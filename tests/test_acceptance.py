@@ -11,12 +11,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from conftest import wait_until
 
-from pytest_gpushare.ledger.handle import read_status
+from pytest_gpushare.ledger import read_status
 
 pytest_plugins = ["pytester"]
 
@@ -26,7 +26,7 @@ GiB = 2**30
 RECORDING_CONFTEST = """
 import json, os, time
 import pytest
-from pytest_gpushare.ledger.handle import read_status
+from pytest_gpushare.ledger import read_status
 
 @pytest.fixture
 def record(request, gpus):
@@ -71,6 +71,9 @@ def env(pytester: pytest.Pytester, tmp_path: Path, monkeypatch: pytest.MonkeyPat
 
 def records(env: dict[str, str]) -> list[dict[str, object]]:
     return [json.loads(p.read_text()) for p in sorted(Path(env["RECORD_DIR"]).glob("*.json"))]
+
+
+PYTEST = (sys.executable, "-m", "pytest", "-p", "no:cacheprovider")  # a session run with Popen
 
 
 def run(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
@@ -189,17 +192,7 @@ def test_two_sessions_share_a_gpu_without_overcommit(pytester: pytest.Pytester, 
             time.sleep(0.1)
         """
     )
-    cmd = [
-        sys.executable,
-        "-m",
-        "pytest",
-        "-p",
-        "no:cacheprovider",
-        "-n",
-        "2",
-        "--gpushare-simulate=16GiB",
-        "-q",
-    ]
+    cmd = [*PYTEST, "-n", "2", "--gpushare-simulate=16GiB", "-q"]
     procs = [
         subprocess.Popen(cmd, cwd=pytester.path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for _ in range(2)
@@ -295,14 +288,14 @@ def test_need_that_never_fits_is_skipped_or_fails(pytester: pytest.Pytester, env
 
 
 def test_waiting_line_names_the_holder(pytester: pytest.Pytester, env: dict[str, str]) -> None:
-    # A stranger holds the GPU through the ledger (a `gpushare run` stand-in) for ~12s.
+    # A stranger holds the GPU through the ledger (a `gpushare run` stand-in) until its stdin closes.
     holder = subprocess.Popen(
         [
             sys.executable,
             "-c",
-            "import os, sys, time\n"
-            "from pytest_gpushare.ledger.handle import Ledger, LedgerGpu, Need, Owner\n"
+            "import os, sys\n"
             "from pytest_gpushare.gpus import SimulatedProbe\n"
+            "from pytest_gpushare.ledger import Ledger, LedgerGpu, Need, Owner\n"
             "from pytest_gpushare.units import MemRequest\n"
             "g = SimulatedProbe('8GiB').probe().gpus[0]\n"
             "gpu = LedgerGpu(g.uuid, 0, g.name, g.total_bytes, 7*2**30, 7*2**30)\n"
@@ -310,22 +303,40 @@ def test_waiting_line_names_the_holder(pytester: pytest.Pytester, env: dict[str,
             " context_bytes=0)\n"
             "l.acquire(Need(MemRequest(6*2**30)), 'stranger::big_job', 5)\n"
             "print('held', flush=True)\n"
-            "time.sleep(float(sys.argv[1]))\n",
-            "12",
+            "sys.stdin.read()\n",
         ],
+        stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
     )
+    out = pytester.path / "session.out"
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
         pytester.makepyfile("import pytest\n@pytest.mark.gpu(mem='4GiB')\ndef test_wait(gpu): pass\n")
-        result = run(pytester, "-n", "1", "--gpushare-simulate=8GiB")
+        with out.open("w") as sink:
+            session = subprocess.Popen(
+                [*PYTEST, "-n", "1", "--gpushare-simulate=8GiB", "--gpushare-notice-after=0.2"],
+                cwd=pytester.path,
+                stdout=sink,
+                stderr=subprocess.STDOUT,
+            )
+        try:
+            wait_until(
+                lambda: " has waited " in out.read_text(), "the waiting line", timeout=120, proc=session
+            )
+            assert holder.stdin is not None
+            holder.stdin.close()  # the stranger leaves
+            assert session.wait(timeout=120) == 0, out.read_text()
+        finally:
+            session.kill()
+            session.wait()
     finally:
         holder.kill()
         holder.wait()
-    result.assert_outcomes(passed=1)
-    result.stdout.fnmatch_lines(["*::test_wait (gw0) has waited 1?s for 4.0GiB; held by stranger::big_job*"])
-    result.stdout.fnmatch_lines(["*waited longest for memory:*", "*s *::test_wait"])
+    result = pytest.LineMatcher(out.read_text().splitlines())
+    result.fnmatch_lines(["*::test_wait (gw0) has waited *s for 4.0GiB; held by stranger::big_job*"])
+    result.fnmatch_lines(["*1 passed*"])
+    result.fnmatch_lines(["*waited longest for memory:*", "*s *::test_wait"])
 
 
 def test_plugin_disabled_runs_marked_suite(pytester: pytest.Pytester, env: dict[str, str]) -> None:
@@ -382,15 +393,12 @@ def test_sigkilled_single_process_lease_is_reclaimed(pytester: pytest.Pytester, 
         """
     )
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--gpushare-simulate=8GiB"],
+        [*PYTEST, "--gpushare-simulate=8GiB"],
         cwd=pytester.path,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    deadline = time.monotonic() + 60
-    while not flag.exists():
-        assert time.monotonic() < deadline and proc.poll() is None
-        time.sleep(0.05)
+    wait_until(flag.exists, "the test to hold its lease", timeout=60, proc=proc)
     assert any(g["leases"] for g in read_status(env["GPUSHARE_LEDGER_DIR"])["gpus"])
     proc.send_signal(signal.SIGKILL)
     proc.wait()

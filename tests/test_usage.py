@@ -9,8 +9,7 @@ from pathlib import Path
 
 from pytest_gpushare.credits import fresh_usable, holder_credits, parent_pid
 from pytest_gpushare.gpus.model import Gpu, GpuInventory, GpuProcess
-from pytest_gpushare.ledger.admission import LedgerGpu, Need
-from pytest_gpushare.ledger.handle import Ledger, Owner
+from pytest_gpushare.ledger import Ledger, LedgerGpu, Need, Owner
 from pytest_gpushare.planner import Budget, credit_for, make_plan
 from pytest_gpushare.units import GiB, MemRequest, MiB
 
