@@ -12,9 +12,10 @@ from pytest_gpushare.planner import (
     assign_homes,
     credit_for,
     make_plan,
+    ollama_reservations,
     reservations_from_sizes,
 )
-from pytest_gpushare.units import GiB, MiB, format_size, parse_per_gpu_sizes
+from pytest_gpushare.units import GiB, MiB, PerGpuSizes, format_size, parse_per_gpu_sizes
 
 
 def budget(**kw: object) -> Budget:
@@ -190,3 +191,16 @@ def test_homes_when_nothing_is_usable_follow_total() -> None:
     plan = make_plan(sim("8GiB:used=8GiB,16GiB:used=16GiB"), budget())
     homes = assign_homes(plan, 3)
     assert len(homes) == 3 and homes[0] == plan.gpus[1].gpu.uuid
+
+
+def test_ollama_reservations_hold_what_ollama_does_not_hold_yet() -> None:
+    gpus = tuple(
+        Gpu(index=i, uuid=f"GPU-{i}", name="x", total_bytes=24 * GiB, free_bytes=20 * GiB, used_bytes=4 * GiB)
+        for i in range(3)
+    )
+    sizes = PerGpuSizes(default=12 * GiB, per_index={2: 0})
+    out = ollama_reservations(sizes, {0: 4 * GiB, 1: 20 * GiB}, gpus)
+    assert [(r.gpu_index, r.bytes, r.ceiling_bytes, r.kind) for r in out] == [
+        (0, 8 * GiB, 12 * GiB, "ollama"),
+        (1, 0, 12 * GiB, "ollama"),
+    ]

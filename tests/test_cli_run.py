@@ -1,9 +1,8 @@
-"""``gpushare status`` and ``gpushare run`` as a user runs them: real processes on a real ledger
-folder, simulated GPUs, no network (Ollama off)."""
+"""``gpushare run`` as a user runs it: real processes on a real ledger folder, simulated GPUs,
+no network (Ollama off)."""
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import json
 import os
@@ -15,159 +14,17 @@ import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
+from cli_support import SIM, SIM_UUID, CliBox, run_leases
 from conftest import wait_until
 
 from pytest_gpushare.commands.run import child_environment
 from pytest_gpushare.commands.spawn import should_forward
-from pytest_gpushare.gpus import Gpu, GpuInventory, SimulatedProbe
+from pytest_gpushare.gpus import Gpu, GpuInventory
 from pytest_gpushare.ledger import Lease, Owner
-from pytest_gpushare.planner import Budget, make_plan, ollama_reservations
-from pytest_gpushare.units import GiB, PerGpuSizes
-
-SIM = "24GiB"
-SIM_UUID = SimulatedProbe(SIM).probe().gpus[0].uuid
-
-# The command that gpushare run runs in these tests. Children report through files written
-# atomically, so a test waits for a file, never for a guessed time.
-CHILD = textwrap.dedent(
-    """
-    import json, os, signal, sys, time
-    mode, out = sys.argv[1], sys.argv[2]
-
-    def put(name, text):
-        tmp = os.path.join(out, name + ".tmp")
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, os.path.join(out, name))
-
-    def wait_for(name):
-        # all.stop: the test is over, whatever happened
-        deadline = time.monotonic() + 60
-        while not any(os.path.exists(os.path.join(out, n)) for n in (name, "all.stop")):
-            if time.monotonic() > deadline:
-                sys.exit(99)
-            time.sleep(0.01)
-
-    if mode == "env":
-        keys = ("CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER", "GPUSHARE_LEASED_GPUS")
-        put("env.json", json.dumps({k: os.environ.get(k) for k in keys}))
-        put("argv.json", json.dumps(sys.argv[4:]))
-        sys.exit(int(sys.argv[3]))
-    if mode == "hold":
-        tag = sys.argv[3]
-        put(tag + ".pid", str(os.getpid()))
-        put(tag + ".start", repr(time.time()))
-        wait_for(tag + ".stop")
-        put(tag + ".end", repr(time.time()))
-        sys.exit(0)
-    if mode == "signal":
-        signum, code = int(sys.argv[3]), int(sys.argv[4])
-
-        def on_signal(got, frame):
-            put("got-signal", str(got))
-            sys.exit(code)
-
-        signal.signal(signum, on_signal)
-        put("ready", "")
-        wait_for("never")
-    if mode == "tty":
-        interrupts = []
-
-        def on_interrupt(got, frame):
-            interrupts.append(got)
-            put(f"sigint-{len(interrupts)}", "")
-
-        def on_usr1(got, frame):
-            put("interrupts", str(len(interrupts)))
-            sys.exit(0)
-
-        signal.signal(signal.SIGINT, on_interrupt)
-        signal.signal(signal.SIGUSR1, on_usr1)
-        put("ready", "")
-        wait_for("never")
-    if mode == "die":
-        os.kill(os.getpid(), int(sys.argv[3]))
-    """
-)
-
-
-class CliBox:
-    """A ledger folder, a child script and the ``gpushare`` processes started on them."""
-
-    def __init__(self, tmp: Path) -> None:
-        self.tmp = tmp
-        self.ledger = tmp / "ledger"
-        self.out = tmp / "out"
-        self.out.mkdir()
-        self.child = tmp / "child.py"
-        self.child.write_text(CHILD)
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("GPUSHARE_", "PYTEST_"))}
-        env.update(GPUSHARE_LEDGER_DIR=str(self.ledger), GPUSHARE_OLLAMA="off", PYTHONUNBUFFERED="1")
-        for name in ("CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER"):
-            env.pop(name, None)
-        self.env = env
-        self.procs: list[subprocess.Popen[str]] = []
-        self.orphans: list[int] = []
-
-    def child_cmd(self, mode: str, *args: object) -> list[str]:
-        return [sys.executable, str(self.child), mode, str(self.out), *map(str, args)]
-
-    def gpushare(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "pytest_gpushare", *args],
-            env=self.env,
-            cwd=self.tmp,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-        )
-
-    def start_run(self, *args: str) -> subprocess.Popen[str]:
-        def default_signals() -> None:
-            # An inherited "ignore" (a background job of a script) would stay ignored and not be forwarded.
-            for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-                signal.signal(s, signal.SIG_DFL)
-
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "pytest_gpushare", "run", *args],
-            env=self.env,
-            cwd=self.tmp,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            preexec_fn=default_signals,  # noqa: PLW1509 - the test process starts no threads that fork
-        )
-        self.procs.append(proc)
-        return proc
-
-    def status(self, *args: str) -> dict[str, Any]:
-        done = self.gpushare("status", "--json", *args)
-        assert done.returncode == 0, done.stderr
-        document: dict[str, Any] = json.loads(done.stdout)
-        return document
-
-    def file(self, name: str) -> Path:
-        return self.out / name
-
-    def wait_file(self, name: str, proc: subprocess.Popen[str] | None = None) -> str:
-        path = self.file(name)
-        wait_until(path.exists, f"{name} to appear", proc=proc)
-        return path.read_text()
-
-    def cleanup(self) -> None:
-        (self.out / "all.stop").touch()
-        # Orphaned commands first: they hold the pipes of the gpushare run that started them.
-        for pid in self.orphans:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.kill()
-            proc.communicate(timeout=30)
+from pytest_gpushare.planner import Budget, make_plan
+from pytest_gpushare.units import GiB
 
 
 @pytest.fixture
@@ -175,121 +32,6 @@ def cli(tmp_path: Path) -> Iterator[CliBox]:
     box = CliBox(tmp_path)
     yield box
     box.cleanup()
-
-
-def run_leases(document: dict[str, Any]) -> list[dict[str, Any]]:
-    return [
-        lease
-        for gpu in document["gpus"]
-        for lease in gpu["leases"]
-        if lease["kind"] == "test" and lease["owner"].get("worker_id") == "gpushare-run"
-    ]
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
-# --- gpushare status ---------------------------------------------------------------------------
-
-
-def test_status_of_a_missing_folder_is_no_leases(cli: CliBox) -> None:
-    done = cli.gpushare("status")
-    assert done.returncode == 0, done.stderr
-    assert f"ledger folder {cli.ledger} (GPUSHARE_LEDGER_DIR)" in done.stdout
-    assert "no leases" in done.stdout
-    assert not cli.ledger.exists()  # looking does not create it
-
-
-def test_status_json_is_one_document_with_devices_beside_the_ledgers(cli: CliBox) -> None:
-    run = cli.start_run("--mem", "4GiB", "--simulate", SIM, "--", *cli.child_cmd("hold", "a"))
-    cli.wait_file("a.start", run)
-    done = cli.gpushare("status", "--json", "--simulate", SIM)
-    assert done.returncode == 0, done.stderr
-    document = json.loads(done.stdout)  # the whole of stdout is one document
-    assert document["folder"] == str(cli.ledger)
-    assert document["folder_source"] == "GPUSHARE_LEDGER_DIR"
-    assert document["reclaimed"] == [] and document["repaired"] == [] and document["log"] == []
-    (gpu,) = document["gpus"]
-    assert gpu["uuid"] == SIM_UUID
-    assert gpu["limit_bytes"] == 23 * GiB  # 24GiB less the 1GiB safety buffer
-    assert gpu["leased_bytes"] == 4 * GiB
-    assert gpu["booked_bytes"] == 4 * GiB + gpu["context_bytes"] > 4 * GiB
-    assert gpu["device"] == {
-        "index": 0,
-        "name": "Simulated GPU",
-        "total_bytes": 24 * GiB,
-        "free_bytes": 24 * GiB,
-        "used_bytes": 0,
-    }
-    assert document["devices"]["source"] == f"simulated ({SIM})"
-    assert document["devices"]["gpus"][0]["in_ledger"] is True
-    (lease,) = run_leases(document)
-    assert lease["bytes"] == 4 * GiB and lease["age_s"] >= 0
-    assert lease["owner"]["pid"] == run.pid
-    assert "child.py hold" in lease["owner"]["command"]
-    assert lease["test_id"] == lease["owner"]["command"]
-    cli.file("a.stop").touch()
-    assert run.wait(30) == 0
-
-
-def test_status_says_once_when_nvml_fails(cli: CliBox) -> None:
-    done = cli.gpushare("status")
-    document = cli.status()
-    assert done.returncode == 0
-    error = document["devices"]["error"]
-    if error is None:
-        assert document["devices"]["source"].startswith("NVML")
-    else:
-        assert done.stdout.count("NVML failed") == 1
-        assert f"NVML failed: {error}" in done.stdout
-
-
-def test_status_refuses_an_unsafe_folder_in_one_line(cli: CliBox) -> None:
-    cli.ledger.mkdir()
-    cli.ledger.chmod(0o777)
-    for args in (["status"], ["status", "--json"]):
-        done = cli.gpushare(*args)
-        assert done.returncode == 2
-        assert done.stdout == ""
-        assert done.stderr.count("\n") == 1
-        assert "world-writable" in done.stderr and "chmod o-w" in done.stderr
-
-
-def test_status_takes_the_folder_from_its_flag_first(cli: CliBox, tmp_path: Path) -> None:
-    other = tmp_path / "other"
-    for flag in ("--ledger-dir", "--gpushare-ledger-dir"):
-        document = cli.status(flag, str(other))
-        assert document["folder"] == str(other)
-        assert document["folder_source"] == "--gpushare-ledger-dir"
-
-
-def test_a_killed_run_loses_its_lease_at_once_while_its_command_lives(cli: CliBox) -> None:
-    run = cli.start_run("--mem", "4GiB", "--simulate", SIM, "--", *cli.child_cmd("hold", "k"))
-    child = int(cli.wait_file("k.pid", run))
-    cli.orphans.append(child)
-    text = cli.gpushare("status")
-    assert text.returncode == 0
-    assert "command: " in text.stdout and "child.py hold" in text.stdout
-    assert "gpushare-run" in text.stdout
-
-    run.send_signal(signal.SIGKILL)
-    run.wait(30)
-    assert alive(child)  # the command does not hold the ledger's liveness lock
-
-    document = cli.status()
-    assert run_leases(document) == []
-    assert all(gpu["booked_bytes"] == 0 for gpu in document["gpus"])
-    reclaimed = [r for r in document["reclaimed"] if r["kind"] == "test"]
-    assert len(reclaimed) == 1
-    assert reclaimed[0]["owner"]["pid"] == run.pid
-    assert "child.py hold" in reclaimed[0]["test_id"]
-    assert document["log"] and "its process is gone" in document["log"][0]
-    assert cli.status()["reclaimed"] == []  # reclaimed once
 
 
 # --- gpushare run ------------------------------------------------------------------------------
@@ -546,9 +288,6 @@ def test_a_run_holds_memory_beside_a_pytest_session_and_frees_it_when_killed(cli
         assert record["at"] >= killed_at - 1.0
 
 
-# --- pure pieces ---------------------------------------------------------------------------------
-
-
 def test_real_gpus_are_named_to_the_command_by_uuid_in_pci_order() -> None:
     gpus = tuple(
         Gpu(index=i, uuid=f"GPU-{i}", name="A100", total_bytes=80 * GiB, free_bytes=80 * GiB, used_bytes=0)
@@ -564,19 +303,6 @@ def test_real_gpus_are_named_to_the_command_by_uuid_in_pci_order() -> None:
     assert env["KEEP"] == "1"
 
 
-def test_ollama_reservations_hold_what_ollama_does_not_hold_yet() -> None:
-    gpus = tuple(
-        Gpu(index=i, uuid=f"GPU-{i}", name="x", total_bytes=24 * GiB, free_bytes=20 * GiB, used_bytes=4 * GiB)
-        for i in range(3)
-    )
-    sizes = PerGpuSizes(default=12 * GiB, per_index={2: 0})
-    out = ollama_reservations(sizes, {0: 4 * GiB, 1: 20 * GiB}, gpus)
-    assert [(r.gpu_index, r.bytes, r.ceiling_bytes, r.kind) for r in out] == [
-        (0, 8 * GiB, 12 * GiB, "ollama"),
-        (1, 0, 12 * GiB, "ollama"),
-    ]
-
-
 def test_run_reads_the_ini_file_and_conftest_hooks_like_pytest(cli: CliBox) -> None:
     # No --simulate on the command line: the ini file names the GPU, a conftest reserves 20GiB.
     (cli.tmp / "pytest.ini").write_text("[pytest]\ngpushare_simulate = 24GiB\n")
@@ -588,22 +314,3 @@ def test_run_reads_the_ini_file_and_conftest_hooks_like_pytest(cli: CliBox) -> N
     assert cli.gpushare("run", "--mem", "2GiB", "--", "true").returncode == 0
     done = cli.gpushare("run", "--mem", "4GiB", "--", "true")  # 24 - 20 - 1 safety = 3GiB usable
     assert done.returncode == 2 and "can never give" in done.stderr
-
-
-def test_status_reads_the_ledger_folder_from_the_ini_file(cli: CliBox, tmp_path: Path) -> None:
-    folder = tmp_path / "from-ini"
-    (cli.tmp / "pytest.ini").write_text(f"[pytest]\ngpushare_ledger_dir = {folder}\n")
-    env_free = {k: v for k, v in os.environ.items() if k != "GPUSHARE_LEDGER_DIR"}
-    done = subprocess.run(
-        [sys.executable, "-m", "pytest_gpushare", "status", "--json"],
-        cwd=cli.tmp,
-        env=env_free,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    document = json.loads(done.stdout)
-    assert document["folder"] == str(folder)
-    assert document["folder_source"] == "gpushare_ledger_dir in pytest.ini"
