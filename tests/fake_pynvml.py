@@ -1,7 +1,7 @@
 """A stand-in for nvidia-ml-py's ``pynvml`` module, so NVML code is tested without a GPU.
 
 It copies what the real binding shows to its callers (checked against the installed
-``pynvml.py`` by ``test_devices.py::test_fake_pynvml_matches_the_real_binding``):
+``pynvml.py`` by ``test_fake_pynvml.py::test_fake_pynvml_matches_the_real_binding``):
 
 - the same function names and parameters for what ``pytest_gpushare.gpus.nvml`` calls;
 - ctypes structures with the real field names (``c_nvmlMemory_t``, ``c_nvmlMemory_v2_t``,

@@ -1,9 +1,8 @@
-"""The GPU probes: NVML through a faithful fake pynvml, and simulated GPUs."""
+"""NVML's probe, through a faithful fake pynvml: GPUs, MIG devices, failures, NVML's lifetime,
+per-process figures."""
 
 from __future__ import annotations
 
-import importlib
-import inspect
 import os
 import subprocess
 import sys
@@ -23,50 +22,10 @@ from fake_pynvml import (
     FakeMig,
     install_fake_pynvml,
 )
+from nvml_support import M1, M2, A, B, C, mig_box, probe, two_gpus, uuids
 
-from pytest_gpushare.errors import SettingError
-from pytest_gpushare.gpus import GpuInventory, GpuProcess, SimulatedProbe, nvml, probe_for
-from pytest_gpushare.gpus.nvml import NvmlProbe
-from pytest_gpushare.gpus.simulated import parse_simulate
-from pytest_gpushare.gpus.visible import FROM_ENVIRONMENT, pid_exists
+from pytest_gpushare.gpus import GpuInventory, GpuProcess, nvml
 from pytest_gpushare.units import GiB, MiB
-
-A = "GPU-aaaaaaaa-1111-2222-3333-000000000001"
-B = "GPU-bbbbbbbb-1111-2222-3333-000000000002"
-C = "GPU-abcdef01-1111-2222-3333-000000000003"
-M1 = "MIG-11111111-aaaa-bbbb-cccc-000000000001"
-M2 = "MIG-22222222-aaaa-bbbb-cccc-000000000002"
-
-ALL_PIDS = frozenset(range(1, 1 << 22))
-
-
-def probe(visible: str | None = None, pids: frozenset[int] = ALL_PIDS) -> GpuInventory:
-    return NvmlProbe(visible, pid_exists=pids.__contains__).probe()
-
-
-def uuids(inventory: GpuInventory) -> list[str]:
-    return [g.uuid for g in inventory.gpus]
-
-
-def two_gpus() -> list[FakeGpu]:
-    return [
-        FakeGpu(A, name="NVIDIA GeForce RTX 4090", total=24 * GiB, used=2 * GiB, bus_id="00000000:01:00.0"),
-        FakeGpu(B, name="NVIDIA RTX A6000", total=48 * GiB, used=0, bus_id="00000000:41:00.0"),
-    ]
-
-
-def mig_box() -> list[FakeGpu]:
-    migs = [
-        FakeMig(
-            M1, name="NVIDIA A100-SXM4-80GB MIG 3g.40gb", total=40 * GiB, used=1 * GiB, gpu_instance_id=1
-        ),
-        FakeMig(M2, name="NVIDIA A100-SXM4-80GB MIG 1g.10gb", total=10 * GiB, gpu_instance_id=9),
-    ]
-    return [
-        FakeGpu(A, bus_id="00000000:01:00.0"),
-        FakeGpu(B, name="NVIDIA A100-SXM4-80GB", total=80 * GiB, bus_id="00000000:81:00.0", mig=migs),
-    ]
-
 
 # --- reading the box -------------------------------------------------------------------------
 
@@ -185,87 +144,6 @@ def test_one_unreadable_mig_device_leaves_the_others(monkeypatch: pytest.MonkeyP
     inv = probe()
     assert uuids(inv) == [A, M2]
     assert inv.unusable == (f"GPU 1 ({B}) MIG device 0 ({M1}): GPU is lost",)
-
-
-# --- CUDA_VISIBLE_DEVICES ----------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("visible", "expected"),
-    [
-        pytest.param(None, [A, B, C], id="unset: every GPU"),
-        pytest.param("", [], id="empty: no GPU"),
-        pytest.param("2,0", [C, A], id="indices in their order"),
-        pytest.param(" 1", [B], id="index with leading space"),
-        pytest.param("1gpu,+2", [B, C], id="indices read like strtoul"),
-        pytest.param("-0", [A], id="minus zero is zero"),
-        pytest.param("1,3,0", [B], id="index out of range hides the rest"),
-        pytest.param("0,-1,1", [A], id="negative index hides the rest"),
-        pytest.param("0,,1", [A], id="empty entry hides the rest"),
-        pytest.param("0,1,0", [], id="a GPU named twice hides every GPU"),
-        pytest.param(f"{B},{A}", [B, A], id="full UUIDs"),
-        pytest.param("GPU-bb,GPU-ab", [B, C], id="unique UUID prefixes"),
-        pytest.param("GPU-bb,GPU-a,GPU-aaaa", [B], id="ambiguous prefix hides the rest"),
-        pytest.param("GPU-bb,GPU-ffff,GPU-aaaa", [B], id="unknown UUID hides the rest"),
-        pytest.param(f"{B},0", [B], id="an index after UUIDs hides the rest"),
-        pytest.param(f"0,{B}", [A], id="a UUID after indices hides the rest"),
-        pytest.param(f"{A},{A[:12]}", [], id="one GPU named twice by UUID"),
-        pytest.param("bbbbbbbb", [], id="a UUID without GPU- is no UUID"),
-        pytest.param(f"{B} ", [], id="UUID with trailing space matches nothing"),
-    ],
-)
-def test_cuda_visible_devices_is_applied_as_cuda_does(
-    monkeypatch: pytest.MonkeyPatch, visible: str | None, expected: list[str]
-) -> None:
-    install_fake_pynvml(
-        monkeypatch,
-        [FakeGpu(A), FakeGpu(B, bus_id="00000000:02:00.0"), FakeGpu(C, bus_id="00000000:03:00.0")],
-    )
-    inv = probe(visible)
-    assert uuids(inv) == expected
-    assert [g.index for g in inv.gpus] == list(range(len(expected)))
-
-
-@pytest.mark.parametrize(
-    ("visible", "expected"),
-    [
-        pytest.param(M2, [M2], id="MIG UUID"),
-        pytest.param(f"{M2},{M1}", [M2, M1], id="MIG UUIDs in their order"),
-        pytest.param("MIG-1111", [M1], id="MIG UUID prefix"),
-        pytest.param(f"MIG-{B}/9/0", [M2], id="old MIG-GPU-uuid/gi/ci spelling"),
-        pytest.param(f"MIG-{B}/5/0,{M1}", [], id="old spelling of a MIG device that does not exist"),
-        pytest.param(f"{M1},{A}", [M1], id="a GPU UUID after MIG UUIDs hides the rest"),
-        pytest.param("1", [M1, M2], id="index of a GPU in MIG mode gives its MIG devices"),
-        pytest.param(B, [M1, M2], id="UUID of a GPU in MIG mode gives its MIG devices"),
-        pytest.param(f"{M1},MIG-1", [], id="a MIG device named twice hides every GPU"),
-    ],
-)
-def test_cuda_visible_devices_names_mig_devices(
-    monkeypatch: pytest.MonkeyPatch, visible: str, expected: list[str]
-) -> None:
-    install_fake_pynvml(monkeypatch, mig_box())
-    assert uuids(probe(visible)) == expected
-
-
-def test_cuda_visible_devices_is_read_from_the_environment_at_probe_time(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    install_fake_pynvml(monkeypatch, two_gpus())
-    nvml = NvmlProbe(pid_exists=ALL_PIDS.__contains__)
-    assert nvml.visible is FROM_ENVIRONMENT
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
-    first = nvml.probe()
-    assert uuids(first) == [B]
-    assert first.gpus[0].index == 0
-    assert first.source == "NVML (driver 575.51.03, CUDA_VISIBLE_DEVICES='1')"
-    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
-    assert uuids(nvml.probe()) == [A, B]
-
-
-def test_explicit_none_means_every_gpu_whatever_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    install_fake_pynvml(monkeypatch, two_gpus())
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
-    assert uuids(NvmlProbe(None).probe()) == [A, B]
 
 
 # --- failures --------------------------------------------------------------------------------
@@ -452,126 +330,8 @@ def test_mig_devices_have_their_own_process_figures(monkeypatch: pytest.MonkeyPa
     assert probe(M1).gpus[0].processes == (GpuProcess(303, 1 * GiB),)
 
 
-def test_the_default_pid_check_sees_this_process_and_not_an_unused_pid() -> None:
-    assert pid_exists(os.getpid())
-    assert not pid_exists(2**31 - 1)
-
-
 def test_an_nvml_inventory_survives_the_round_trip_through_a_dict(monkeypatch: pytest.MonkeyPatch) -> None:
     install_fake_pynvml(monkeypatch, [FakeGpu(A, processes=[(1, GiB)]), FakeGpu(B, processes=[(1, None)])])
     inv = probe()
     assert inv.gpus[1].processes is None
     assert GpuInventory.from_dict(inv.to_dict()) == inv
-
-
-# --- simulated GPUs ----------------------------------------------------------------------------
-
-
-def test_simulate_spec_gives_totals_used_and_names() -> None:
-    inv = SimulatedProbe("24GiB:used=2GiB,2x16GiB:name=RTX 4080").probe()
-    assert [(g.index, g.total_bytes, g.used_bytes, g.free_bytes, g.name) for g in inv.gpus] == [
-        (0, 24 * GiB, 2 * GiB, 22 * GiB, "Simulated GPU"),
-        (1, 16 * GiB, 0, 16 * GiB, "RTX 4080"),
-        (2, 16 * GiB, 0, 16 * GiB, "RTX 4080"),
-    ]
-    assert all(g.simulated and g.processes == () for g in inv.gpus)
-    assert inv.source == "simulated (24GiB:used=2GiB,2x16GiB:name=RTX 4080)"
-
-
-def test_simulated_uuids_are_stable_and_distinct_per_position() -> None:
-    first = SimulatedProbe("2x80GiB").probe()
-    again = SimulatedProbe("2x80GiB").probe()
-    assert uuids(first) == uuids(again)
-    assert len(set(uuids(first))) == 2
-    assert all(u.startswith("GPU-") and len(u) == len(A) for u in uuids(first))
-    assert uuids(SimulatedProbe("80GiB").probe())[0] == uuids(first)[0]
-
-
-def test_simulate_none_is_no_gpu() -> None:
-    inv = SimulatedProbe("None").probe()
-    assert inv.gpus == ()
-    assert inv.error is None
-    assert "none" in inv.source
-
-
-@pytest.mark.parametrize(
-    "spec",
-    ["", "24GiB,", "0GiB", "-4GiB", "lots", "0x24GiB", "24GiB:used=30GiB", "24GiB:color=red", "24GiB:used"],
-)
-def test_a_bad_simulate_spec_names_its_source(spec: str) -> None:
-    with pytest.raises(SettingError, match=r"^GPUSHARE_SIMULATE: "):
-        parse_simulate(spec, "GPUSHARE_SIMULATE")
-
-
-def test_probe_for_picks_nvml_or_the_simulation(monkeypatch: pytest.MonkeyPatch) -> None:
-    install_fake_pynvml(monkeypatch, two_gpus())
-    assert isinstance(probe_for(None), NvmlProbe)
-    assert uuids(probe_for(None).probe()) == [A, B]
-    assert probe_for("none").probe().gpus == ()
-    assert [g.total_bytes for g in probe_for("2x8GiB").probe().gpus] == [8 * GiB, 8 * GiB]
-    with pytest.raises(SettingError, match=r"^--gpushare-simulate: "):
-        probe_for("8XB")
-    with pytest.raises(SettingError, match=r"^gpushare_simulate in pytest.ini: "):
-        probe_for("", source="gpushare_simulate in pytest.ini")
-
-
-# --- the fake against the real binding ---------------------------------------------------------
-
-USED_FUNCTIONS = [
-    "nvmlInit",
-    "nvmlShutdown",
-    "nvmlSystemGetDriverVersion",
-    "nvmlDeviceGetCount",
-    "nvmlDeviceGetHandleByIndex",
-    "nvmlDeviceGetUUID",
-    "nvmlDeviceGetName",
-    "nvmlDeviceGetPciInfo",
-    "nvmlDeviceGetMemoryInfo",
-    "nvmlDeviceGetComputeRunningProcesses",
-    "nvmlDeviceGetMigMode",
-    "nvmlDeviceGetMaxMigDeviceCount",
-    "nvmlDeviceGetMigDeviceHandleByIndex",
-    "nvmlDeviceGetGpuInstanceId",
-    "nvmlDeviceGetComputeInstanceId",
-]
-
-
-def test_fake_pynvml_matches_the_real_binding(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delitem(sys.modules, "pynvml", raising=False)
-    real = importlib.import_module("pynvml")
-    fake = install_fake_pynvml(monkeypatch).module
-    for name in USED_FUNCTIONS:
-        real_params = list(inspect.signature(getattr(real, name)).parameters)
-        assert list(inspect.signature(getattr(fake, name)).parameters) == real_params, name
-    codes = [n for n in dir(real) if n.startswith("NVML_ERROR_")]
-    assert codes == [n for n in dir(fake) if n.startswith("NVML_ERROR_")]
-    for code_name in codes:
-        value = getattr(real, code_name)
-        assert getattr(fake, code_name) == value
-        real_err, fake_err = real.NVMLError(value), fake.NVMLError(value)
-        assert type(real_err).__name__ == type(fake_err).__name__
-        assert fake_err.value == real_err.value == value
-        assert isinstance(fake_err, fake.NVMLError)
-        if value in real.NVMLError._errcode_to_string:
-            assert str(fake_err) == str(real_err)
-        # The subclasses are raised bare, too (NVMLError_GpuIsLost()), as pynvml allows.
-        assert getattr(fake, type(fake_err).__name__)().value == value
-    assert fake.nvmlMemory_v2 == real.nvmlMemory_v2
-    assert fake.NVML_DEVICE_MIG_ENABLE == real.NVML_DEVICE_MIG_ENABLE
-    for struct in ("c_nvmlMemory_t", "c_nvmlMemory_v2_t", "nvmlPciInfo_t"):
-        assert [f[0] for f in getattr(fake, struct)._fields_] == [
-            f[0] for f in getattr(real, struct)._fields_
-        ]
-    process_fields = [f[0] for f in real.c_nvmlProcessInfo_t._fields_]
-    box = install_fake_pynvml(monkeypatch, [FakeGpu(A, processes=[(1, 2)])]).module
-    box.nvmlInit()
-    (entry,) = box.nvmlDeviceGetComputeRunningProcesses(box.nvmlDeviceGetHandleByIndex(0))
-    assert sorted(vars(entry)) == sorted(process_fields)
-    assert not issubclass(fake.NVMLLibraryMismatchError, fake.NVMLError)
-    assert not issubclass(real.NVMLLibraryMismatchError, real.NVMLError)
-
-
-def test_fake_pynvml_refuses_calls_before_nvml_is_started(monkeypatch: pytest.MonkeyPatch) -> None:
-    fake = install_fake_pynvml(monkeypatch, two_gpus()).module
-    with pytest.raises(fake.NVMLError_Uninitialized):
-        fake.nvmlDeviceGetCount()

@@ -1,0 +1,63 @@
+"""Simulated GPUs (``--gpushare-simulate``), and the choice between them and NVML."""
+
+from __future__ import annotations
+
+import pytest
+from fake_pynvml import install_fake_pynvml
+from nvml_support import A, B, two_gpus, uuids
+
+from pytest_gpushare.errors import SettingError
+from pytest_gpushare.gpus import SimulatedProbe, probe_for
+from pytest_gpushare.gpus.nvml import NvmlProbe
+from pytest_gpushare.gpus.simulated import parse_simulate
+from pytest_gpushare.units import GiB
+
+# --- simulated GPUs ----------------------------------------------------------------------------
+
+
+def test_simulate_spec_gives_totals_used_and_names() -> None:
+    inv = SimulatedProbe("24GiB:used=2GiB,2x16GiB:name=RTX 4080").probe()
+    assert [(g.index, g.total_bytes, g.used_bytes, g.free_bytes, g.name) for g in inv.gpus] == [
+        (0, 24 * GiB, 2 * GiB, 22 * GiB, "Simulated GPU"),
+        (1, 16 * GiB, 0, 16 * GiB, "RTX 4080"),
+        (2, 16 * GiB, 0, 16 * GiB, "RTX 4080"),
+    ]
+    assert all(g.simulated and g.processes == () for g in inv.gpus)
+    assert inv.source == "simulated (24GiB:used=2GiB,2x16GiB:name=RTX 4080)"
+
+
+def test_simulated_uuids_are_stable_and_distinct_per_position() -> None:
+    first = SimulatedProbe("2x80GiB").probe()
+    again = SimulatedProbe("2x80GiB").probe()
+    assert uuids(first) == uuids(again)
+    assert len(set(uuids(first))) == 2
+    assert all(u.startswith("GPU-") and len(u) == len(A) for u in uuids(first))
+    assert uuids(SimulatedProbe("80GiB").probe())[0] == uuids(first)[0]
+
+
+def test_simulate_none_is_no_gpu() -> None:
+    inv = SimulatedProbe("None").probe()
+    assert inv.gpus == ()
+    assert inv.error is None
+    assert "none" in inv.source
+
+
+@pytest.mark.parametrize(
+    "spec",
+    ["", "24GiB,", "0GiB", "-4GiB", "lots", "0x24GiB", "24GiB:used=30GiB", "24GiB:color=red", "24GiB:used"],
+)
+def test_a_bad_simulate_spec_names_its_source(spec: str) -> None:
+    with pytest.raises(SettingError, match=r"^GPUSHARE_SIMULATE: "):
+        parse_simulate(spec, "GPUSHARE_SIMULATE")
+
+
+def test_probe_for_picks_nvml_or_the_simulation(monkeypatch: pytest.MonkeyPatch) -> None:
+    install_fake_pynvml(monkeypatch, two_gpus())
+    assert isinstance(probe_for(None), NvmlProbe)
+    assert uuids(probe_for(None).probe()) == [A, B]
+    assert probe_for("none").probe().gpus == ()
+    assert [g.total_bytes for g in probe_for("2x8GiB").probe().gpus] == [8 * GiB, 8 * GiB]
+    with pytest.raises(SettingError, match=r"^--gpushare-simulate: "):
+        probe_for("8XB")
+    with pytest.raises(SettingError, match=r"^gpushare_simulate in pytest.ini: "):
+        probe_for("", source="gpushare_simulate in pytest.ini")
