@@ -1,5 +1,6 @@
-"""NVML's probe, through a faithful fake pynvml: GPUs, MIG devices, failures, NVML's lifetime,
-per-process figures."""
+"""NVML's probe, through a faithful fake pynvml: GPUs, MIG devices, failures, NVML's lifetime.
+
+Per-process figures are in test_nvml_processes.py."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from fake_pynvml import (
 )
 from nvml_support import M1, M2, A, B, C, mig_box, probe, two_gpus, uuids
 
-from pytest_gpushare.gpus import GpuInventory, GpuProcess, nvml
+from pytest_gpushare.gpus import GpuInventory, nvml
 from pytest_gpushare.units import GiB, MiB
 
 # --- reading the box -------------------------------------------------------------------------
@@ -285,49 +286,6 @@ def test_importing_devices_does_not_import_pynvml() -> None:
     code = "import sys, pytest_gpushare.gpus.model; print('pynvml' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
-
-
-# --- per-process figures -----------------------------------------------------------------------
-
-
-def test_process_figures_are_kept_when_every_pid_is_ours_to_see(monkeypatch: pytest.MonkeyPatch) -> None:
-    gpu = FakeGpu(A, used=3 * GiB, processes=[(101, 1 * GiB), (202, 2 * GiB)])
-    install_fake_pynvml(monkeypatch, [gpu, FakeGpu(B, bus_id="00000000:02:00.0")])
-    first, second = probe(pids=frozenset({101, 202})).gpus
-    assert first.processes == (GpuProcess(101, 1 * GiB), GpuProcess(202, 2 * GiB))
-    assert second.processes == ()
-
-
-def test_process_figures_without_memory_are_not_trusted(monkeypatch: pytest.MonkeyPatch) -> None:
-    install_fake_pynvml(monkeypatch, [FakeGpu(A, processes=[(101, 1 * GiB), (202, None)])])
-    assert probe().gpus[0].processes is None
-
-
-def test_process_figures_with_foreign_pids_are_not_trusted(monkeypatch: pytest.MonkeyPatch) -> None:
-    # A PID that is not a process here: NVML sees another PID namespace than ours.
-    install_fake_pynvml(monkeypatch, [FakeGpu(A, processes=[(101, 1 * GiB), (4_000_001, 1 * GiB)])])
-    assert probe(pids=frozenset({101})).gpus[0].processes is None
-
-
-@pytest.mark.parametrize(
-    "code", [NVML_ERROR_NO_PERMISSION, NVML_ERROR_NOT_SUPPORTED, NVML_ERROR_FUNCTION_NOT_FOUND]
-)
-def test_process_figures_that_cannot_be_read_are_not_trusted(
-    monkeypatch: pytest.MonkeyPatch, code: int
-) -> None:
-    gpu = FakeGpu(A, processes=[(101, 1 * GiB)], fail={"nvmlDeviceGetComputeRunningProcesses_v3": code})
-    install_fake_pynvml(monkeypatch, [gpu])
-    inv = probe()
-    assert inv.unusable == ()
-    assert inv.gpus[0].processes is None
-
-
-def test_mig_devices_have_their_own_process_figures(monkeypatch: pytest.MonkeyPatch) -> None:
-    box = mig_box()
-    assert box[1].mig is not None
-    box[1].mig[0].processes.append((303, 1 * GiB))
-    install_fake_pynvml(monkeypatch, box)
-    assert probe(M1).gpus[0].processes == (GpuProcess(303, 1 * GiB),)
 
 
 def test_an_nvml_inventory_survives_the_round_trip_through_a_dict(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import inspect
 import os
 import platform
 import subprocess
@@ -16,12 +14,10 @@ from types import SimpleNamespace
 
 import pytest
 from conftest import wait_until
-from fake_pynvml import NVML_ERROR_GPU_IS_LOST, NVML_ERROR_LIBRARY_NOT_FOUND, FakeGpu, FakeMig, FakeNvml
+from fake_pynvml import NVML_ERROR_GPU_IS_LOST, FakeGpu, FakeNvml
 from fake_torch import FakeLease, install_fake_torch
 
-from pytest_gpushare.errors import GpuShareError, SettingError
-from pytest_gpushare.gpus.model import GpuProcess
-from pytest_gpushare.gpus.nvml import NvmlProbe, process_usage
+from pytest_gpushare.errors import SettingError
 from pytest_gpushare.observations import NOT_MEASURABLE, GpuObservation, observation_record
 from pytest_gpushare.observe import Sampler, Watch, split_context
 from pytest_gpushare.torch_cuda import release_cached, torch_peak_start, torch_peak_stop
@@ -61,94 +57,13 @@ def sampler(interval_s: float = 0.001) -> Sampler:
     return Sampler(interval_s, detect_platform=False)
 
 
-# --- NVML per process (nvml.process_usage, the sampler's source) ------------------------------
-
-
-def test_process_usage_reads_the_per_process_list_by_uuid(box: Callable[..., FakeNvml]) -> None:
-    fake = box([FakeGpu(A, processes=[(PID, 3 * GiB), (1, None)]), FakeGpu(B)])
-    assert process_usage(A) == {PID: 3 * GiB, 1: None}
-    assert process_usage(B) == {}
-    assert fake.init_calls == 1
-
-
-def test_process_usage_finds_mig_devices_and_sums_a_process_listed_twice(
-    box: Callable[..., FakeNvml],
-) -> None:
-    mig = FakeMig("MIG-11111111-2222-3333-4444-555555555555", processes=[(PID, GiB), (PID, 2 * GiB), (7, 1)])
-    box([FakeGpu(A, name="NVIDIA A100-SXM4-80GB", mig=[mig])])
-    assert process_usage(mig.uuid) == {PID: 3 * GiB, 7: 1}
-    mig.processes.append((7, None))
-    assert process_usage(mig.uuid) == {PID: 3 * GiB, 7: None}
-
-
-def test_process_usage_looks_each_handle_up_once(
-    box: Callable[..., FakeNvml], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    fake = box([FakeGpu(A, processes=[(PID, GiB)])])
-    lookups: list[object] = []
-    real_lookup = fake.module.nvmlDeviceGetHandleByUUID
-
-    def counted_lookup(uuid: str) -> object:
-        lookups.append(uuid)
-        return real_lookup(uuid)
-
-    monkeypatch.setattr(fake.module, "nvmlDeviceGetHandleByUUID", counted_lookup)
-    for _ in range(5):
-        process_usage(A)
-    assert lookups == [A]
-
-
-def test_process_usage_starts_nvml_again_after_someone_shut_it_down(box: Callable[..., FakeNvml]) -> None:
-    fake = box([FakeGpu(A, processes=[(PID, GiB)])])
-    assert process_usage(A) == {PID: GiB}
-    fake.drop_all_references()
-    assert process_usage(A) == {PID: GiB}
-    assert fake.init_calls == 2
-
-
-def test_process_usage_errors_quote_nvml(box: Callable[..., FakeNvml]) -> None:
-    box([FakeGpu(A, fail={"nvmlDeviceGetComputeRunningProcesses_v3": NVML_ERROR_GPU_IS_LOST})])
-    with pytest.raises(GpuShareError, match="GPU is lost"):
-        process_usage(A)
-    with pytest.raises(GpuShareError, match="Not Found"):
-        process_usage(B)
-
-
-def test_process_usage_without_a_driver_says_so(box: Callable[..., FakeNvml]) -> None:
-    box([FakeGpu(A)], init_error=NVML_ERROR_LIBRARY_NOT_FOUND)
-    with pytest.raises(GpuShareError, match="no NVIDIA driver is installed"):
-        process_usage(A)
-    box(import_error=True)
-    with pytest.raises(GpuShareError, match="cannot be imported"):
-        process_usage(A)
-
-
-def test_fake_handle_by_uuid_matches_the_real_binding(
-    box: Callable[..., FakeNvml], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.delitem(sys.modules, "pynvml", raising=False)
-    real = importlib.import_module("pynvml")
-    fake = box().module
-    for name in ("nvmlDeviceGetHandleByUUID", "nvmlDeviceGetComputeRunningProcesses"):
-        assert list(inspect.signature(getattr(fake, name)).parameters) == list(
-            inspect.signature(getattr(real, name)).parameters
-        )
-
-
-def test_the_probe_sums_a_process_listed_once_per_compute_instance(box: Callable[..., FakeNvml]) -> None:
-    # One list reader serves the probe and process_usage: the planner credits a process once.
-    mig = FakeMig("MIG-11111111-2222-3333-4444-555555555555", processes=[(PID, GiB), (PID, 2 * GiB)])
-    box([FakeGpu(A, name="NVIDIA A100-SXM4-80GB", mig=[mig])])
-    (gpu,) = NvmlProbe(None).probe().gpus
-    assert gpu.processes == (GpuProcess(PID, 3 * GiB),)
-
-
 def test_the_gpu_modules_import_in_any_order_without_pynvml_or_torch() -> None:
-    for first in ("gpus.nvml", "gpus", "gpus.model", "observe", "enforce", "observations"):
+    for first in ("gpus.nvml", "gpus", "gpus.model", "gpus.visible", "observe", "enforce", "torch_cuda"):
         code = (
             f"import sys, pytest_gpushare.{first}\n"
             "from pytest_gpushare.gpus import probe_for\nfrom pytest_gpushare.gpus.nvml import NvmlProbe\n"
             "import pytest_gpushare.observe, pytest_gpushare.enforce, pytest_gpushare.observations\n"
+            "import pytest_gpushare.torch_cuda, pytest_gpushare.gpus.visible\n"
             "assert isinstance(probe_for(None), NvmlProbe)\n"
             "print(sorted({'pynvml', 'torch'} & set(sys.modules)))"
         )
