@@ -19,9 +19,6 @@ It copies what the real binding shows to its callers (checked against the instal
 A GPU's (or MIG device's) process list may change while a test runs: give it ``usage``, a
 callable that returns the list at each read (``FakeNvml.process_reads`` counts the reads),
 to drive a sampler through a schedule.
-
-Each :func:`install_fake_pynvml` builds a fresh module (fresh error classes too), so one
-test's fake never leaks into the next.
 """
 
 from __future__ import annotations
@@ -114,11 +111,7 @@ class _PrintableStructure(ctypes.Structure):
 
 
 class c_nvmlMemory_t(_PrintableStructure):
-    _fields_ = [
-        ("total", ctypes.c_ulonglong),
-        ("free", ctypes.c_ulonglong),
-        ("used", ctypes.c_ulonglong),
-    ]
+    _fields_ = [("total", ctypes.c_ulonglong), ("free", ctypes.c_ulonglong), ("used", ctypes.c_ulonglong)]
 
 
 class c_nvmlMemory_v2_t(_PrintableStructure):
@@ -272,13 +265,10 @@ def _build_module(box: FakeNvml) -> types.ModuleType:
         class_name = "NVMLError_" + string.capwords(err_name.replace("NVML_ERROR_", ""), "_").replace("_", "")
         err_val = ns[err_name]
 
-        def gen_new(val: int) -> Any:
-            def new(typ: type[NVMLError], *args: Any) -> NVMLError:
-                return NVMLError.__new__(typ, val)
+        def new(typ: type[NVMLError], *args: Any, _val: int = err_val) -> NVMLError:
+            return NVMLError.__new__(typ, _val)
 
-            return new
-
-        cls = type(class_name, (NVMLError,), {"__new__": gen_new(err_val)})
+        cls = type(class_name, (NVMLError,), {"__new__": new})
         cls.__module__ = "pynvml"
         ns[class_name] = cls
         NVMLError._valClassMapping[err_val] = cls
@@ -340,12 +330,11 @@ def _build_module(box: FakeNvml) -> types.ModuleType:
 
     def nvmlDeviceGetPciInfo(handle: _Handle) -> nvmlPciInfo_t:
         check("nvmlDeviceGetPciInfo_v3", handle)
-        domain, bus, rest = handle.gpu.bus_id.split(":")
-        device = rest.split(".")[0]
+        domain, bus, device = (int(part, 16) for part in handle.gpu.bus_id.replace(".", ":").split(":")[:3])
         info = nvmlPciInfo_t()
-        info.domain, info.bus, info.device = int(domain, 16), int(bus, 16), int(device, 16)
-        info.busId = f"{int(domain, 16):08X}:{int(bus, 16):02X}:{int(device, 16):02X}.0".encode()
-        info.busIdLegacy = f"{int(domain, 16):04X}:{int(bus, 16):02X}:{int(device, 16):02X}.0".encode()
+        info.domain, info.bus, info.device = domain, bus, device
+        info.busId = f"{domain:08X}:{bus:02X}:{device:02X}.0".encode()
+        info.busIdLegacy = f"{domain:04X}:{bus:02X}:{device:02X}.0".encode()
         return info
 
     def nvmlDeviceGetMemoryInfo(handle: _Handle, version: int | None = None) -> Any:
@@ -412,38 +401,23 @@ def _build_module(box: FakeNvml) -> types.ModuleType:
             raise NVMLError(NVML_ERROR_NOT_FOUND)
         return _Handle(device.gpu, migs[index])
 
-    def nvmlDeviceGetGpuInstanceId(device: _Handle) -> int:
-        check("nvmlDeviceGetGpuInstanceId", device)
+    def mig_only(name: str, device: _Handle) -> FakeMig:
+        check(name, device)
         if device.mig is None:
             raise NVMLError(NVML_ERROR_NOT_SUPPORTED)
-        return device.mig.gpu_instance_id
+        return device.mig
+
+    def nvmlDeviceGetGpuInstanceId(device: _Handle) -> int:
+        return mig_only("nvmlDeviceGetGpuInstanceId", device).gpu_instance_id
 
     def nvmlDeviceGetComputeInstanceId(device: _Handle) -> int:
-        check("nvmlDeviceGetComputeInstanceId", device)
-        if device.mig is None:
-            raise NVMLError(NVML_ERROR_NOT_SUPPORTED)
-        return device.mig.compute_instance_id
+        return mig_only("nvmlDeviceGetComputeInstanceId", device).compute_instance_id
 
-    for fn in (
-        nvmlInit,
-        nvmlShutdown,
-        nvmlSystemGetDriverVersion,
-        nvmlDeviceGetCount,
-        nvmlDeviceGetHandleByIndex,
-        nvmlDeviceGetHandleByUUID,
-        nvmlDeviceGetUUID,
-        nvmlDeviceGetName,
-        nvmlDeviceGetPciInfo,
-        nvmlDeviceGetMemoryInfo,
-        nvmlDeviceGetComputeRunningProcesses,
-        nvmlDeviceGetMigMode,
-        nvmlDeviceGetMaxMigDeviceCount,
-        nvmlDeviceGetMigDeviceHandleByIndex,
-        nvmlDeviceGetGpuInstanceId,
-        nvmlDeviceGetComputeInstanceId,
-    ):
-        fn.__module__ = "pynvml"
-        ns[fn.__name__] = fn
+    # Every nvml* function defined above is the module's, as in pynvml.
+    for name, fn in list(locals().items()):
+        if name.startswith("nvml") and callable(fn):
+            fn.__module__ = "pynvml"
+            ns[name] = fn
     return mod
 
 
@@ -457,6 +431,9 @@ def install_fake_pynvml(
     fail: dict[str, int] | None = None,
 ) -> FakeNvml:
     """Make ``import pynvml`` give a fake NVML box for the rest of the test.
+
+    Each call builds a fresh module (fresh error classes too): one test's fake never leaks
+    into the next.
 
     ``init_error`` makes ``nvmlInit`` fail with that NVML code (library not found, driver
     not loaded, version mismatch, ...); ``import_error`` makes the import itself fail, as
