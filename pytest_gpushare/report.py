@@ -7,10 +7,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from pytest_gpushare.planner import GpuPlan, Plan, WorkerCount
+from pytest_gpushare.units import format_size
 
 if TYPE_CHECKING:
     from pytest_gpushare.ollama import OllamaStatus
-from pytest_gpushare.units import format_size
 
 __all__ = ["WorkerLine", "header_lines", "json_report", "peak_concurrent", "summarize", "summary_lines"]
 
