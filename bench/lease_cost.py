@@ -50,9 +50,10 @@ from typing import Any
 from _util import Ratio, machine, median, ms, print_ratios, quantile, table
 from filelock import FileLock
 
-from pytest_gpushare.ledger.folder import frame, locked, open_ledger_folder, unframe
-from pytest_gpushare.ledger.handle import Ledger, LedgerGpu, Need, Owner
-from pytest_gpushare.ledger.records import LEDGER_FRAME
+from pytest_gpushare.ledger import Ledger, LedgerGpu, Need, Owner
+from pytest_gpushare.ledger.codec import LEDGER_FRAME, frame, unframe
+from pytest_gpushare.ledger.folder import open_ledger_folder
+from pytest_gpushare.ledger.locks import locked
 from pytest_gpushare.units import GiB, MemRequest, MiB
 
 UUID = "GPU-bench-lease-cost"

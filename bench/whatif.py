@@ -25,7 +25,7 @@ from typing import Any
 from pytest_gpushare.errors import LedgerError
 from pytest_gpushare.ledger import folder as ledgerfs
 from pytest_gpushare.ledger import handle as _ledger
-from pytest_gpushare.ledger.records import LEDGER_FRAME, Damaged, parse_gpu_state
+from pytest_gpushare.ledger.codec import LEDGER_FRAME, Damaged, parse_gpu_state
 
 ENV = "BENCH_WHATIF"
 PARK_S = 0.05

@@ -42,7 +42,8 @@ class NeverFits(GpuShareError):
 class LeaseTimeout(GpuShareError, TimeoutError):
     """A lease was not granted within its timeout.
 
-    ``holders`` describes who held the GPU(s) when the wait gave up, one line each.
+    ``message`` is the whole text, who held the GPU(s) included; ``holders`` lists the same
+    holders as data, one line each.
     """
 
     def __init__(self, message: str, waited: float, holders: tuple[str, ...] = ()) -> None:
@@ -52,6 +53,4 @@ class LeaseTimeout(GpuShareError, TimeoutError):
         self.holders = holders
 
     def __str__(self) -> str:
-        if not self.holders:
-            return self.message
-        return f"{self.message}; held by: " + "; ".join(self.holders)
+        return self.message

@@ -1,32 +1,119 @@
 """File-locked lease ledgers shared by every process and session on the box: the facade.
 
-Everything outside this package uses only the names below. Inside, calls go one way, from the
-bottom up: :mod:`.folder` (where the ledgers live, safe opening, atomic I/O, locks),
-:mod:`.records` (what a ledger and an owner's holdings file contain), :mod:`.liveness` (who owns
-a lease and whether that process lives), :mod:`.access` (one locked pass over a ledger: load,
-repair, reclaim the dead, save), :mod:`.admission` (the pure rules: who may take memory now) and
-:mod:`.handle` (the :class:`Ledger` a process opens, with acquire and release) on top.
+Any process that wants GPU memory opens a :class:`Ledger` on the shared ledger folder and calls
+:meth:`Ledger.acquire` / :meth:`Ledger.release`. Files in the folder:
+
+* ``gpu-<uuid>.json`` per GPU, guarded by ``gpu-<uuid>.lock`` (kernel flock; filelock takes a
+  free lock, a busy one is waited for in the kernel): the owners that use the GPU with the
+  usable memory their sessions computed, the bookings (test leases and CUDA contexts) and the
+  waiters. Replaced atomically under the lock (a reader never sees half a file), framed with a
+  checksum so that damage reads as damage, and with a generation number that grows with every
+  write.
+* ``live-<key>.lock`` per owning process, flocked for its whole life: a booking or waiter whose
+  owner's lock can be taken belongs to a dead process and is reclaimed, with a log line, at the
+  next access of any process. Its content is what the owner holds, written before a grant
+  reaches a ledger: the source of truth for rebuilding a damaged ledger. Each process also
+  re-checks its own bookings in every ledger it touches, and restores what is missing.
+
+Everything outside this package uses only the names below, imported on first use (PEP 562), so
+that a caller of the pure rules and records (``evaluate``, ``place``, ``GpuState``...: the
+controller's broker) loads no locks or files.
+Inside, calls go one way, from the bottom up: :mod:`.folder` (where the ledgers live, safe
+opening, atomic I/O) and :mod:`.locks` (the flocks, kernel wait for a busy one);
+:mod:`.records` (what the files record) and :mod:`.codec` (those records as framed bytes);
+:mod:`.liveness` (whether an owner lives, and its holdings file); :mod:`.views` (the status
+document and the lines about it); :mod:`.access` (one locked pass over some ledgers: load,
+repair, reclaim the dead, save); :mod:`.admission` (the pure rules: who may take memory now);
+:mod:`.holder` (what this process holds, pressed on every ledger it touches) and
+:mod:`.handle` (the :class:`Ledger`) on top.
 """
 
 from __future__ import annotations
 
-from pytest_gpushare.ledger.admission import LedgerGpu, Need, ledger_gpus
-from pytest_gpushare.ledger.folder import default_ledger_dir, ledger_dir_for, prepare_ledger_dir
-from pytest_gpushare.ledger.handle import Lease, Ledger, read_status, waiting_lines
-from pytest_gpushare.ledger.liveness import Owner
-from pytest_gpushare.ledger.records import CONTEXT
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pytest_gpushare.ledger.access import read_status
+    from pytest_gpushare.ledger.admission import (
+        FAIR_AFTER_S,
+        Fit,
+        LedgerGpu,
+        Need,
+        candidates,
+        evaluate,
+        ledger_gpus,
+        never_fits,
+        place,
+    )
+    from pytest_gpushare.ledger.folder import default_ledger_dir, ledger_dir_for, prepare_ledger_dir
+    from pytest_gpushare.ledger.handle import Ledger
+    from pytest_gpushare.ledger.records import CONTEXT, TEST, Booking, GpuState, Lease, Owner, Waiter
+    from pytest_gpushare.ledger.views import holders_text, waiting_lines
+
+#: public name -> the module that defines it
+_HOMES = {
+    "CONTEXT": "pytest_gpushare.ledger.records",
+    "FAIR_AFTER_S": "pytest_gpushare.ledger.admission",
+    "TEST": "pytest_gpushare.ledger.records",
+    "Booking": "pytest_gpushare.ledger.records",
+    "Fit": "pytest_gpushare.ledger.admission",
+    "GpuState": "pytest_gpushare.ledger.records",
+    "Lease": "pytest_gpushare.ledger.records",
+    "Ledger": "pytest_gpushare.ledger.handle",
+    "LedgerGpu": "pytest_gpushare.ledger.admission",
+    "Need": "pytest_gpushare.ledger.admission",
+    "Owner": "pytest_gpushare.ledger.records",
+    "Waiter": "pytest_gpushare.ledger.records",
+    "candidates": "pytest_gpushare.ledger.admission",
+    "default_ledger_dir": "pytest_gpushare.ledger.folder",
+    "evaluate": "pytest_gpushare.ledger.admission",
+    "holders_text": "pytest_gpushare.ledger.views",
+    "ledger_dir_for": "pytest_gpushare.ledger.folder",
+    "ledger_gpus": "pytest_gpushare.ledger.admission",
+    "never_fits": "pytest_gpushare.ledger.admission",
+    "place": "pytest_gpushare.ledger.admission",
+    "prepare_ledger_dir": "pytest_gpushare.ledger.folder",
+    "read_status": "pytest_gpushare.ledger.access",
+    "waiting_lines": "pytest_gpushare.ledger.views",
+}
 
 __all__ = [
     "CONTEXT",
+    "FAIR_AFTER_S",
+    "TEST",
+    "Booking",
+    "Fit",
+    "GpuState",
     "Lease",
     "Ledger",
     "LedgerGpu",
     "Need",
     "Owner",
+    "Waiter",
+    "candidates",
     "default_ledger_dir",
+    "evaluate",
+    "holders_text",
     "ledger_dir_for",
     "ledger_gpus",
+    "never_fits",
+    "place",
     "prepare_ledger_dir",
     "read_status",
     "waiting_lines",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(home), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_HOMES})

@@ -1,5 +1,5 @@
-"""Reading the ledger folder under its locks: load (repairing damage), reclaim the dead, save;
-and the status of every ledger for ``gpushare status`` and the controller's "waiting" lines.
+"""One access to the ledger folder under its locks: load (repairing damage), reclaim the dead,
+save; and :func:`read_status`, one such access to every ledger for ``gpushare status``.
 
 A damaged ledger (garbage, truncated, wrong types, too large) is renamed aside and rebuilt from
 the holdings of the owners still alive. A live owner whose holdings cannot be read is
@@ -9,52 +9,43 @@ never guess low, never overcommit after a rebuild.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
 import os
 import re
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pytest_gpushare.ledger.folder import (
+from pytest_gpushare.ledger.codec import (
+    LEDGER_FRAME,
     BadFrame,
+    Damaged,
+    dump_gpu_state,
+    parse_gpu_state,
+    parse_holdings,
+    unframe,
+)
+from pytest_gpushare.ledger.folder import (
     FileTooLarge,
     LedgerFolder,
     default_ledger_dir,
-    locked,
     open_ledger_folder,
     read_file,
     remove_stale_temps,
     set_aside,
-    unframe,
     write_file,
 )
-from pytest_gpushare.ledger.liveness import (
-    KEY_RE,
-    HoldingsUnreadable,
-    probe_alive,
-    read_holdings,
-    remove_owner_files,
-)
-from pytest_gpushare.ledger.records import (
-    CONTEXT,
-    LEDGER_FRAME,
-    UNKNOWN,
-    Booking,
-    Damaged,
-    GpuState,
-    Holdings,
-    OwnerRecord,
-    dump_gpu_state,
-    parse_gpu_state,
-    parse_holdings,
-)
+from pytest_gpushare.ledger.liveness import HoldingsUnreadable, probe_alive, read_holdings, remove_owner_files
+from pytest_gpushare.ledger.locks import locked
+from pytest_gpushare.ledger.records import CONTEXT, KEY_RE, UNKNOWN, Booking, GpuState, Holdings, Owner
+from pytest_gpushare.ledger.views import describe, owner_summary
 from pytest_gpushare.units import format_size
 
-__all__ = ["Access", "describe", "ledger_name", "lock_name", "owner_summary", "read_status", "waiting_lines"]
+__all__ = ["Access", "ledger_name", "lock_name", "read_status"]
 
 #: A ledger lock held longer than this means a hung or stopped process: fail loudly.
 LOCK_TIMEOUT_S = 60.0
@@ -74,14 +65,6 @@ def ledger_name(uuid: str) -> str:
 @functools.lru_cache(maxsize=256)
 def lock_name(uuid: str) -> str:
     return ledger_name(uuid)[: -len(".json")] + ".lock"
-
-
-def owner_summary(record: OwnerRecord | None, key: str) -> dict[str, Any]:
-    if record is None:
-        return {"key": key}
-    data = record.to_dict()
-    del data["joined_at"]
-    return data
 
 
 class Access:
@@ -126,30 +109,29 @@ class Access:
         name = ledger_name(uuid)
         try:
             data = read_file(self.folder, name)
-            if data is None:
-                state = self.rebuild(uuid)
-                if state.bookings:  # not a new GPU: someone removed a ledger in use
-                    text = (
-                        f"gpushare: the ledger of {self.label(state)} was missing; rebuilt it from the "
-                        f"{len(state.owners)} live owner(s) that use it"
-                    )
-                    self.log(text)
-                    state.remember(self.now, "repaired", text)
-                    self.repaired.append({"uuid": uuid, "reason": "missing", "moved_to": None})
-                return state, True
-            return parse_gpu_state(data, uuid), False
+            if data is not None:
+                return parse_gpu_state(data, uuid), False
+            reason = None
         except (Damaged, FileTooLarge) as exc:
             reason = str(exc)
+        if reason is None:
+            state = self.rebuild(uuid)
+            if state.bookings:  # not a new GPU: someone removed a ledger in use
+                self._repaired(state, "missing", None, "was missing;")
+            return state, True
         aside = set_aside(self.folder, name)
         state = self.rebuild(uuid)
+        self._repaired(state, reason, aside, f"was unreadable ({reason}); moved it to {aside} and")
+        return state, True
+
+    def _repaired(self, state: GpuState, reason: str, aside: str | None, what: str) -> None:
         text = (
-            f"gpushare: the ledger of {self.label(state)} was unreadable ({reason}); moved it to {aside} "
-            f"and rebuilt it from the {len(state.owners)} live owner(s) that use it"
+            f"gpushare: the ledger of {self.label(state)} {what} rebuilt it from the "
+            f"{len(state.owners)} live owner(s) that use it"
         )
         self.log(text)
         state.remember(self.now, "repaired", text)
-        self.repaired.append({"uuid": uuid, "reason": reason, "moved_to": aside})
-        return state, True
+        self.repaired.append({"uuid": state.uuid, "reason": reason, "moved_to": aside})
 
     def owner_keys(self) -> list[str]:
         """Keys of the owners that have a liveness file in the folder."""
@@ -173,24 +155,22 @@ class Access:
             try:
                 holdings = self.holdings(key)
             except Damaged as exc:
-                # Unknown holdings of a live owner: never guess low.
-                state.owners[key] = OwnerRecord(
-                    key, int(key.split("-")[0]), "?", "?", "?", "?", None, None, self.now
-                )
-                text = f"(unreadable holdings: {exc})"[:200]
-                state.bookings.append(
-                    Booking(f"{key}-unknown", key, text, PLACEHOLDER_BYTES, UNKNOWN, self.now)
-                )
+                self._assume_all(state, key, str(exc))
                 continue
             if holdings is None:
                 continue
-            owner = holdings.owner
-            owner.usable_bytes = holdings.usable.get(uuid)
+            owner = _owner_on(holdings, uuid)
             bookings = holdings.bookings.get(uuid, [])
             if bookings or owner.usable_bytes is not None:
                 state.owners[key] = owner
                 state.bookings.extend(bookings)
         return state
+
+    def _assume_all(self, state: GpuState, key: str, why: str) -> None:
+        """Unknown holdings of a live owner: never guess low, book the whole GPU for it."""
+        state.owners[key] = Owner(key, int(key.partition("-")[0]), "?", "?", "?", "?", None, None, self.now)
+        text = f"(unreadable holdings: {why})"[:200]
+        state.bookings.append(Booking(f"{key}-unknown", key, text, PLACEHOLDER_BYTES, UNKNOWN, self.now))
 
     def resolve_unknown(self, state: GpuState) -> bool:
         """Replace the placeholders of live owners whose holdings can be read again; True if any."""
@@ -204,9 +184,7 @@ class Access:
                 continue
             state.bookings = [b for b in state.bookings if b.owner != key]
             if holdings is not None:
-                owner = holdings.owner
-                owner.usable_bytes = holdings.usable.get(state.uuid)
-                state.owners[key] = owner
+                state.owners[key] = _owner_on(holdings, state.uuid)
                 state.bookings.extend(holdings.bookings.get(state.uuid, []))
             changed = True
         return changed
@@ -218,21 +196,16 @@ class Access:
         if not dead:
             return False
         where = self.label(state)
-        for b in state.bookings:
-            if b.owner not in dead:
-                continue
-            owner = state.owners.get(b.owner)
-            who = owner.describe() if owner else f"owner {b.owner}"
+        for b in (b for b in state.bookings if b.owner in dead):
             what = "the CUDA context" if b.kind == CONTEXT else f"test {b.test_id}"
             size = format_size(b.bytes)
-            text = f"gpushare: reclaimed {size} on {where} held by {what} ({who}): its process is gone"
-            self._record(state, text, b.kind, b.test_id, b.bytes, owner_summary(owner, b.owner))
-        for w in state.waiters:
-            if w.owner in dead:
-                owner = state.owners.get(w.owner)
-                who = owner.describe() if owner else f"owner {w.owner}"
-                text = f"gpushare: dropped the wait of {w.test_id} for {where} ({who}): its process is gone"
-                self._record(state, text, "waiter", w.test_id, w.bytes, owner_summary(owner, w.owner))
+            text = f"reclaimed {size} on {where} held by {what} ({_who(state, b.owner)}): its process is gone"
+            self._record(state, text, b.kind, b.test_id, b.bytes, b.owner)
+        for w in (w for w in state.waiters if w.owner in dead):
+            text = (
+                f"dropped the wait of {w.test_id} for {where} ({_who(state, w.owner)}): its process is gone"
+            )
+            self._record(state, text, "waiter", w.test_id, w.bytes, w.owner)
         state.owners = {k: o for k, o in state.owners.items() if k not in dead}
         state.bookings = [b for b in state.bookings if b.owner not in dead]
         state.waiters = [w for w in state.waiters if w.owner not in dead]
@@ -241,9 +214,8 @@ class Access:
             self._removed.add(key)
         return True
 
-    def _record(
-        self, state: GpuState, text: str, kind: str, test_id: str, size: int, owner: dict[str, Any]
-    ) -> None:
+    def _record(self, state: GpuState, what: str, kind: str, test_id: str, size: int, key: str) -> None:
+        text = f"gpushare: {what}"
         self.log(text)
         state.remember(self.now, "reclaimed", text)
         self.reclaimed.append(
@@ -252,7 +224,7 @@ class Access:
                 "kind": kind,
                 "test_id": test_id,
                 "bytes": size,
-                "owner": owner,
+                "owner": owner_summary(state.owners.get(key), key),
                 "reason": "its process is gone (its liveness lock was free)",
             }
         )
@@ -270,61 +242,14 @@ class Access:
         remove_stale_temps(self.folder, self.listing(), self.now)
 
 
-def describe(
-    folder: LedgerFolder, states: Sequence[GpuState], acc: Access, index: Mapping[str, int]
-) -> dict[str, Any]:
-    now = time.time()
-    gpus = []
-    for state in states:
-        owners = state.owners
-        leases = [
-            {
-                "lease_id": b.lease_id,
-                "kind": b.kind,
-                "test_id": b.test_id,
-                "bytes": b.bytes,
-                "taken_at": b.taken_at,
-                "age_s": max(0.0, now - b.taken_at),
-                "owner": owner_summary(owners.get(b.owner), b.owner),
-            }
-            for b in state.bookings
-        ]
-        waiters = [
-            {
-                "ticket": w.ticket,
-                "test_id": w.test_id,
-                "bytes": w.bytes,
-                "count": w.count,
-                "exclusive": w.exclusive,
-                "since": w.since,
-                "waited_s": max(0.0, now - w.since),
-                "owner": owner_summary(owners.get(w.owner), w.owner),
-            }
-            for w in state.waiters
-        ]
-        gpus.append(
-            {
-                "uuid": state.uuid,
-                "index": index.get(state.uuid),
-                "name": state.name,
-                "total_bytes": state.total_bytes,
-                "limit_bytes": state.limit(),
-                "booked_bytes": state.booked(),
-                "leased_bytes": sum(b.bytes for b in state.bookings if b.kind != CONTEXT),
-                "context_bytes": sum(b.bytes for b in state.bookings if b.kind == CONTEXT),
-                "owners": [owner_summary(o, k) for k, o in owners.items()],
-                "leases": leases,
-                "waiters": waiters,
-                "history": list(state.history),
-            }
-        )
-    return {
-        "folder": str(folder.path),
-        "taken_at": now,
-        "gpus": gpus,
-        "reclaimed": acc.reclaimed,
-        "repaired": acc.repaired,
-    }
+def _owner_on(holdings: Holdings, uuid: str) -> Owner:
+    """The owner of ``holdings`` as the ledger of ``uuid`` records it: with its usable memory there."""
+    return dataclasses.replace(holdings.owner, usable_bytes=holdings.usable.get(uuid))
+
+
+def _who(state: GpuState, key: str) -> str:
+    owner = state.owners.get(key)
+    return owner.describe() if owner else f"owner {key}"
 
 
 def _peek_uuid(data: bytes | None) -> str | None:
@@ -367,26 +292,40 @@ def read_status(
     )
     states = []
     for name in sorted(n for n in acc.listing() if n.startswith("gpu-") and n.endswith(".json")):
-        lock = name[: -len(".json")] + ".lock"
-        with locked(checked, [lock], lock_timeout):
-            try:
-                uuid = _peek_uuid(read_file(checked, name))
-            except FileTooLarge:
-                uuid = None
-            if uuid is None or ledger_name(uuid) != name:
-                uuid = _uuid_from_holdings(acc, name)
-            if uuid is None:
-                aside = set_aside(checked, name)
-                say(f"gpushare: {checked.path / name} was unreadable and unused; moved it to {aside}")
-                acc.repaired.append({"uuid": None, "reason": "unreadable", "moved_to": aside})
-                continue
-            state, changed = acc.load(uuid)
-            changed = acc.reclaim(state) or changed
-            if acc.resolve_unknown(state) or changed:
-                acc.save(state)
+        with locked(checked, [name[: -len(".json")] + ".lock"], lock_timeout):
+            state = _status_of(acc, name)
+        if state is not None:
             states.append(state)
     acc.sweep()
-    return describe(checked, states, acc, {})
+    return describe(
+        str(checked.path),
+        states,
+        taken_at=time.time(),
+        reclaimed=acc.reclaimed,
+        repaired=acc.repaired,
+        index={},
+    )
+
+
+def _status_of(acc: Access, name: str) -> GpuState | None:
+    """The ledger file ``name`` loaded, reclaimed and saved (the caller holds its lock); None when
+    it was unreadable and no live owner uses its GPU (it is set aside)."""
+    try:
+        uuid = _peek_uuid(read_file(acc.folder, name))
+    except FileTooLarge:
+        uuid = None
+    if uuid is None or ledger_name(uuid) != name:
+        uuid = _uuid_from_holdings(acc, name)
+    if uuid is None:
+        aside = set_aside(acc.folder, name)
+        acc.log(f"gpushare: {acc.folder.path / name} was unreadable and unused; moved it to {aside}")
+        acc.repaired.append({"uuid": None, "reason": "unreadable", "moved_to": aside})
+        return None
+    state, changed = acc.load(uuid)
+    changed = acc.reclaim(state) or changed
+    if acc.resolve_unknown(state) or changed:
+        acc.save(state)
+    return state
 
 
 def _uuid_from_holdings(acc: Access, name: str) -> str | None:
@@ -400,35 +339,3 @@ def _uuid_from_holdings(acc: Access, name: str) -> str | None:
             if ledger_name(uuid) == name:
                 return uuid
     return None
-
-
-def waiting_lines(
-    snapshot: Mapping[str, Any], *, session_id: str | None = None, min_wait_s: float = 10.0
-) -> list[str]:
-    """One line per request (of ``session_id``, or any) that has waited ``min_wait_s`` or more:
-    what it waits for and who holds the GPUs it waits on."""
-    seen: dict[str, list[Mapping[str, Any]]] = {}
-    waiters: dict[str, Mapping[str, Any]] = {}
-    for gpu in snapshot.get("gpus", []):
-        for w in gpu["waiters"]:
-            if session_id is not None and w["owner"].get("session_id") != session_id:
-                continue
-            if w["waited_s"] < min_wait_s:
-                continue
-            waiters.setdefault(w["ticket"], w)
-            seen.setdefault(w["ticket"], []).append(gpu)
-    lines = []
-    for ticket, w in waiters.items():
-        holders = [
-            f"{lease['test_id']} ({format_size(lease['bytes'])}, session {lease['owner'].get('session_id')})"
-            for gpu in seen[ticket]
-            for lease in gpu["leases"]
-            if lease["kind"] != CONTEXT
-        ]
-        what = format_size(w["bytes"]) + (" exclusive" if w["exclusive"] else "")
-        if w["count"] > 1:
-            what += f" on each of {w['count']} GPUs"
-        who = w["owner"].get("worker_id")
-        line = f"gpushare: {w['test_id']} ({who}) has waited {w['waited_s']:.0f}s for {what}"
-        lines.append(line + ("; held by " + ", ".join(holders) if holders else ""))
-    return lines

@@ -1,7 +1,7 @@
 """Who may take memory on a GPU now: the ledger's rules, as pure functions over a ledger's state.
 
-No I/O: :mod:`pytest_gpushare.ledger.handle` loads the ledgers under their locks, asks these functions,
-and writes the outcome.
+No I/O, and no import of a module that does any: :mod:`pytest_gpushare.ledger.handle` loads the
+ledgers under their locks, asks these functions, and writes the outcome.
 
 * **Admission.** A grant keeps a GPU's bookings (test leases + CUDA contexts) within its
   *limit*: the least usable memory that any live owner recorded for that GPU, so the most
@@ -42,13 +42,23 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from pytest_gpushare.ledger.records import CONTEXT, GpuState
+from pytest_gpushare.ledger.records import CONTEXT, GpuState, Waiter
 from pytest_gpushare.units import MemRequest, format_size
 
 if TYPE_CHECKING:
     from pytest_gpushare.planner import Plan
 
-__all__ = ["FAIR_AFTER_S", "Fit", "LedgerGpu", "Need", "evaluate", "gpu_label", "never_fits", "place"]
+__all__ = [
+    "FAIR_AFTER_S",
+    "Fit",
+    "LedgerGpu",
+    "Need",
+    "candidates",
+    "evaluate",
+    "gpu_label",
+    "never_fits",
+    "place",
+]
 
 #: After this long a waiter is protected from younger requests.
 FAIR_AFTER_S = 2.0
@@ -121,6 +131,23 @@ def gpu_label(gpu: LedgerGpu) -> str:
     return f"GPU {gpu.index} ({gpu.name}, {gpu.uuid})"
 
 
+def candidates(need: Need, gpus: Mapping[str, LedgerGpu]) -> list[str]:
+    """The uuids of the GPUs (of ``gpus``, by uuid) that may serve ``need``, in index order.
+    Raises ``ValueError`` for a count below 1 or a GPU that ``gpus`` does not know."""
+    if need.count < 1:
+        raise ValueError(f"count must be at least 1, not {need.count}")
+    if need.allowed is None:
+        uuids = list(gpus)
+    else:
+        unknown = [u for u in need.allowed if u not in gpus]
+        if unknown:
+            raise ValueError(f"unknown GPU(s) in allowed: {', '.join(unknown)}")
+        uuids = list(dict.fromkeys(need.allowed))
+    if need.prefer is not None and need.prefer not in gpus:
+        raise ValueError(f"unknown preferred GPU {need.prefer}")
+    return sorted(uuids, key=lambda u: gpus[u].index)
+
+
 def evaluate(
     state: GpuState,
     gpu: LedgerGpu,
@@ -160,13 +187,24 @@ def evaluate(
             free = f"{format_size(max(limit - used, 0))} of {format_size(limit)} free"
             return Fit(False, grant, context, 0, f"{free}, {format_size(grant + context)} needed")
     left = limit - used - grant - context
+    kept = _kept_for(state, left, ticket=ticket, since=since, now=now, fair_after=fair_after)
+    if kept is not None:
+        return Fit(False, grant, context, left, f"kept for {kept.test_id}, waiting {now - kept.since:.1f}s")
+    return Fit(True, grant, context, left)
+
+
+def _kept_for(
+    state: GpuState, left: int, *, ticket: str, since: float, now: float, fair_after: float
+) -> Waiter | None:
+    """The first aged waiter older than the request (``ticket``, started at ``since``) that
+    ``left`` bytes would not serve (an exclusive one: whatever is left), or None."""
     for w in state.waiters:
         older = (w.since, w.ticket) < (since, ticket)
         if w.ticket == ticket or not older or now - w.since < fair_after:
             continue
         if w.exclusive or left < w.bytes + w.context_bytes:
-            return Fit(False, grant, context, left, f"kept for {w.test_id}, waiting {now - w.since:.1f}s")
-    return Fit(True, grant, context, left)
+            return w
+    return None
 
 
 def place(
@@ -183,20 +221,20 @@ def place(
     return (first + rest)[: need.count]
 
 
-def never_fits(need: Need, candidates: Sequence[LedgerGpu], context_bytes: int, test_id: str) -> str | None:
-    """Why ``need`` can never be served on ``candidates``, or None if it could be.
+def never_fits(need: Need, gpus: Sequence[LedgerGpu], context_bytes: int, test_id: str) -> str | None:
+    """Why ``need`` can never be served on ``gpus`` (its candidates), or None if it could be.
 
     Judged against what each GPU could give with no other test running: its capacity less this
     process's CUDA context (``context_bytes``), which is there, booked or about to be, whenever
     this process holds a lease on the GPU.
     """
-    if need.count > len(candidates):
-        names = ", ".join(gpu_label(g) for g in candidates)
-        available = f"only {len(candidates)} can serve it ({names})" if candidates else "no GPU can serve it"
+    if need.count > len(gpus):
+        names = ", ".join(gpu_label(g) for g in gpus)
+        available = f"only {len(gpus)} can serve it ({names})" if gpus else "no GPU can serve it"
         return f"{test_id} needs {need.count} GPUs, but {available}"
     fitting = 0
     reasons = []
-    for gpu in candidates:
+    for gpu in gpus:
         want = need.mem.resolve(gpu.total_bytes)
         room = gpu.capacity_bytes - context_bytes
         if 0 < want <= room:

@@ -1,11 +1,12 @@
-"""The ledger folder: where it lives, who may use it, and how its files are read, written and locked.
+"""The ledger folder: where it lives, who may use it, and how its files are opened, read and written.
 
-Nothing here knows what a lease is; :mod:`pytest_gpushare.ledger.handle` builds on these pieces.
+Nothing here knows what a lease is; :mod:`.locks` locks the folder's files, :mod:`.codec` says
+what is in them.
 
 Safety rests on three habits:
 
-* every file is opened with ``O_NOFOLLOW``, and a symbolic link where one of our files should be
-  is refused;
+* every file is opened by :func:`open_nofollow` (``O_NOFOLLOW``), and a symbolic link where one
+  of our files should be is refused;
 * a file is never written in place: it is written to a fresh temporary file
   (``O_CREAT | O_EXCL``) that ``os.replace`` then swaps in, so a reader, with or without the
   lock, sees the old file or the new one, never half of one (issue 3), and nothing another
@@ -14,13 +15,10 @@ Safety rests on three habits:
   account could write to, other than a group folder made for sharing, is refused with the
   commands that fix it.
 
-Ledger files are also *framed* (:func:`frame`): a header line with the payload's length,
-CRC-32 and a generation number, which :func:`unframe` checks, so damage of any kind is told
-from data and set aside, and a waiter can read the header alone to see whether a ledger
-changed. Rewriting in place would be cheaper on a journalling filesystem (creating a file and
-renaming it over another costs hundreds of microseconds on ext4, which flushes it,
-``auto_da_alloc``), and was measured (docs/benchmarks.rst), but a reader without the lock
-could then catch half a write; the atomic replace is kept.
+Rewriting in place would be cheaper on a journalling filesystem (creating a file and renaming it
+over another costs hundreds of microseconds on ext4, which flushes it, ``auto_da_alloc``), and
+was measured (docs/benchmarks.rst), but a reader without the lock could then catch half a write;
+the atomic replace is kept.
 
 No ``fsync``: ledgers describe live processes, and a machine that crashes takes every one of
 them with it; a ledger torn by a power cut is unreadable, set aside and rebuilt like any other
@@ -31,45 +29,37 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import functools
 import grp
 import os
 import pwd
-import re
 import secrets
 import stat
 import tempfile
-import threading
 import time
-import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-from filelock import FileLock, Timeout
 
 from pytest_gpushare.errors import LedgerError
 from pytest_gpushare.units import MiB, format_size
 
 __all__ = [
     "MAX_FILE_BYTES",
-    "BadFrame",
     "FileTooLarge",
     "LedgerFolder",
     "default_ledger_dir",
+    "file_error",
     "ledger_dir_for",
-    "frame",
-    "locked",
     "open_ledger_folder",
+    "open_nofollow",
     "prepare_ledger_dir",
     "read_file",
     "read_head",
-    "read_settled",
     "remove_file",
+    "remove_stale_temps",
     "set_aside",
-    "unframe",
+    "symlink_refused",
     "write_file",
 ]
 
@@ -84,41 +74,38 @@ _O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 
 
+def open_nofollow(path: str | os.PathLike[str], flags: int, mode: int = 0o600) -> int:
+    """``os.open`` as every file of the folder is opened: ``O_NOFOLLOW`` (a symbolic link in our
+    place fails with ``ELOOP``), ``O_NONBLOCK`` (a FIFO planted in our place must not hang us; it
+    changes nothing for a regular file) and ``O_CLOEXEC`` (a command we start inherits nothing)."""
+    return os.open(path, flags | _O_NOFOLLOW | os.O_NONBLOCK | _O_CLOEXEC, mode)
+
+
+#: What an ``OSError`` on a file of the folder asks of the user, by errno; the others are said
+#: with the system's words (:func:`file_error`).
+_ERRNO_FIXES = {
+    errno.ELOOP: "{path} is a symbolic link where a ledger file belongs; refusing it: rm {path}",
+    errno.ENOSYS: "the filesystem of {parent} has no flock; put the ledger folder on a local one",
+    errno.EACCES: "this account cannot {doing} {path}: fix its mode (chmod g+rw {path}) or remove it",
+    errno.EPERM: "this account cannot {doing} {path}: fix its mode (chmod g+rw {path}) or remove it",
+}
+
+
+def file_error(exc: OSError, path: str | os.PathLike[str], doing: str) -> LedgerError:
+    """The :class:`LedgerError` for ``exc``, raised while trying to ``doing`` (read, lock) ``path``."""
+    fix = _ERRNO_FIXES.get(exc.errno or 0)
+    if fix is None:
+        return LedgerError(f"cannot {doing} {path}: {exc.strerror}")
+    return LedgerError(fix.format(path=path, parent=os.path.dirname(path), doing=doing))
+
+
+def symlink_refused(path: str | os.PathLike[str]) -> LedgerError:
+    """The :class:`LedgerError` for a symbolic link found where a file of the folder belongs."""
+    return file_error(OSError(errno.ELOOP, os.strerror(errno.ELOOP)), path, "open")
+
+
 class FileTooLarge(Exception):
     """A file of the folder is larger than :data:`MAX_FILE_BYTES`."""
-
-
-class BadFrame(Exception):
-    """A framed file's header is missing, or its payload is cut short or does not match its
-    checksum; ``str()`` says which."""
-
-
-_FRAME = re.compile(rb"GPUSHARE-([A-Z]{1,20}) ([0-9]{1,9}) ([0-9a-f]{8})(?: ([0-9]{1,19}))?\n")
-
-
-def frame(kind: str, payload: bytes, generation: int | None = None) -> bytes:
-    """``payload`` behind a header line naming ``kind`` (``LEDGER``, ``HOLDINGS``), the payload's
-    length and CRC-32, and, when given, a generation number that grows with each write."""
-    head = b"GPUSHARE-%s %d %08x" % (kind.encode(), len(payload), zlib.crc32(payload))
-    if generation is not None:
-        head += b" %d" % generation
-    return head + b"\n" + payload
-
-
-def unframe(kind: str, data: bytes) -> tuple[bytes, int | None]:
-    """The payload and generation of a :func:`frame`; bytes after the payload are ignored (a file
-    rewritten in place may keep an older, longer tail). Raises :class:`BadFrame`."""
-    match = _FRAME.match(data)
-    if match is None or match.group(1) != kind.encode():
-        raise BadFrame(f"no {kind.lower()} header")
-    size = int(match.group(2))
-    payload = data[match.end() : match.end() + size]
-    if len(payload) != size:
-        raise BadFrame(f"{kind.lower()} cut short ({len(payload)} of {size} bytes)")
-    if b"%08x" % zlib.crc32(payload) != match.group(3):
-        raise BadFrame(f"{kind.lower()} does not match its checksum")
-    generation = match.group(4)
-    return payload, None if generation is None else int(generation)
 
 
 @dataclass(frozen=True)
@@ -197,6 +184,9 @@ def _owner_in_group(uid: int, gid: int) -> bool:
         return False
 
 
+# --- the folder -----------------------------------------------------------------------------
+
+
 def default_ledger_dir() -> Path:
     """The account's own ledger folder: under ``$XDG_RUNTIME_DIR`` when that is a private folder
     of this account, else under the system's temporary directory (named for the uid, so accounts
@@ -238,12 +228,36 @@ def open_ledger_folder(path: str | os.PathLike[str], *, create: bool = True) -> 
     """
     folder = Path(os.path.abspath(os.fspath(path)))
     if create:
-        try:
-            folder.mkdir(mode=0o700, parents=True)
-        except FileExistsError:
-            pass
-        except OSError as exc:
-            raise LedgerError(f"cannot create the ledger folder {folder}: {exc.strerror}") from None
+        _make_folder(folder)
+    st = _folder_stat(folder)
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & stat.S_IWOTH:
+        raise _world_writable(folder, mode)
+    shared = bool(mode & stat.S_IWGRP)
+    if shared:
+        _check_group_folder(folder, st)
+    elif st.st_uid != os.geteuid():
+        make_group = _make_group(folder)
+        raise LedgerError(
+            f"the ledger folder {folder} belongs to {_user_name(st.st_uid)}; use a folder of your own "
+            f"(GPUSHARE_LEDGER_DIR), or ask for a group folder shared by both accounts ({make_group})"
+        )
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise LedgerError(f"this account cannot write to the ledger folder {folder}")
+    return LedgerFolder(path=folder, shared=shared, gid=st.st_gid)
+
+
+def _make_folder(folder: Path) -> None:
+    try:
+        folder.mkdir(mode=0o700, parents=True)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise LedgerError(f"cannot create the ledger folder {folder}: {exc.strerror}") from None
+
+
+def _folder_stat(folder: Path) -> os.stat_result:
+    """The folder's own status (not a link's target); refuses anything but a real folder."""
     try:
         st = os.lstat(folder)
     except FileNotFoundError:
@@ -257,75 +271,70 @@ def open_ledger_folder(path: str | os.PathLike[str], *, create: bool = True) -> 
         )
     if not stat.S_ISDIR(st.st_mode):
         raise LedgerError(f"the ledger folder {folder} is not a folder")
+    return st
+
+
+def _make_group(folder: Path) -> str:
+    return f"chgrp GROUP {folder} && chmod 2770 {folder}"
+
+
+def _world_writable(folder: Path, mode: int) -> LedgerError:
+    if mode & stat.S_ISVTX:
+        return LedgerError(
+            f"the ledger folder {folder} is a world-writable sticky folder like /tmp, where accounts "
+            f"cannot replace each other's ledgers; use a folder of your own (mkdir -m 700 "
+            f"{folder}/gpushare) or a group folder ({_make_group(folder)})"
+        )
+    return LedgerError(
+        f"any account can replace the ledgers in {folder} (world-writable); fix it: chmod o-w {folder}"
+    )
+
+
+def _check_group_folder(folder: Path, st: os.stat_result) -> None:
+    """A group-writable folder is shared only as a setgid folder without the sticky bit, owned by
+    someone of the group, of a group this account is in (root may use any)."""
     mode = stat.S_IMODE(st.st_mode)
     me = os.geteuid()
     group = _group_name(st.st_gid)
-    make_group = f"chgrp GROUP {folder} && chmod 2770 {folder}"
-    if mode & stat.S_IWOTH:
-        if mode & stat.S_ISVTX:
-            raise LedgerError(
-                f"the ledger folder {folder} is a world-writable sticky folder like /tmp, where accounts "
-                f"cannot replace each other's ledgers; use a folder of your own (mkdir -m 700 "
-                f"{folder}/gpushare) or a group folder ({make_group})"
-            )
+    if mode & stat.S_ISVTX:
         raise LedgerError(
-            f"any account can replace the ledgers in {folder} (world-writable); fix it: chmod o-w {folder}"
+            f"the group ledger folder {folder} has the sticky bit, so accounts cannot replace each "
+            f"other's ledgers there; fix it: chmod -t {folder}"
         )
-    shared = bool(mode & stat.S_IWGRP)
-    if shared:
-        if mode & stat.S_ISVTX:
-            raise LedgerError(
-                f"the group ledger folder {folder} has the sticky bit, so accounts cannot replace each "
-                f"other's ledgers there; fix it: chmod -t {folder}"
-            )
-        if not mode & stat.S_ISGID:
-            raise LedgerError(
-                f"the ledger folder {folder} is group-writable but not setgid, so its files would not stay "
-                f"in group {group}; fix it: chmod g+s {folder}"
-            )
-        if st.st_uid not in (me, 0) and not _owner_in_group(st.st_uid, st.st_gid):
-            raise LedgerError(
-                f"the group ledger folder {folder} belongs to {_user_name(st.st_uid)}, who is not in its "
-                f"group {group} and could redirect its files; fix it: chown root {folder}"
-            )
-        if st.st_uid != me and not _in_group(st.st_gid) and me != 0:
-            raise LedgerError(
-                f"this account is not in group {group} of the ledger folder {folder}; ask an admin to add "
-                f"it (usermod -aG {group} {_user_name(me).split()[0]}) or use a folder of your own"
-            )
-    elif st.st_uid != me:
+    if not mode & stat.S_ISGID:
         raise LedgerError(
-            f"the ledger folder {folder} belongs to {_user_name(st.st_uid)}; use a folder of your own "
-            f"(GPUSHARE_LEDGER_DIR), or ask for a group folder shared by both accounts ({make_group})"
+            f"the ledger folder {folder} is group-writable but not setgid, so its files would not stay "
+            f"in group {group}; fix it: chmod g+s {folder}"
         )
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise LedgerError(f"this account cannot write to the ledger folder {folder}")
-    return LedgerFolder(path=folder, shared=shared, gid=st.st_gid)
+    if st.st_uid not in (me, 0) and not _owner_in_group(st.st_uid, st.st_gid):
+        raise LedgerError(
+            f"the group ledger folder {folder} belongs to {_user_name(st.st_uid)}, who is not in its "
+            f"group {group} and could redirect its files; fix it: chown root {folder}"
+        )
+    if st.st_uid != me and not _in_group(st.st_gid) and me != 0:
+        raise LedgerError(
+            f"this account is not in group {group} of the ledger folder {folder}; ask an admin to add "
+            f"it (usermod -aG {group} {_user_name(me).split()[0]}) or use a folder of your own"
+        )
 
 
 # --- reading and writing -------------------------------------------------------------------
 
 
-def _symlink_refused(path: Path | str) -> LedgerError:
-    return LedgerError(f"{path} is a symbolic link where a ledger file belongs; refusing it: rm {path}")
-
-
 def read_file(folder: LedgerFolder, name: str, cap: int = MAX_FILE_BYTES) -> bytes | None:
-    """The content of ``name`` in the folder, or None when it does not exist.
+    """The content of ``name`` in the folder, or None when it does not exist. Safe without the
+    file's lock: files are replaced whole (:func:`write_file`), never written in place.
 
     Raises :class:`FileTooLarge` past ``cap`` bytes, and :class:`LedgerError` for a symbolic
     link or a file that :meth:`LedgerFolder.check_file` refuses.
     """
     path = os.path.join(folder.dir, name)
     try:
-        # O_NONBLOCK: a FIFO planted in our place must not hang the reader.
-        fd = os.open(path, os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC | os.O_NONBLOCK)
+        fd = open_nofollow(path, os.O_RDONLY)
     except FileNotFoundError:
         return None
     except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise _symlink_refused(path) from None
-        raise LedgerError(f"cannot read {path}: {exc.strerror}") from None
+        raise file_error(exc, path, "read") from None
     try:
         st = os.fstat(fd)
         folder.check_file(st, path)
@@ -333,36 +342,24 @@ def read_file(folder: LedgerFolder, name: str, cap: int = MAX_FILE_BYTES) -> byt
             raise FileTooLarge(
                 f"{format_size(st.st_size)}, more than the {format_size(cap)} a ledger may hold"
             )
-        chunks: list[bytes] = []
-        size = 0
-        while size <= cap:
-            chunk = os.read(fd, cap + 1 - size)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            size += len(chunk)
-        if size > cap:
-            raise FileTooLarge(f"more than the {format_size(cap)} a ledger may hold")
-        return b"".join(chunks)
+        return _read_capped(fd, cap)
     finally:
         os.close(fd)
 
 
-def read_settled(folder: LedgerFolder, name: str, kind: str, tries: int = 20) -> bytes | None:
-    """The content of a framed file read *without* its lock: read again (up to ``tries`` times)
-    while a write in place is caught half-way, then returned as it is (the caller's
-    :func:`unframe` says what is wrong with it). None when the file does not exist."""
-    data = read_file(folder, name)
-    for _ in range(tries - 1):
-        if data is None:
-            return None
-        try:
-            unframe(kind, data)
-            return data
-        except BadFrame:
-            time.sleep(0.0002)  # the writer holds the lock for well under a millisecond
-        data = read_file(folder, name)
-    return data
+def _read_capped(fd: int, cap: int) -> bytes:
+    """All of ``fd``, or :class:`FileTooLarge` past ``cap`` bytes (the file may grow while read)."""
+    chunks: list[bytes] = []
+    size = 0
+    while size <= cap:
+        chunk = os.read(fd, cap + 1 - size)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    if size > cap:
+        raise FileTooLarge(f"more than the {format_size(cap)} a ledger may hold")
+    return b"".join(chunks)
 
 
 def write_file(folder: LedgerFolder, name: str, data: bytes, tag: str) -> None:
@@ -372,7 +369,7 @@ def write_file(folder: LedgerFolder, name: str, data: bytes, tag: str) -> None:
         raise LedgerError(f"{folder.path / name} would grow past {format_size(MAX_FILE_BYTES)}; not written")
     tmp = folder.path / f".tmp-{tag}-{secrets.token_hex(4)}-{name}"
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC, folder.file_mode)
+        fd = open_nofollow(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, folder.file_mode)
     except OSError as exc:
         raise LedgerError(f"cannot write in the ledger folder {folder.path}: {exc.strerror}") from None
     try:
@@ -397,7 +394,7 @@ def read_head(folder: LedgerFolder, name: str, size: int = 80) -> bytes | None:
     when the file is missing or cannot be read. For telling whether a file changed: a read that
     catches a write half-way returns bytes that differ, which only makes the caller look again."""
     try:
-        fd = os.open(os.path.join(folder.dir, name), os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC | os.O_NONBLOCK)
+        fd = open_nofollow(os.path.join(folder.dir, name), os.O_RDONLY)
     except OSError:
         return None
     try:
@@ -441,234 +438,3 @@ def remove_stale_temps(folder: LedgerFolder, names: Iterable[str], now: float | 
         with contextlib.suppress(OSError):
             if now - os.lstat(folder.path / name).st_mtime > STALE_TEMP_S:
                 os.unlink(folder.path / name)
-
-
-# --- locks ----------------------------------------------------------------------------------
-#
-# A free lock is taken by filelock (``FileLock.acquire(blocking=False)``: one non-blocking
-# ``flock`` on the lock file, with filelock's checks for a removed or foreign lock file). filelock
-# can only poll for a busy lock: each waiter wakes, tries, and sleeps again, so 15 waiters spend
-# the CPU that the holder needs, and the lock goes to whoever polls at the right moment rather
-# than to a waiter as soon as it is free. So a busy lock is waited for in the kernel instead: a
-# helper thread opens a second descriptor of the same lock file and blocks in ``flock(LOCK_EX)``
-# on it, while the caller waits on an event until its deadline. The kernel wakes the waiters when
-# the holder lets go, and the descriptor that won holds the lock until it is closed. filelock
-# cannot do this itself (it has no blocking acquire: it opens, tries ``LOCK_NB``, closes and
-# sleeps), and its lock object cannot adopt a descriptor locked elsewhere, hence the second
-# descriptor. A wait given up at its deadline leaves the thread blocked in the kernel; when it is
-# granted, the thread closes its descriptor, which lets the lock go again.
-#
-# flock belongs to the open file description, which a forked child shares: the child closes its
-# copies of the waiting descriptors (never ``LOCK_UN``, which would drop the parent's lock), as
-# filelock does with its own.
-
-
-class _PathLock:
-    """One ledger lock of this process: a thread lock, then the kernel flock.
-
-    One object per path per process, because flock belongs to an open file description: a second
-    object on the same path would wait for the first. filelock's lock is made reentrant across
-    threads (``thread_local=False``), so the thread lock is what keeps two threads apart.
-    ``wait_fd`` is the descriptor that holds the lock when a kernel wait won it (None when
-    filelock holds it, or nobody).
-    """
-
-    def __init__(self, path: Path, mode: int) -> None:
-        self.path = path
-        self.thread_lock = threading.Lock()
-        self.file_lock = FileLock(path, mode=mode, thread_local=False, fallback_to_soft=False)
-        self.wait_fd: int | None = None
-
-    def acquire(self, deadline: float) -> None:
-        """Take the flock (the caller holds ``thread_lock``); :class:`Timeout` at ``deadline``."""
-        while True:
-            try:
-                self.file_lock.acquire(blocking=False)
-                return
-            except Timeout:
-                pass
-            fd = _wait_in_kernel(self.path, deadline)
-            if _guards_path(fd, self.path):
-                self.wait_fd = fd
-                return
-            # The lock file was removed (or replaced) while we waited: our lock guards nothing.
-            _close_wait_fd(fd)
-
-    def release(self) -> None:
-        fd, self.wait_fd = self.wait_fd, None
-        if fd is None:
-            self.file_lock.release()
-        else:
-            _close_wait_fd(fd)  # closing the only descriptor of the description lets the lock go
-
-
-#: Descriptors opened for kernel waits (waiting, holding, or abandoned and still waiting), so a
-#: forked child can close its copies; guarded across fork (see :func:`_open_wait_fd`).
-_WAIT_FDS: set[int] = set()
-_WAIT_GUARD = threading.Lock()
-
-
-def _open_wait_fd(path: Path) -> int:
-    # Opened and recorded under the guard that fork takes first, so a child never inherits a
-    # descriptor it does not know of (it would keep a lock granted to it alive in the child).
-    with _WAIT_GUARD:
-        fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | _O_NOFOLLOW | _O_CLOEXEC)
-        _WAIT_FDS.add(fd)
-    return fd
-
-
-def _close_wait_fd(fd: int) -> None:
-    with _WAIT_GUARD:
-        _WAIT_FDS.discard(fd)
-        os.close(fd)
-
-
-def _guards_path(fd: int, path: Path) -> bool:
-    """Whether the locked descriptor ``fd`` is still the file at ``path``."""
-    try:
-        here = os.stat(path, follow_symlinks=False)
-    except FileNotFoundError:
-        return False
-    mine = os.fstat(fd)
-    return (
-        stat.S_ISREG(mine.st_mode)
-        and mine.st_nlink > 0
-        and (mine.st_dev, mine.st_ino) == (here.st_dev, here.st_ino)
-    )
-
-
-def _wait_in_kernel(path: Path, deadline: float) -> int:
-    """A descriptor of ``path`` that holds its flock, waited for in the kernel until ``deadline``."""
-    if time.monotonic() >= deadline:
-        raise Timeout(str(path))
-    fd = _open_wait_fd(path)
-    granted = threading.Event()
-    guard = threading.Lock()
-    outcome: dict[str, Any] = {}
-
-    def wait() -> None:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        except OSError as exc:
-            outcome["error"] = exc
-        with guard:  # the caller decides "given up" or "got it" exactly once, under the same guard
-            if outcome.get("abandoned"):
-                _close_wait_fd(fd)
-                return
-            granted.set()
-
-    try:
-        threading.Thread(target=wait, name="gpushare-lock-wait", daemon=True).start()
-    except BaseException:
-        _close_wait_fd(fd)
-        raise
-    granted.wait(max(0.0, deadline - time.monotonic()))
-    with guard:
-        if not granted.is_set():
-            outcome["abandoned"] = True
-            raise Timeout(str(path))
-    if "error" in outcome:
-        _close_wait_fd(fd)
-        raise outcome["error"]
-    return fd
-
-
-_LOCKS: dict[str, _PathLock] = {}
-_LOCKS_GUARD = threading.Lock()
-
-
-def _path_lock(folder: LedgerFolder, name: str) -> _PathLock:
-    key = os.path.join(folder.dir, name)
-    with _LOCKS_GUARD:
-        lock = _LOCKS.get(key)
-        if lock is None:
-            path = folder.path / name
-            try:
-                st: os.stat_result | None = os.lstat(path)
-            except FileNotFoundError:
-                st = None
-            if st is not None:
-                if stat.S_ISLNK(st.st_mode):
-                    raise _symlink_refused(path)
-                folder.check_file(st, path)
-            lock = _LOCKS[key] = _PathLock(path, folder.file_mode)
-        return lock
-
-
-def _take(lock: _PathLock, deadline: float) -> None:
-    if not lock.thread_lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
-        raise LedgerError(f"could not lock {lock.path}: another thread of this process holds it")
-    try:
-        lock.acquire(deadline)
-    except Timeout:
-        lock.thread_lock.release()
-        raise LedgerError(
-            f"could not lock {lock.path} in time: another process holds it (a stopped or hung process?)"
-        ) from None
-    except OSError as exc:
-        lock.thread_lock.release()
-        if exc.errno == errno.ELOOP:
-            raise _symlink_refused(lock.path) from None
-        if exc.errno == errno.ENOSYS:
-            raise LedgerError(
-                f"the filesystem of {lock.path.parent} has no flock; put the ledger folder on a local one"
-            ) from None
-        if exc.errno in (errno.EACCES, errno.EPERM):
-            raise LedgerError(
-                f"this account cannot lock {lock.path}: fix its mode (chmod g+rw {lock.path}) or remove it"
-            ) from None
-        raise LedgerError(f"cannot lock {lock.path}: {exc.strerror}") from None
-    except BaseException:
-        lock.thread_lock.release()
-        raise
-
-
-def _drop(lock: _PathLock) -> None:
-    try:
-        lock.release()
-    finally:
-        lock.thread_lock.release()
-
-
-@contextlib.contextmanager
-def locked(folder: LedgerFolder, names: Iterable[str], timeout: float) -> Iterator[None]:
-    """Hold the locks of ``names`` (lock files in the folder), taken in sorted order so that two
-    processes locking overlapping sets never wait on each other in a cycle."""
-    deadline = time.monotonic() + timeout
-    held: list[_PathLock] = []
-    try:
-        for name in sorted(set(names)):
-            lock = _path_lock(folder, name)
-            _take(lock, deadline)
-            held.append(lock)
-        yield
-    finally:
-        for lock in reversed(held):
-            _drop(lock)
-
-
-def _forget_locks_in_child() -> None:
-    # A forked child holds nothing; the parent's lock objects refuse to work there (filelock
-    # raises for an inherited lock), so the child builds its own on first use. Its copies of the
-    # waiting descriptors are closed, never unlocked: the parent's locks stay where they are.
-    global _LOCKS_GUARD, _WAIT_GUARD
-    _LOCKS.clear()
-    _LOCKS_GUARD = threading.Lock()
-    for fd in _WAIT_FDS:
-        with contextlib.suppress(OSError):
-            os.close(fd)
-    _WAIT_FDS.clear()
-    _WAIT_GUARD = threading.Lock()
-
-
-def _before_fork() -> None:
-    _WAIT_GUARD.acquire()
-
-
-def _after_fork_in_parent() -> None:
-    _WAIT_GUARD.release()
-
-
-os.register_at_fork(
-    before=_before_fork, after_in_parent=_after_fork_in_parent, after_in_child=_forget_locks_in_child
-)

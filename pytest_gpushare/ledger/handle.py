@@ -1,27 +1,11 @@
-"""File-locked lease ledgers shared by every process and session on the box.
-
-Library level: no pytest here. Any process that wants GPU memory opens a :class:`Ledger` on the
-shared ledger folder and calls :meth:`Ledger.acquire` / :meth:`Ledger.release`; the rules of who
-may take what are in :mod:`pytest_gpushare.ledger.admission` (fairness and its bound included).
-
-Files in the folder:
-
-* ``gpu-<uuid>.json`` per GPU, guarded by ``gpu-<uuid>.lock`` (kernel flock; filelock takes a
-  free lock, a busy one is waited for in the kernel: :mod:`.ledgerfs`): the owners that use the
-  GPU with the usable memory their sessions computed, the bookings (test leases and CUDA
-  contexts) and the waiters (:mod:`.ledgerstate`). Replaced atomically under the lock (a
-  reader never sees half a file), framed with a checksum so that damage reads as damage, and
-  with a generation number that grows with every write.
-* ``live-<key>.lock`` per owning process, flocked for its whole life (:mod:`.liveness`): a
-  booking or waiter whose owner's lock can be taken belongs to a dead process and is reclaimed,
-  with a log line, at the next access of any process (:mod:`.ledgeraccess`; a process that
-  found that owner alive within :data:`ALIVE_MAX_AGE_S` trusts that verdict). Its content is
-  what the owner holds, written before a grant reaches a ledger: the source of truth for
-  rebuilding a damaged ledger. Each process also re-checks its own bookings in every ledger it
-  touches, and restores what is missing.
+"""The :class:`Ledger` a process opens on the ledger folder: :meth:`Ledger.acquire`, :meth:`Ledger.release`.
 
 Every access locks the ledgers of the GPUs it touches in sorted order (so two processes never
-wait on each other in a cycle), which makes a multi-GPU lease all-or-nothing.
+wait on each other in a cycle), which makes a multi-GPU lease all-or-nothing. A dead owner is
+reclaimed at any access (a process that found an owner alive within :data:`ALIVE_MAX_AGE_S`
+trusts that verdict), and each process re-checks its own records in every ledger it touches
+(:mod:`.holder`). The rules of who may take what are in :mod:`.admission` (fairness and its
+bound included).
 
 Waiting: a request that cannot be served registers as a waiter on each candidate GPU (visible to
 ``gpushare status`` and the controller's "waiting" lines) and sleeps with bounded back-off
@@ -44,59 +28,27 @@ from pathlib import Path
 from typing import Any
 
 from pytest_gpushare.errors import LeaseTimeout, LedgerError, NeverFits
-from pytest_gpushare.ledger.access import (
-    LOCK_TIMEOUT_S,
-    Access,
-    describe,
-    ledger_name,
-    lock_name,
-    read_status,
-    waiting_lines,
-)
+from pytest_gpushare.ledger.access import LOCK_TIMEOUT_S, Access, ledger_name, lock_name, read_status
 from pytest_gpushare.ledger.admission import (
     FAIR_AFTER_S,
     Fit,
     LedgerGpu,
     Need,
+    candidates,
     evaluate,
     gpu_label,
     never_fits,
     place,
 )
-from pytest_gpushare.ledger.folder import (
-    default_ledger_dir,
-    locked,
-    open_ledger_folder,
-    prepare_ledger_dir,
-    read_head,
-)
-from pytest_gpushare.ledger.liveness import Liveness, Owner
-from pytest_gpushare.ledger.records import (
-    CONTEXT,
-    TEST,
-    UNKNOWN,
-    Booking,
-    GpuState,
-    Holdings,
-    OwnerRecord,
-    Waiter,
-    dump_holdings,
-)
-from pytest_gpushare.units import format_size
+from pytest_gpushare.ledger.folder import open_ledger_folder, read_head
+from pytest_gpushare.ledger.holder import Holder
+from pytest_gpushare.ledger.locks import locked
+from pytest_gpushare.ledger.records import CONTEXT, TEST, Booking, GpuState, Lease, Owner, Waiter
+from pytest_gpushare.ledger.views import describe, held_by, lease_holders
 
-__all__ = [
-    "FAIR_AFTER_S",
-    "Lease",
-    "Ledger",
-    "LedgerGpu",
-    "Need",
-    "Owner",
-    "default_ledger_dir",
-    "ledger_name",
-    "prepare_ledger_dir",
-    "read_status",
-    "waiting_lines",
-]
+# ledger_name and read_status are re-exported for the callers that still reach them here
+# (bench/whatif.py, bench/schedule.py) rather than through the facade, :mod:`pytest_gpushare.ledger`.
+__all__ = ["Ledger", "ledger_name", "read_status"]
 
 #: A waiter retries at least this often even when no ledger changed (dead owners, aging).
 FULL_CHECK_S = 0.5
@@ -110,18 +62,24 @@ BACKOFF_MAX_S = 0.025
 ALIVE_MAX_AGE_S = 0.2
 CONTEXT_TEST_ID = "CUDA context"
 
+#: What the candidate GPUs looked like when a try failed: each one's ledger and verdict.
+View = list[tuple[GpuState, Fit]]
 
-@dataclass(frozen=True)
-class Lease:
-    """Granted memory: ``parts`` are ``(gpu uuid, bytes)`` in the order the holder should use them."""
 
-    lease_id: str
+@dataclass
+class _Request:
+    """One call of :meth:`Ledger.acquire`. ``since`` (wall clock) orders requests for fairness;
+    ``start`` and ``deadline`` are monotonic (``deadline`` is infinite without a limit)."""
+
+    need: Need
     test_id: str
-    owner: Owner
-    parts: tuple[tuple[str, int], ...]
-    taken_at: float
-    waited_s: float
-    exclusive: bool = False
+    ticket: str
+    since: float
+    start: float
+    deadline: float
+    registered: bool = False  # a waiter was written for it
+    delay: float = BACKOFF_MIN_S  # the next back-off
+    refreshed: float = 0.0  # when fresh usable memory was last asked for
 
 
 @dataclass
@@ -131,6 +89,7 @@ class _Pass:
     dirty: set[str] = field(default_factory=set)
     holdings_first: bool = False  # a grant: holdings are written before the ledgers
     holdings_after: bool = False  # a release: after them
+    lease_id: str | None = None  # the lease this pass grants, if any
 
 
 class Ledger:
@@ -161,9 +120,9 @@ class Ledger:
         self._gpus = {g.uuid: g for g in gpus}
         if len(self._gpus) != len(gpus):
             raise ValueError("two GPUs share a uuid")
+        self._index = {g.uuid: g.index for g in gpus}
         self._folder = open_ledger_folder(folder)
         self.owner = owner
-        self._usable = {g.uuid: max(0, g.usable_bytes) for g in gpus}
         self._context_bytes = context_bytes
         self._policy = policy
         self._log = log if log is not None else (lambda _line: None)
@@ -171,19 +130,15 @@ class Ledger:
         self._fair_after = fair_after
         self._lock_timeout = lock_timeout
         self._pid = os.getpid()
-        self._joined_at = time.time()
         self._mutex = threading.RLock()
-        self._held: dict[str, list[Booking]] = {}
-        self._tickets: set[str] = set()
         self._ids = itertools.count(1)
         self._closed = False
-        self._holdings_suspect = False
-        self._live = Liveness(self._folder, owner, self._holdings())
+        self._holder = Holder(self._folder, owner, self._gpus, self._log, self._label)
         try:
             with self._pass(list(self._gpus)) as p:
                 p.acc.sweep()
         except BaseException:
-            self._live.close()
+            self._holder.close()
             raise
 
     @property
@@ -197,9 +152,7 @@ class Ledger:
     def set_usable(self, usable: Mapping[str, int]) -> None:
         """Record fresh usable bytes per GPU uuid; ledgers see them at this process's next access."""
         with self._mutex:
-            for uuid, value in usable.items():
-                if uuid in self._usable:
-                    self._usable[uuid] = max(0, int(value))
+            self._holder.set_usable(usable)
 
     # --- the public cycle ------------------------------------------------------------------
 
@@ -209,59 +162,23 @@ class Ledger:
         :class:`LeaseTimeout`, naming who holds the GPUs, when the wait runs out."""
         with self._mutex:
             self._check_usable()
-        candidates = self._candidates(need)
-        self._never_fits(need, candidates, test_id)
+        uuids = candidates(need, self._gpus)
+        reason = never_fits(need, [self._gpus[u] for u in uuids], self._context_bytes, test_id)
+        if reason is not None:
+            raise NeverFits(reason)
         ticket = f"{self.owner.key}-w{next(self._ids)}"
-        since = time.time()
-        start = time.monotonic()
+        since, start = time.time(), time.monotonic()
         deadline = start + timeout if timeout >= 0 and math.isfinite(timeout) else math.inf
-        self._tickets.add(ticket)
-        registered = False
+        req = _Request(need, test_id, ticket, since, start, deadline, refreshed=start)
+        self._holder.tickets.add(ticket)
         lease: Lease | None = None
         try:
-            if need.count == 1 and need.prefer in candidates and len(candidates) > 1:
-                lease, _ = self._attempt(need, [need.prefer], test_id, ticket, since, start, register=False)
-                if lease is not None:
-                    return lease
-            delay = BACKOFF_MIN_S
-            refreshed = start
-            while True:
-                register = time.monotonic() < deadline
-                lease, view = self._attempt(
-                    need, candidates, test_id, ticket, since, start, register=register
-                )
-                if lease is not None:
-                    return lease
-                registered = registered or register
-                checked = time.monotonic()
-                seen = self._signature(candidates)
-                while True:
-                    now = time.monotonic()
-                    if now >= deadline:
-                        raise self._timed_out(need, test_id, now - start, view)
-                    time.sleep(min(delay, deadline - now))
-                    delay = min(delay * 2, BACKOFF_MAX_S)
-                    now = time.monotonic()
-                    if self._refresh is not None and now - refreshed >= REFRESH_S:
-                        self._do_refresh()
-                        refreshed = now
-                        break
-                    if (
-                        now >= deadline
-                        or now - checked >= FULL_CHECK_S
-                        or self._signature(candidates) != seen
-                    ):
-                        break
+            lease = self._at_home(req, uuids) or self._wait_for(req, uuids)
+            return lease
         finally:
-            self._tickets.discard(ticket)
-            if registered and lease is None:
-                # Reconciling drops waiters whose ticket is gone; a failure here leaves the record
-                # to this process's next access, which drops it the same way.
-                try:
-                    with self._pass(candidates):
-                        pass
-                except LedgerError as exc:
-                    self._log(f"gpushare: could not withdraw the wait of {test_id}: {exc}")
+            self._holder.tickets.discard(ticket)
+            if req.registered and lease is None:
+                self._withdraw(req, uuids)
 
     def release(self, lease: Lease) -> None:
         """Give the lease back (idempotent). The process's CUDA context bookings stay."""
@@ -269,21 +186,25 @@ class Ledger:
             raise ValueError(f"lease {lease.lease_id} belongs to another owner ({lease.owner.key})")
         with self._mutex:
             self._check_usable()
-            uuids = [
-                u for u, _ in lease.parts if any(b.lease_id == lease.lease_id for b in self._held.get(u, ()))
-            ]
+            held = self._holder.held
+            uuids = [u for u, _ in lease.parts if any(b.lease_id == lease.lease_id for b in held.get(u, ()))]
             if not uuids:
                 return
-            for uuid in uuids:
-                self._held[uuid] = [b for b in self._held[uuid] if b.lease_id != lease.lease_id]
+            self._holder.unhold(lease.lease_id)
             with self._pass(uuids) as p:
                 p.holdings_after = True
 
     def snapshot(self) -> dict[str, Any]:
         """The ledgers of this ledger's GPUs after reclaiming the dead: see :func:`read_status`."""
         with self._pass(list(self._gpus)) as p:
-            index = {u: g.index for u, g in self._gpus.items()}
-            return describe(self._folder, [p.states[u] for u in sorted(p.states)], p.acc, index)
+            return describe(
+                self._folder.dir,
+                [p.states[u] for u in sorted(p.states)],
+                taken_at=time.time(),
+                reclaimed=p.acc.reclaimed,
+                repaired=p.acc.repaired,
+                index=self._index,
+            )
 
     def close(self) -> None:
         """Drop this process's bookings, waiters and liveness (idempotent)."""
@@ -293,26 +214,166 @@ class Ledger:
             self._closed = True
             if os.getpid() != self._pid:
                 return
-            key = self.owner.key
             try:
-                with locked(self._folder, [lock_name(u) for u in self._gpus], self._lock_timeout):
-                    acc = self._access()
-                    for uuid in sorted(self._gpus):
-                        state, _ = acc.load(uuid)
-                        acc.reclaim(state)
-                        state.owners.pop(key, None)
-                        state.bookings = [b for b in state.bookings if b.owner != key]
-                        state.waiters = [w for w in state.waiters if w.owner != key]
-                        acc.save(state)
+                self._leave()
             finally:
-                self._held.clear()
-                self._live.close()
+                self._holder.close()
 
     def __enter__(self) -> Ledger:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    # --- waiting ------------------------------------------------------------------------------
+
+    def _at_home(self, req: _Request, uuids: list[str]) -> Lease | None:
+        """The preferred GPU of a one-GPU need that others could serve too, tried alone first
+        (without registering a wait), so that a test stays on its home GPU whenever it can."""
+        need = req.need
+        if need.count == 1 and need.prefer in uuids and len(uuids) > 1:
+            return self._attempt(req, [need.prefer], register=False)[0]
+        return None
+
+    def _wait_for(self, req: _Request, uuids: list[str]) -> Lease:
+        """Try, and back off between tries; registered as a waiter until the deadline."""
+        while True:
+            register = time.monotonic() < req.deadline
+            lease, view = self._attempt(req, uuids, register=register)
+            if lease is not None:
+                return lease
+            req.registered = req.registered or register
+            self._back_off(req, uuids, view)
+
+    def _back_off(self, req: _Request, uuids: list[str], view: View) -> None:
+        """Sleep, each time longer, until a candidate ledger changed (its header line),
+        :data:`FULL_CHECK_S` passed or fresh usable memory was asked for; raise
+        :class:`LeaseTimeout` at the deadline."""
+        checked = time.monotonic()
+        seen = self._signature(uuids)
+        while True:
+            now = time.monotonic()
+            if now >= req.deadline:
+                raise self._timed_out(req, now - req.start, view)
+            time.sleep(min(req.delay, req.deadline - now))
+            req.delay = min(req.delay * 2, BACKOFF_MAX_S)
+            now = time.monotonic()
+            if self._refresh is not None and now - req.refreshed >= REFRESH_S:
+                self._do_refresh()
+                req.refreshed = now
+                return
+            if now >= req.deadline or now - checked >= FULL_CHECK_S or self._signature(uuids) != seen:
+                return
+
+    def _withdraw(self, req: _Request, uuids: list[str]) -> None:
+        # Reconciling drops waiters whose ticket is gone; a failure here leaves the record
+        # to this process's next access, which drops it the same way.
+        try:
+            with self._pass(uuids):
+                pass
+        except LedgerError as exc:
+            self._log(f"gpushare: could not withdraw the wait of {req.test_id}: {exc}")
+
+    def _signature(self, uuids: Sequence[str]) -> tuple[bytes | None, ...]:
+        """What tells the ledger files' versions apart: their header lines, whose generation and
+        checksum change with every write (a rebuilt file starts over, with another checksum)."""
+        return tuple(read_head(self._folder, ledger_name(uuid)) for uuid in uuids)
+
+    def _do_refresh(self) -> None:
+        assert self._refresh is not None
+        try:
+            fresh = self._refresh()
+        except Exception as exc:  # the caller's probe (NVML, ...) must not break a wait
+            self._log(f"gpushare: could not refresh usable memory: {exc}")
+            return
+        self.set_usable(fresh)
+
+    def _timed_out(self, req: _Request, waited: float, view: View) -> LeaseTimeout:
+        reasons = [f"{self._label(state)}: {fit.why}" for state, fit in view if fit.why]
+        holders = lease_holders([state for state, _ in view], self._label)
+        message = f"{req.test_id}: no GPU memory for {req.need.describe()} after waiting {waited:.1f}s"
+        if reasons:
+            message += " (" + "; ".join(reasons) + ")"
+        return LeaseTimeout(message + held_by(holders, long=True), waited, holders)
+
+    # --- one try ------------------------------------------------------------------------------
+
+    def _attempt(self, req: _Request, uuids: list[str], *, register: bool) -> tuple[Lease | None, View]:
+        """One locked try; on failure, what the candidate GPUs looked like."""
+        p: _Pass | None = None
+        try:
+            with self._pass(uuids) as p:
+                return self._decide(p, req, uuids, register=register)
+        except BaseException:
+            if p is not None and p.lease_id is not None:
+                # Nothing of it may count as held; the next access reconciles the ledgers.
+                self._holder.unhold(p.lease_id)
+                with contextlib.suppress(LedgerError):
+                    self._holder.write()
+            raise
+
+    def _decide(
+        self, p: _Pass, req: _Request, uuids: list[str], *, register: bool
+    ) -> tuple[Lease | None, View]:
+        now = time.time()
+        fits = {u: self._fit(p.states[u], req, now) for u in uuids}
+        chosen = place(req.need, fits, uuids, self._policy, self._index)
+        if chosen is None:
+            if register:
+                self._register(p, req, fits)
+            return None, [(p.states[u], fits[u]) for u in uuids]
+        return self._grant(p, req, chosen, fits, now), []
+
+    def _fit(self, state: GpuState, req: _Request, now: float) -> Fit:
+        return evaluate(
+            state,
+            self._gpus[state.uuid],
+            req.need,
+            owner=self.owner.key,
+            context_bytes=self._context_bytes,
+            ticket=req.ticket,
+            since=req.since,
+            now=now,
+            fair_after=self._fair_after,
+        )
+
+    def _register(self, p: _Pass, req: _Request, fits: Mapping[str, Fit]) -> None:
+        """Record the request as a waiter in each candidate's ledger (once; again if it changed)."""
+        need, ticket = req.need, req.ticket
+        for uuid, fit in fits.items():
+            state = p.states[uuid]
+            want = need.mem.resolve(self._gpus[uuid].total_bytes)
+            count, exclusive = need.count, need.exclusive
+            waiter = Waiter(
+                ticket, self.owner.key, req.test_id, want, fit.context, count, exclusive, req.since
+            )
+            if waiter not in state.waiters:
+                state.waiters = [w for w in state.waiters if w.ticket != req.ticket] + [waiter]
+                p.dirty.add(uuid)
+
+    def _grant(
+        self, p: _Pass, req: _Request, chosen: list[str], fits: Mapping[str, Fit], now: float
+    ) -> Lease:
+        """Book the lease on the ``chosen`` GPUs, in this process's records and in the ledgers,
+        and drop the request's waiters; holdings are written first (:meth:`_write_back`)."""
+        key = self.owner.key
+        p.lease_id = lease_id = f"{key}-{next(self._ids)}"
+        parts = []
+        for uuid in chosen:
+            fit = fits[uuid]
+            new = [Booking(lease_id, key, req.test_id, fit.grant, TEST, now)]
+            if fit.context:
+                new.insert(0, Booking(f"{key}-ctx", key, CONTEXT_TEST_ID, fit.context, CONTEXT, now))
+            self._holder.hold(uuid, new)
+            p.states[uuid].bookings.extend(new)
+            parts.append((uuid, fit.grant))
+        for uuid in fits:
+            state = p.states[uuid]
+            state.waiters = [w for w in state.waiters if w.ticket != req.ticket]
+            p.dirty.add(uuid)
+        p.holdings_first = True
+        waited = time.monotonic() - req.start
+        return Lease(lease_id, req.test_id, self.owner, tuple(parts), now, waited, req.need.exclusive)
 
     # --- one locked access ------------------------------------------------------------------
 
@@ -335,210 +396,42 @@ class Ledger:
         records; the body decides; then write what changed (holdings in the safe order)."""
         with self._mutex:
             self._check_usable()
-            if self._live.ensure():
-                self._log("gpushare: the liveness file of this process had been removed; recreated it")
+            self._holder.ensure_live()
             with locked(self._folder, [lock_name(u) for u in uuids], self._lock_timeout):
-                acc = self._access()
-                p = _Pass(acc, {})
-                for uuid in sorted(set(uuids)):
-                    state, changed = acc.load(uuid)
-                    changed = acc.reclaim(state) or changed
-                    changed = acc.resolve_unknown(state) or changed
-                    changed = self._reconcile(state) or changed
-                    p.states[uuid] = state
-                    if changed:
-                        p.dirty.add(uuid)
+                p = self._load(uuids)
                 yield p
-                if p.holdings_first:
-                    self._write_holdings()
-                for uuid in sorted(p.dirty):
-                    acc.save(p.states[uuid])
-                if p.holdings_after or self._holdings_suspect:
-                    self._holdings_suspect = False
-                    try:
-                        self._write_holdings()
-                    except LedgerError as exc:
-                        # Stale holdings only err on the safe side (they list more).
-                        self._log(f"gpushare: could not update this process's holdings: {exc}")
+                self._write_back(p)
 
-    def _owner_record(self, uuid: str) -> OwnerRecord:
-        o = self.owner
-        usable = self._usable[uuid]
-        return OwnerRecord(
-            o.key, o.pid, o.host, o.start_time, o.session_id, o.worker_id, o.command, usable, self._joined_at
-        )
+    def _load(self, uuids: Sequence[str]) -> _Pass:
+        p = _Pass(self._access(), {})
+        for uuid in sorted(set(uuids)):
+            state, changed = p.acc.load(uuid)
+            changed = p.acc.reclaim(state) or changed
+            changed = p.acc.resolve_unknown(state) or changed
+            changed = self._holder.reconcile(state) or changed
+            p.states[uuid] = state
+            if changed:
+                p.dirty.add(uuid)
+        return p
 
-    def _reconcile(self, state: GpuState) -> bool:
-        """Make the ledger show exactly what this process holds and waits for; True if it changed."""
-        changed = False
-        gpu = self._gpus[state.uuid]
+    def _write_back(self, p: _Pass) -> None:
+        """Save the changed ledgers; this process's holdings before them for a grant (they must
+        never list less than the ledgers), after them for a release."""
+        if p.holdings_first:
+            self._holder.write()
+        for uuid in sorted(p.dirty):
+            p.acc.save(p.states[uuid])
+        self._holder.write_after(release=p.holdings_after)
+
+    def _leave(self) -> None:
+        """Take this process's record, bookings and waiters out of the ledgers of its GPUs."""
         key = self.owner.key
-        if (state.name, state.total_bytes) != (gpu.name, gpu.total_bytes):
-            state.name, state.total_bytes = gpu.name, gpu.total_bytes
-            changed = True
-        record = self._owner_record(state.uuid)
-        if state.owners.get(key) != record:
-            state.owners[key] = record
-            changed = True
-        mine = [b for b in state.bookings if b.owner == key]
-        if any(b.kind == UNKNOWN for b in mine):
-            # A rebuild could not read our holdings: write them again.
-            self._holdings_suspect = True
-        wanted = self._held.get(state.uuid, [])
-        if set(mine) != set(wanted):
-            missing = [b for b in wanted if b not in mine]
-            if missing:
-                text = (
-                    f"gpushare: the ledger of {self._label(state)} lacked {len(missing)} booking(s) of this "
-                    f"process ({', '.join(b.test_id for b in missing)}); restored them"
-                )
-                self._log(text)
-                state.remember(time.time(), "restored", text)
-            state.bookings = [b for b in state.bookings if b.owner != key] + list(wanted)
-            changed = True
-        stale = [w for w in state.waiters if w.owner == key and w.ticket not in self._tickets]
-        if stale:
-            state.waiters = [w for w in state.waiters if w not in stale]
-            changed = True
-        return changed
-
-    def _holdings(self) -> bytes:
-        o = self.owner
-        record = OwnerRecord(
-            o.key, o.pid, o.host, o.start_time, o.session_id, o.worker_id, o.command, None, self._joined_at
-        )
-        return dump_holdings(Holdings(owner=record, usable=dict(self._usable), bookings=self._held))
-
-    def _write_holdings(self) -> None:
-        self._live.write(self._holdings())
-
-    # --- deciding ---------------------------------------------------------------------------
-
-    def _candidates(self, need: Need) -> list[str]:
-        if need.count < 1:
-            raise ValueError(f"count must be at least 1, not {need.count}")
-        if need.allowed is None:
-            uuids = list(self._gpus)
-        else:
-            unknown = [u for u in need.allowed if u not in self._gpus]
-            if unknown:
-                raise ValueError(f"unknown GPU(s) in allowed: {', '.join(unknown)}")
-            uuids = list(dict.fromkeys(need.allowed))
-        if need.prefer is not None and need.prefer not in self._gpus:
-            raise ValueError(f"unknown preferred GPU {need.prefer}")
-        return sorted(uuids, key=lambda u: self._gpus[u].index)
-
-    def _never_fits(self, need: Need, candidates: list[str], test_id: str) -> None:
-        reason = never_fits(need, [self._gpus[u] for u in candidates], self._context_bytes, test_id)
-        if reason is not None:
-            raise NeverFits(reason)
-
-    def _attempt(
-        self,
-        need: Need,
-        candidates: list[str],
-        test_id: str,
-        ticket: str,
-        since: float,
-        start: float,
-        *,
-        register: bool,
-    ) -> tuple[Lease | None, list[tuple[GpuState, Fit]]]:
-        """One locked try; on failure, what the candidate GPUs looked like."""
-        lease_id = None
-        try:
-            with self._pass(candidates) as p:
-                now = time.time()
-                fits = {
-                    u: evaluate(
-                        p.states[u],
-                        self._gpus[u],
-                        need,
-                        owner=self.owner.key,
-                        context_bytes=self._context_bytes,
-                        ticket=ticket,
-                        since=since,
-                        now=now,
-                        fair_after=self._fair_after,
-                    )
-                    for u in candidates
-                }
-                index = {u: g.index for u, g in self._gpus.items()}
-                chosen = place(need, fits, candidates, self._policy, index)
-                if chosen is None:
-                    if register:
-                        for uuid in candidates:
-                            if self._upsert_waiter(p.states[uuid], need, test_id, ticket, since, fits[uuid]):
-                                p.dirty.add(uuid)
-                    return None, [(p.states[u], fits[u]) for u in candidates]
-                lease_id = f"{self.owner.key}-{next(self._ids)}"
-                parts = []
-                for uuid in chosen:
-                    fit = fits[uuid]
-                    new = [Booking(lease_id, self.owner.key, test_id, fit.grant, TEST, now)]
-                    if fit.context:
-                        key = self.owner.key
-                        new.insert(0, Booking(f"{key}-ctx", key, CONTEXT_TEST_ID, fit.context, CONTEXT, now))
-                    self._held.setdefault(uuid, []).extend(new)
-                    p.states[uuid].bookings.extend(new)
-                    parts.append((uuid, fit.grant))
-                for uuid in candidates:
-                    state = p.states[uuid]
-                    state.waiters = [w for w in state.waiters if w.ticket != ticket]
-                    p.dirty.add(uuid)
-                p.holdings_first = True
-                waited = time.monotonic() - start
-                return Lease(lease_id, test_id, self.owner, tuple(parts), now, waited, need.exclusive), []
-        except BaseException:
-            if lease_id is not None:
-                # Nothing of it may count as held; the next access reconciles the ledgers.
-                for uuid in self._held:
-                    self._held[uuid] = [b for b in self._held[uuid] if b.lease_id != lease_id]
-                with contextlib.suppress(LedgerError):
-                    self._write_holdings()
-            raise
-
-    def _upsert_waiter(
-        self, state: GpuState, need: Need, test_id: str, ticket: str, since: float, fit: Fit
-    ) -> bool:
-        want = need.mem.resolve(self._gpus[state.uuid].total_bytes)
-        waiter = Waiter(ticket, self.owner.key, test_id, want, fit.context, need.count, need.exclusive, since)
-        if waiter in state.waiters:
-            return False
-        state.waiters = [w for w in state.waiters if w.ticket != ticket] + [waiter]
-        return True
-
-    def _signature(self, uuids: Sequence[str]) -> tuple[bytes | None, ...]:
-        """What tells the ledger files' versions apart: their header lines, whose generation and
-        checksum change with every write (a rebuilt file starts over, with another checksum)."""
-        return tuple(read_head(self._folder, ledger_name(uuid)) for uuid in uuids)
-
-    def _do_refresh(self) -> None:
-        assert self._refresh is not None
-        try:
-            fresh = self._refresh()
-        except Exception as exc:  # the caller's probe (NVML, ...) must not break a wait
-            self._log(f"gpushare: could not refresh usable memory: {exc}")
-            return
-        self.set_usable(fresh)
-
-    def _timed_out(
-        self, need: Need, test_id: str, waited: float, view: list[tuple[GpuState, Fit]]
-    ) -> LeaseTimeout:
-        reasons = [f"{self._label(state)}: {fit.why}" for state, fit in view if fit.why]
-        holders = []
-        for state, _ in view:
-            for b in state.bookings:
-                if b.kind == CONTEXT:
-                    continue
-                owner = state.owners.get(b.owner)
-                who = (
-                    f"session {owner.session_id}, worker {owner.worker_id}, pid {owner.pid}"
-                    if owner
-                    else b.owner
-                )
-                holders.append(f"{b.test_id} ({format_size(b.bytes)} on {self._label(state)}, {who})")
-        message = f"{test_id}: no GPU memory for {need.describe()} after waiting {waited:.1f}s"
-        if reasons:
-            message += " (" + "; ".join(reasons) + ")"
-        return LeaseTimeout(message, waited, tuple(holders))
+        with locked(self._folder, [lock_name(u) for u in self._gpus], self._lock_timeout):
+            acc = self._access()
+            for uuid in sorted(self._gpus):
+                state, _ = acc.load(uuid)
+                acc.reclaim(state)
+                state.owners.pop(key, None)
+                state.bookings = [b for b in state.bookings if b.owner != key]
+                state.waiters = [w for w in state.waiters if w.owner != key]
+                acc.save(state)

@@ -1,4 +1,4 @@
-"""Who owns a lease, and whether that process still lives.
+"""Whether an owner (:class:`~pytest_gpushare.ledger.records.Owner`) still lives, and what it holds.
 
 Each owning process holds an exclusive ``flock`` on its own liveness file
 (``live-<key>.lock``) for as long as it lives. The kernel drops the lock when the process dies,
@@ -11,14 +11,15 @@ moment both see it dead, and a live owner's exclusive lock refuses both. The fil
 before it gets its final name, so a probe never finds it unlocked while its owner starts.
 
 The file's content is the owner's *holdings* (what it holds on every GPU, see
-:mod:`.ledgerstate`): the source of truth from which a damaged ledger is rebuilt. Only its owner
+:mod:`.records`): the source of truth from which a damaged ledger is rebuilt. Only its owner
 writes it, in place (no new inode per change: creating and renaming files is what costs on a
 journalling filesystem), framed with its length and a CRC so that a reader that catches a write
 half-way reads again, and one that cannot get a whole copy treats the holdings as unknown
-(:func:`pytest_gpushare.ledger.folder.frame`).
+(:func:`pytest_gpushare.ledger.codec.frame`).
 
 Raw ``fcntl.flock`` rather than filelock: this lock lives as long as the process and is probed
-from outside without waiting, which filelock's acquire/release cycle does not model.
+from outside without waiting (:func:`pytest_gpushare.ledger.locks.try_flock`), which filelock's
+acquire/release cycle does not model.
 """
 
 from __future__ import annotations
@@ -28,95 +29,27 @@ import errno
 import fcntl
 import math
 import os
-import re
-import secrets
-import socket
 import stat
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import Any
 
 from pytest_gpushare.errors import LedgerError
-from pytest_gpushare.ledger.folder import MAX_FILE_BYTES, BadFrame, LedgerFolder, frame, remove_file, unframe
+from pytest_gpushare.ledger.codec import HOLDINGS_FRAME, BadFrame, frame, unframe
+from pytest_gpushare.ledger.folder import MAX_FILE_BYTES, LedgerFolder, open_nofollow, remove_file
+from pytest_gpushare.ledger.locks import try_flock
+from pytest_gpushare.ledger.records import Owner
 
 __all__ = [
-    "KEY_RE",
     "HoldingsUnreadable",
     "Liveness",
-    "Owner",
     "live_name",
     "probe_alive",
     "read_holdings",
     "remove_owner_files",
 ]
 
-KEY_RE = re.compile(r"^[0-9]{1,10}-[0-9a-f]{8,64}$")
-_HOLDINGS_FRAME = "HOLDINGS"
 #: A reader that catches the owner mid-write tries again this many times before giving up.
 _READ_TRIES = 20
-
-_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
-_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
-
-
-def _process_start_time() -> str:
-    """This boot's id and the process's start time in clock ticks (``/proc/self/stat`` field 22)."""
-    try:
-        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
-            boot = f.read().strip()
-        with open("/proc/self/stat", encoding="ascii", errors="replace") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        # fields[0] is field 3 of the file (the state), so field 22 is fields[19].
-        return f"{boot}:{fields[19]}"
-    except (OSError, IndexError):
-        return "unknown"
-
-
-@dataclass(frozen=True)
-class Owner:
-    """One process that takes leases.
-
-    ``worker_id`` is ``"controller"``, ``"gw0"``..., ``"main"`` without xdist, or
-    ``"gpushare-run"``; ``command`` is the command line that ``gpushare run`` holds a lease for.
-    ``token`` makes the owner unique among all processes that ever used the folder (PIDs are
-    reused, and repeat across PID namespaces); ``key`` names its files.
-    """
-
-    pid: int
-    host: str
-    start_time: str
-    session_id: str
-    worker_id: str
-    command: str | None = None
-    token: str = field(default_factory=lambda: secrets.token_hex(8))
-
-    @property
-    def key(self) -> str:
-        return f"{self.pid}-{self.token}"
-
-    @classmethod
-    def current(cls, session_id: str, worker_id: str, command: str | None = None) -> Owner:
-        """The owner record of the calling process."""
-        return cls(
-            pid=os.getpid(),
-            host=socket.gethostname(),
-            start_time=_process_start_time(),
-            session_id=session_id,
-            worker_id=worker_id,
-            command=command,
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "key": self.key,
-            "pid": self.pid,
-            "host": self.host,
-            "start_time": self.start_time,
-            "session_id": self.session_id,
-            "worker_id": self.worker_id,
-            "command": self.command,
-        }
 
 
 def live_name(key: str) -> str:
@@ -147,9 +80,7 @@ class Liveness:
     def _create(self) -> int:
         tmp = self.folder.path / f".tmp-{self.key}-live"
         try:
-            fd = os.open(
-                tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC, self.folder.file_mode
-            )
+            fd = open_nofollow(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, self.folder.file_mode)
         except OSError as exc:
             raise LedgerError(
                 f"cannot create a liveness file in {self.folder.path}: {exc.strerror}"
@@ -158,7 +89,7 @@ class Liveness:
             if self.folder.shared:
                 os.fchmod(fd, self.folder.file_mode)
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            os.pwrite(fd, frame(_HOLDINGS_FRAME, self._payload), 0)
+            os.pwrite(fd, frame(HOLDINGS_FRAME, self._payload), 0)
             os.replace(tmp, self.folder.path / live_name(self.key))
         except OSError as exc:
             os.close(fd)
@@ -171,7 +102,7 @@ class Liveness:
         """Replace the holdings in place. The file never shrinks: the frame says where they end."""
         if self._fd is None:
             raise LedgerError(f"the liveness lock of owner {self.key} was closed")
-        data = frame(_HOLDINGS_FRAME, payload)
+        data = frame(HOLDINGS_FRAME, payload)
         if len(data) > MAX_FILE_BYTES:
             raise LedgerError(f"the holdings of owner {self.key} would grow past the ledger size cap")
         try:
@@ -239,7 +170,7 @@ def _probe_fd(folder: LedgerFolder, key: str, slot: tuple[str, str]) -> int | bo
             return fd
         _drop_probe(slot)  # removed (the owner closed) or recreated: look again
     try:
-        fd = os.open(folder.path / live_name(key), os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC | os.O_NONBLOCK)
+        fd = open_nofollow(folder.path / live_name(key), os.O_RDONLY)
     except FileNotFoundError:
         return False
     except PermissionError:
@@ -294,12 +225,12 @@ def _probe(folder: LedgerFolder, key: str, slot: tuple[str, str]) -> bool:
     if isinstance(fd, bool):
         return fd
     try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        taken = try_flock(fd, shared=True)
     except OSError as exc:
-        if exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):
-            return True
         _drop_probe(slot)
         raise LedgerError(f"cannot check the liveness of owner {key}: {exc.strerror}") from None
+    if not taken:
+        return True
     _drop_probe(slot)  # closing our only descriptor also lets go of the shared lock
     return False
 
@@ -311,7 +242,7 @@ def read_holdings(folder: LedgerFolder, key: str) -> bytes | None:
     """
     path = folder.path / live_name(key)
     try:
-        fd = os.open(path, os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC | os.O_NONBLOCK)
+        fd = open_nofollow(path, os.O_RDONLY)
     except FileNotFoundError:
         return None
     except OSError as exc:
@@ -321,16 +252,21 @@ def read_holdings(folder: LedgerFolder, key: str) -> bytes | None:
             folder.check_file(os.fstat(fd), path)
         except LedgerError as exc:
             raise HoldingsUnreadable(str(exc)) from None
-        why = "empty"
-        for _ in range(_READ_TRIES):
-            try:
-                return unframe(_HOLDINGS_FRAME, os.pread(fd, MAX_FILE_BYTES + 1, 0))[0]
-            except BadFrame as exc:
-                why = str(exc)
-            time.sleep(0.0002)  # the owner may be writing right now
-        raise HoldingsUnreadable(f"{path.name}: {why}")
+        return _read_whole(fd, path.name)
     finally:
         os.close(fd)
+
+
+def _read_whole(fd: int, name: str) -> bytes:
+    """The holdings in ``fd``, read again while a write of the owner is caught half-way."""
+    why = "empty"
+    for _ in range(_READ_TRIES):
+        try:
+            return unframe(HOLDINGS_FRAME, os.pread(fd, MAX_FILE_BYTES + 1, 0))[0]
+        except BadFrame as exc:
+            why = str(exc)
+        time.sleep(0.0002)  # the owner may be writing right now
+    raise HoldingsUnreadable(f"{name}: {why}")
 
 
 def remove_owner_files(

@@ -1,86 +1,73 @@
-"""What a ledger file and an owner's holdings file contain, read strictly.
+"""What the ledger files record: owners, bookings, waiters, one GPU's ledger, one owner's holdings;
+and the lease a process is granted.
 
-A ledger (``gpu-<uuid>.json``: a JSON document behind a header line, see
-:func:`pytest_gpushare.ledger.folder.frame`) lists, for one GPU, the owners that use it with the
-usable memory each one's session computed, the bookings (test leases, CUDA contexts) and the
-waiters. An owner's holdings (the content of its liveness file) list what it holds on every GPU: they are
-the source of truth from which a damaged ledger is rebuilt.
+A ledger (``gpu-<uuid>.json``) lists, for one GPU, the owners that use it with the usable memory
+each one's session computed, the bookings (test leases, CUDA contexts) and the waiters. An
+owner's holdings (the content of its liveness file, :mod:`.liveness`) list what it holds on every
+GPU: they are the source of truth from which a damaged ledger is rebuilt.
 
-Owners, bookings and waiters are kept as rows (JSON arrays of their values, in the order of
-:data:`OWNER_FIELDS`, :data:`BOOKING_FIELDS` and :data:`WAITER_FIELDS`), not as objects: with
-16 processes on a GPU the ledger is read and written under its lock at every access, and rows
-make it about a third smaller and a third quicker to parse and to write.
-
-Parsing never trusts the data: any wrong type, missing field, absurd number or dangling
-reference raises :class:`Damaged`, and the ledger treats the whole file as unreadable. Pure
-functions over bytes; the files themselves are handled by :mod:`.ledgerfs` and :mod:`.liveness`.
+Plain values, no I/O (:meth:`Owner.current` alone asks the system about the calling process);
+:mod:`.codec` turns them into bytes and back.
 """
 
 from __future__ import annotations
 
-import json
-import math
+import os
+import re
+import secrets
+import socket
 from dataclasses import dataclass, field
-from typing import Any, TypeGuard
-
-from pytest_gpushare.ledger.folder import BadFrame, frame, unframe
-from pytest_gpushare.ledger.liveness import KEY_RE
+from typing import Any
 
 __all__ = [
-    "BOOKING_FIELDS",
     "CONTEXT",
-    "OWNER_FIELDS",
+    "KEY_RE",
     "TEST",
     "UNKNOWN",
-    "WAITER_FIELDS",
     "Booking",
-    "Damaged",
     "GpuState",
     "Holdings",
-    "OwnerRecord",
+    "Lease",
+    "Owner",
     "Waiter",
-    "dump_gpu_state",
-    "dump_holdings",
-    "parse_gpu_state",
-    "parse_holdings",
 ]
 
-VERSION = 1
-#: The kind named in a ledger file's header line.
-LEDGER_FRAME = "LEDGER"
 TEST = "test"
 CONTEXT = "context"
 #: Stands for what a live owner holds when its holdings file could not be read during a rebuild:
 #: the whole GPU, until that owner rewrites its bookings itself.
 UNKNOWN = "unknown"
-_KINDS = (TEST, CONTEXT, UNKNOWN)
-_KEY_MATCH = KEY_RE.match
-#: More than any GPU will hold for decades: a larger number is damage.
-MAX_BYTES = 2**60
-MAX_TEXT = 10_000
+KINDS = (TEST, CONTEXT, UNKNOWN)
+#: An owner's key: its pid, then a random token (see :class:`Owner`).
+KEY_RE = re.compile(r"^[0-9]{1,10}-[0-9a-f]{8,64}$")
+#: How many history entries a ledger keeps.
 HISTORY_KEEP = 20
-OWNER_FIELDS = (
-    "key",
-    "pid",
-    "host",
-    "start_time",
-    "session_id",
-    "worker_id",
-    "command",
-    "usable_bytes",
-    "joined_at",
-)
-BOOKING_FIELDS = ("lease_id", "owner", "test_id", "bytes", "kind", "taken_at")
-WAITER_FIELDS = ("ticket", "owner", "test_id", "bytes", "context_bytes", "count", "exclusive", "since")
 
 
-class Damaged(Exception):
-    """The content of a ledger or holdings file cannot be used; ``str()`` says why."""
+def _process_start_time() -> str:
+    """This boot's id and the process's start time in clock ticks (``/proc/self/stat`` field 22)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
+            boot = f.read().strip()
+        with open("/proc/self/stat", encoding="ascii", errors="replace") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        # fields[0] is field 3 of the file (the state), so field 22 is fields[19].
+        return f"{boot}:{fields[19]}"
+    except (OSError, IndexError):
+        return "unknown"
 
 
-@dataclass
-class OwnerRecord:
-    """An owner as a ledger records it; ``usable_bytes`` is what its session may use on the GPU."""
+@dataclass(frozen=True)
+class Owner:
+    """One process that takes leases, as it opens its ledger and as the ledgers record it.
+
+    ``key`` (``<pid>-<token>``, :data:`KEY_RE`) makes the owner unique among all processes that
+    ever used the folder (PIDs are reused, and repeat across PID namespaces) and names its files.
+    ``worker_id`` is ``"controller"``, ``"gw0"``..., ``"main"`` without xdist, or
+    ``"gpushare-run"``; ``command`` is the command line that ``gpushare run`` holds a lease for.
+    A ledger also records ``usable_bytes``, what the owner's session may use on its GPU, and
+    ``joined_at``, when the owner opened its ledger.
+    """
 
     key: str
     pid: int
@@ -88,25 +75,26 @@ class OwnerRecord:
     start_time: str
     session_id: str
     worker_id: str
-    command: str | None
-    usable_bytes: int | None
-    joined_at: float
+    command: str | None = None
+    usable_bytes: int | None = None
+    joined_at: float = 0.0
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "key": self.key,
-            "pid": self.pid,
-            "host": self.host,
-            "start_time": self.start_time,
-            "session_id": self.session_id,
-            "worker_id": self.worker_id,
-            "command": self.command,
-            "usable_bytes": self.usable_bytes,
-            "joined_at": self.joined_at,
-        }
+    @classmethod
+    def current(cls, session_id: str, worker_id: str, command: str | None = None) -> Owner:
+        """The owner record of the calling process, with a fresh key."""
+        pid = os.getpid()
+        return cls(
+            key=f"{pid}-{secrets.token_hex(8)}",
+            pid=pid,
+            host=socket.gethostname(),
+            start_time=_process_start_time(),
+            session_id=session_id,
+            worker_id=worker_id,
+            command=command,
+        )
 
     def to_row(self) -> list[Any]:
-        """The record as the files keep it: its values in the order of :data:`OWNER_FIELDS`."""
+        """The record as the files keep it: its values in the order of its fields."""
         return [
             self.key,
             self.pid,
@@ -118,6 +106,19 @@ class OwnerRecord:
             self.usable_bytes,
             self.joined_at,
         ]
+
+    def summary(self) -> dict[str, Any]:
+        """What status shows of the owner: every field but ``joined_at``."""
+        return {
+            "key": self.key,
+            "pid": self.pid,
+            "host": self.host,
+            "start_time": self.start_time,
+            "session_id": self.session_id,
+            "worker_id": self.worker_id,
+            "command": self.command,
+            "usable_bytes": self.usable_bytes,
+        }
 
     def describe(self) -> str:
         where = f"pid {self.pid} on {self.host}, session {self.session_id}, worker {self.worker_id}"
@@ -134,16 +135,6 @@ class Booking:
     bytes: int
     kind: str
     taken_at: float
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "lease_id": self.lease_id,
-            "owner": self.owner,
-            "test_id": self.test_id,
-            "bytes": self.bytes,
-            "kind": self.kind,
-            "taken_at": self.taken_at,
-        }
 
     def to_row(self) -> list[Any]:
         return [self.lease_id, self.owner, self.test_id, self.bytes, self.kind, self.taken_at]
@@ -165,18 +156,6 @@ class Waiter:
     exclusive: bool
     since: float
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "ticket": self.ticket,
-            "owner": self.owner,
-            "test_id": self.test_id,
-            "bytes": self.bytes,
-            "context_bytes": self.context_bytes,
-            "count": self.count,
-            "exclusive": self.exclusive,
-            "since": self.since,
-        }
-
     def to_row(self) -> list[Any]:
         return [
             self.ticket,
@@ -197,7 +176,7 @@ class GpuState:
     uuid: str
     name: str = ""
     total_bytes: int = 0
-    owners: dict[str, OwnerRecord] = field(default_factory=dict)
+    owners: dict[str, Owner] = field(default_factory=dict)
     bookings: list[Booking] = field(default_factory=list)
     waiters: list[Waiter] = field(default_factory=list)
     history: list[dict[str, Any]] = field(default_factory=list)
@@ -223,287 +202,19 @@ class GpuState:
 class Holdings:
     """What one owner holds: its record, its usable memory per GPU, its bookings per GPU."""
 
-    owner: OwnerRecord
+    owner: Owner
     usable: dict[str, int]
     bookings: dict[str, list[Booking]]
 
 
-# --- strict reading ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Lease:
+    """Granted memory: ``parts`` are ``(gpu uuid, bytes)`` in the order the holder should use them."""
 
-
-def _get(data: dict[str, Any], key: str) -> Any:
-    if key not in data:
-        raise Damaged(f"missing {key!r}")
-    return data[key]
-
-
-def _int(data: dict[str, Any], key: str, *, low: int = 0, high: int = MAX_BYTES, null: bool = False) -> Any:
-    value = _get(data, key)
-    if value is None and null:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise Damaged(f"{key!r} is not a number in [{low}, {high}]: {str(value)[:40]!r}")
-    return value
-
-
-def _float(data: dict[str, Any], key: str) -> float:
-    value = _get(data, key)
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not math.isfinite(value)
-        or value < 0
-    ):
-        raise Damaged(f"{key!r} is not a time: {str(value)[:40]!r}")
-    return float(value)
-
-
-def _text(data: dict[str, Any], key: str, *, null: bool = False) -> Any:
-    value = _get(data, key)
-    if value is None and null:
-        return None
-    if not isinstance(value, str) or len(value) > MAX_TEXT:
-        raise Damaged(f"{key!r} is not a text: {str(value)[:40]!r}")
-    return value
-
-
-def _key(data: dict[str, Any], key: str) -> str:
-    value = _get(data, key)
-    if not isinstance(value, str) or not KEY_RE.match(value):
-        raise Damaged(f"{key!r} is not an owner key: {str(value)[:40]!r}")
-    return value
-
-
-def _object(value: Any, what: str) -> dict[str, Any]:
-    if not isinstance(value, dict):
-        raise Damaged(f"{what} is not an object")
-    return value
-
-
-def _row(data: Any, fields: tuple[str, ...], what: str) -> dict[str, Any]:
-    if not isinstance(data, list) or len(data) != len(fields):
-        raise Damaged(f"{what} is not a row of {len(fields)} values")
-    return dict(zip(fields, data, strict=True))
-
-
-def _list(data: dict[str, Any], key: str) -> list[Any]:
-    value = _get(data, key)
-    if not isinstance(value, list):
-        raise Damaged(f"{key!r} is not a list")
-    return value
-
-
-def _owner_checked(data: Any) -> OwnerRecord:
-    d = _row(data, OWNER_FIELDS, "an owner")
-    return OwnerRecord(
-        key=_key(d, "key"),
-        pid=_int(d, "pid", high=2**31),
-        host=_text(d, "host"),
-        start_time=_text(d, "start_time"),
-        session_id=_text(d, "session_id"),
-        worker_id=_text(d, "worker_id"),
-        command=_text(d, "command", null=True),
-        usable_bytes=_int(d, "usable_bytes", null=True),
-        joined_at=_float(d, "joined_at"),
-    )
-
-
-def _booking_checked(data: Any) -> Booking:
-    d = _row(data, BOOKING_FIELDS, "a booking")
-    kind = _text(d, "kind")
-    if kind not in _KINDS:
-        raise Damaged(f"unknown booking kind {kind[:40]!r}")
-    return Booking(
-        lease_id=_text(d, "lease_id"),
-        owner=_key(d, "owner"),
-        test_id=_text(d, "test_id"),
-        bytes=_int(d, "bytes"),
-        kind=kind,
-        taken_at=_float(d, "taken_at"),
-    )
-
-
-def _waiter_checked(data: Any) -> Waiter:
-    d = _row(data, WAITER_FIELDS, "a waiter")
-    exclusive = _get(d, "exclusive")
-    if not isinstance(exclusive, bool):
-        raise Damaged("'exclusive' is not true or false")
-    return Waiter(
-        ticket=_text(d, "ticket"),
-        owner=_key(d, "owner"),
-        test_id=_text(d, "test_id"),
-        bytes=_int(d, "bytes"),
-        context_bytes=_int(d, "context_bytes"),
-        count=_int(d, "count", low=1, high=4096),
-        exclusive=exclusive,
-        since=_float(d, "since"),
-    )
-
-
-# The fast readers below accept exactly what the checked readers accept when every field is
-# well-formed, in one expression each; anything else goes to the checked reader, which says
-# what is wrong. A ledger is read on every access under its lock, so this is the hot path.
-
-
-def _is_text(value: Any) -> TypeGuard[str]:
-    return type(value) is str and len(value) <= MAX_TEXT
-
-
-def _is_size(value: Any) -> TypeGuard[int]:
-    return type(value) is int and 0 <= value <= MAX_BYTES
-
-
-def _is_time(value: Any) -> TypeGuard[float]:
-    return type(value) in (int, float) and 0 <= value < math.inf
-
-
-def _owner(r: Any) -> OwnerRecord:
-    if type(r) is list and len(r) == 9:
-        key, pid, host, start, session, worker, command, usable, joined = r
-        if (
-            type(key) is str
-            and _KEY_MATCH(key)
-            and type(pid) is int
-            and 0 <= pid <= 2**31
-            and _is_text(host)
-            and _is_text(start)
-            and _is_text(session)
-            and _is_text(worker)
-            and (command is None or _is_text(command))
-            and (usable is None or _is_size(usable))
-            and _is_time(joined)
-        ):
-            return OwnerRecord(key, pid, host, start, session, worker, command, usable, float(joined))
-    return _owner_checked(r)
-
-
-def _booking(r: Any) -> Booking:
-    if type(r) is list and len(r) == 6:
-        lease_id, owner, test_id, size, kind, taken = r
-        if (
-            _is_text(lease_id)
-            and type(owner) is str
-            and _KEY_MATCH(owner)
-            and _is_text(test_id)
-            and _is_size(size)
-            and kind in _KINDS
-            and _is_time(taken)
-        ):
-            return Booking(lease_id, owner, test_id, size, kind, float(taken))
-    return _booking_checked(r)
-
-
-def _waiter(r: Any) -> Waiter:
-    if type(r) is list and len(r) == 8:
-        ticket, owner, test_id, size, context, count, exclusive, since = r
-        if (
-            _is_text(ticket)
-            and type(owner) is str
-            and _KEY_MATCH(owner)
-            and _is_text(test_id)
-            and _is_size(size)
-            and _is_size(context)
-            and type(count) is int
-            and 1 <= count <= 4096
-            and type(exclusive) is bool
-            and _is_time(since)
-        ):
-            return Waiter(ticket, owner, test_id, size, context, count, exclusive, float(since))
-    return _waiter_checked(r)
-
-
-def _history(data: Any) -> dict[str, Any]:
-    d = _object(data, "a history entry")
-    return {"at": _float(d, "at"), "event": _text(d, "event"), "text": _text(d, "text")}
-
-
-def _load(data: bytes, what: str) -> dict[str, Any]:
-    try:
-        parsed = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise Damaged(f"not JSON ({str(exc)[:80]})") from None
-    d = _object(parsed, what)
-    if d.get("version") != VERSION:
-        raise Damaged(f"unknown version {str(d.get('version'))[:20]!r}")
-    return d
-
-
-def parse_gpu_state(data: bytes, uuid: str) -> GpuState:
-    """The ledger of GPU ``uuid`` from a file's bytes (framed), or :class:`Damaged`."""
-    try:
-        payload, generation = unframe(LEDGER_FRAME, data)
-    except BadFrame as exc:
-        raise Damaged(str(exc)) from None
-    d = _load(payload, "the ledger")
-    if _text(d, "uuid") != uuid:
-        raise Damaged(f"it belongs to another GPU ({str(d['uuid'])[:60]})")
-    owners: dict[str, OwnerRecord] = {}
-    for raw in _list(d, "owners"):
-        owner = _owner(raw)
-        if owner.key in owners:
-            raise Damaged(f"owner {owner.key} is recorded twice")
-        owners[owner.key] = owner
-    state = GpuState(
-        uuid=uuid,
-        name=_text(d, "name"),
-        total_bytes=_int(d, "total_bytes"),
-        owners=owners,
-        bookings=[_booking(b) for b in _list(d, "bookings")],
-        waiters=[_waiter(w) for w in _list(d, "waiters")],
-        history=[_history(h) for h in _list(d, "history")][-HISTORY_KEEP:],
-        generation=generation or 0,
-    )
-    for ref in [b.owner for b in state.bookings] + [w.owner for w in state.waiters]:
-        if ref not in owners:
-            raise Damaged(f"a booking or waiter names owner {ref}, who is not recorded")
-    return state
-
-
-def dump_gpu_state(state: GpuState) -> bytes:
-    """The ledger file's bytes: the state as JSON, framed with its generation."""
-    payload = json.dumps(
-        {
-            "version": VERSION,
-            "uuid": state.uuid,
-            "name": state.name,
-            "total_bytes": state.total_bytes,
-            "owners": [o.to_row() for o in state.owners.values()],
-            "bookings": [b.to_row() for b in state.bookings],
-            "waiters": [w.to_row() for w in state.waiters],
-            "history": state.history,
-        },
-        separators=(",", ":"),
-    ).encode()
-    return frame(LEDGER_FRAME, payload, state.generation)
-
-
-def parse_holdings(data: bytes, key: str) -> Holdings:
-    """An owner's holdings file, or :class:`Damaged`."""
-    d = _load(data, "the holdings")
-    owner = _owner(_get(d, "owner"))
-    if owner.key != key:
-        raise Damaged("it names another owner")
-    usable: dict[str, int] = {}
-    for uuid, value in _object(_get(d, "usable"), "'usable'").items():
-        usable[uuid] = _int({"usable": value}, "usable")
-    bookings: dict[str, list[Booking]] = {}
-    for uuid, items in _object(_get(d, "bookings"), "'bookings'").items():
-        if not isinstance(items, list):
-            raise Damaged("bookings of a GPU are not a list")
-        parsed = [_booking(b) for b in items]
-        if any(b.owner != key for b in parsed):
-            raise Damaged("it lists bookings of another owner")
-        bookings[uuid] = parsed
-    return Holdings(owner=owner, usable=usable, bookings=bookings)
-
-
-def dump_holdings(holdings: Holdings) -> bytes:
-    return json.dumps(
-        {
-            "version": VERSION,
-            "owner": holdings.owner.to_row(),
-            "usable": holdings.usable,
-            "bookings": {u: [b.to_row() for b in items] for u, items in holdings.bookings.items() if items},
-        },
-        separators=(",", ":"),
-    ).encode()
+    lease_id: str
+    test_id: str
+    owner: Owner
+    parts: tuple[tuple[str, int], ...]
+    taken_at: float
+    waited_s: float
+    exclusive: bool = False

@@ -13,114 +13,32 @@ import random
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import ledger_support
 import pytest
+from conftest import wait_until
+from ledger_support import Worker, assert_owner_gone, gpu_dict, state_of
 
-from pytest_gpushare.ledger.admission import LedgerGpu
-from pytest_gpushare.ledger.folder import open_ledger_folder, read_settled
-from pytest_gpushare.ledger.handle import FULL_CHECK_S, Ledger, Need, Owner, ledger_name, read_status
-from pytest_gpushare.ledger.records import LEDGER_FRAME, TEST, GpuState, parse_gpu_state
+from pytest_gpushare.ledger import read_status
+from pytest_gpushare.ledger.admission import LedgerGpu, Need
+from pytest_gpushare.ledger.handle import FULL_CHECK_S, Ledger
+from pytest_gpushare.ledger.records import TEST, Owner
 from pytest_gpushare.units import GiB, MemRequest, MiB
 
-WORKER = Path(__file__).parent / "ledger_workers" / "worker.py"
-
-
-class Proc:
-    """A worker process whose stdout lines (JSON events) arrive on a queue."""
-
-    def __init__(self, role: str, cfg: dict[str, Any]) -> None:
-        self.cfg = cfg
-        self.proc = subprocess.Popen(
-            [sys.executable, str(WORKER), role, json.dumps(cfg)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        self.events: list[dict[str, Any]] = []
-        self._cond = threading.Condition()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            with self._cond:
-                self.events.append(json.loads(line))
-                self._cond.notify_all()
-
-    def wait_event(self, name: str, timeout: float = 60) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while True:
-                for event in self.events:
-                    if event["event"] == name:
-                        return event
-                left = deadline - time.monotonic()
-                assert left > 0, f"no {name!r} event from {self.proc.args[2]} in {timeout}s: {self.events}"
-                self._cond.wait(min(left, 0.1))
-
-    def kill(self) -> None:
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(30)
-
-
-@pytest.fixture
-def procs() -> Iterator[Callable[[str, dict[str, Any]], Proc]]:
-    started: list[Proc] = []
-
-    def start(role: str, cfg: dict[str, Any]) -> Proc:
-        started.append(Proc(role, cfg))
-        return started[-1]
-
-    yield start
-    for p in started:
-        if p.proc.poll() is None:
-            p.proc.kill()
-        p.proc.wait(30)
-
-
-def gpu_dict(n: int, total: int, usable: int) -> dict[str, Any]:
-    return {
-        "uuid": f"GPU-{n}",
-        "index": n,
-        "name": f"Sim {n}",
-        "total_bytes": total,
-        "capacity_bytes": usable,
-        "usable_bytes": usable,
-    }
-
-
-def raw_state(folder: Path, uuid: str) -> GpuState:
-    """The GPU's ledger read without the lock while others may rewrite it in place (a torn read is
-    read again)."""
-    data = read_settled(open_ledger_folder(folder, create=False), ledger_name(uuid), LEDGER_FRAME)
-    assert data is not None, f"no ledger for {uuid}"
-    return parse_gpu_state(data, uuid)
-
-
-def raw_states(folder: Path, uuids: list[str]) -> dict[str, Any]:
-    return {u: raw_state(folder, u) for u in uuids}
-
-
-def assert_owner_gone(folder: Path, uuids: list[str], key: str) -> None:
-    for uuid, state in raw_states(folder, uuids).items():
-        assert key not in state.owners, uuid
-        assert all(b.owner != key for b in state.bookings), uuid
-        assert all(w.owner != key for w in state.waiters), uuid
+folder = pytest.fixture(ledger_support.folder)
+procs = pytest.fixture(ledger_support.spawn)
 
 
 def test_stress_many_processes_with_kills_never_overcommit(
-    tmp_path: Path, procs: Callable[[str, dict[str, Any]], Proc]
+    tmp_path: Path, folder: Path, procs: Callable[[str, dict[str, Any]], Worker]
 ) -> None:
     """16 processes, random single/multi-GPU/exclusive/percent cycles on 3 GPUs; some killed with
     SIGKILL while they hold a lease, some at random moments; an auditor reads all the while."""
-    folder = tmp_path / "ledgers"
     gpus = [gpu_dict(0, 16 * GiB, 12 * GiB), gpu_dict(1, 16 * GiB, 12 * GiB), gpu_dict(2, 8 * GiB, 6 * GiB)]
     uuids = [g["uuid"] for g in gpus]
     go = tmp_path / "go"
@@ -156,8 +74,10 @@ def test_stress_many_processes_with_kills_never_overcommit(
     status_lines: list[str] = []
     killed: dict[int, dict[str, Any]] = {}
     pending_chaos = dict(chaos)
-    while len(killed) < len(victims) + len(chaos):
-        assert time.monotonic() - started < 120, "victims never reached their lease"
+
+    def kill_the_due() -> bool:
+        """Kill each victim once it holds its lease and each chaos worker at its time, check that
+        nothing of the dead is left; True once all are dead."""
         for n in victims:
             if n not in killed and any(e["event"] == "holding" for e in workers[n].events):
                 workers[n].kill()
@@ -173,7 +93,9 @@ def test_stress_many_processes_with_kills_never_overcommit(
                 read_status(folder, log=status_lines.append)
                 assert_owner_gone(folder, uuids, info["key"])
                 info["checked"] = True
-        time.sleep(0.01)
+        return len(killed) == len(victims) + len(chaos)
+
+    wait_until(kill_the_due, "the victims to reach their lease", timeout=120, poll=0.01)
     for n, w in enumerate(workers):
         if n not in killed:
             assert w.proc.wait(120) == 0, f"worker {n} failed"
@@ -206,9 +128,8 @@ def test_stress_many_processes_with_kills_never_overcommit(
 
 
 def test_two_sessions_sharing_a_folder_respect_the_stricter_one(
-    tmp_path: Path, procs: Callable[[str, dict[str, Any]], Proc]
+    tmp_path: Path, folder: Path, procs: Callable[[str, dict[str, Any]], Worker]
 ) -> None:
-    folder = tmp_path / "ledgers"
     go = tmp_path / "go"
     stop = tmp_path / "stop"
     generous = [gpu_dict(0, 16 * GiB, 10 * GiB)]
@@ -258,9 +179,8 @@ def test_two_sessions_sharing_a_folder_respect_the_stricter_one(
 
 
 def test_a_large_request_is_served_within_the_bound_under_a_stream_of_small_ones(
-    tmp_path: Path, procs: Callable[[str, dict[str, Any]], Proc]
+    tmp_path: Path, folder: Path, procs: Callable[[str, dict[str, Any]], Worker]
 ) -> None:
-    folder = tmp_path / "ledgers"
     stop = tmp_path / "stop"
     gpus = [gpu_dict(0, 8 * GiB, 4 * GiB)]
     fair_after = 0.3
@@ -282,10 +202,9 @@ def test_a_large_request_is_served_within_the_bound_under_a_stream_of_small_ones
         stream.append(procs("stream", cfg))
     for s in stream:
         s.wait_event("ready")
-    deadline = time.monotonic() + 30
-    while len(read_status(folder)["gpus"][0]["leases"]) < 3:
-        assert time.monotonic() < deadline, "the stream never filled the GPU"
-        time.sleep(0.01)
+    wait_until(
+        lambda: len(read_status(folder)["gpus"][0]["leases"]) >= 3, "the stream to fill the GPU", poll=0.01
+    )
     big = procs(
         "hold",
         {
@@ -299,8 +218,7 @@ def test_a_large_request_is_served_within_the_bound_under_a_stream_of_small_ones
         },
     )
     held = big.wait_event("held", timeout=40)
-    assert big.proc.stdin is not None
-    big.proc.stdin.close()
+    big.let_go()
     big.wait_event("released")
     stop.write_text("")
     for s in stream:
@@ -317,9 +235,8 @@ def test_a_large_request_is_served_within_the_bound_under_a_stream_of_small_ones
 
 
 def test_a_forked_child_does_not_keep_its_parent_alive(
-    tmp_path: Path, procs: Callable[[str, dict[str, Any]], Proc]
+    tmp_path: Path, folder: Path, procs: Callable[[str, dict[str, Any]], Worker]
 ) -> None:
-    folder = tmp_path / "ledgers"
     report = tmp_path / "child"
     holder = procs(
         "hold",
@@ -335,10 +252,7 @@ def test_a_forked_child_does_not_keep_its_parent_alive(
     held = holder.wait_event("held")
     child = holder.wait_event("forked")["child"]
     try:
-        deadline = time.monotonic() + 30
-        while not report.exists() or not report.read_text():
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
+        wait_until(lambda: report.exists() and report.read_text(), "the child's report", poll=0.01)
         assert "a forked child must open its own" in report.read_text()
         holder.kill()
         os.kill(child, 0)  # the child lives on, with the parent's descriptors closed
@@ -386,7 +300,7 @@ def second_account() -> Iterator[tuple[int, int]]:
 
 
 def test_two_accounts_share_a_group_folder(
-    second_account: tuple[int, int], procs: Callable[[str, dict[str, Any]], Proc]
+    second_account: tuple[int, int], procs: Callable[[str, dict[str, Any]], Worker]
 ) -> None:
     uid, gid = second_account
     base = Path(tempfile.mkdtemp(prefix="gpushare-group-"))
@@ -424,13 +338,12 @@ def test_two_accounts_share_a_group_folder(
             for name, st in files.items():
                 assert st.st_gid == gid and st.st_mode & 0o060 == 0o060, name
             # The other account gives its lease back; root sees the GPU free again.
-            assert fits.proc.stdin is not None
-            fits.proc.stdin.close()
+            fits.let_go()
             fits.wait_event("released")
             assert mine.acquire(Need(MemRequest(bytes=3 * GiB)), "root::more", 1)
             mine.release(held)
         finally:
             mine.close()
-        assert not [b for b in raw_state(shared, "GPU-0").bookings if b.kind == TEST]
+        assert not [b for b in state_of(shared, "GPU-0").bookings if b.kind == TEST]
     finally:
         shutil.rmtree(base)

@@ -1,7 +1,6 @@
-"""The ledger folder's locks and writes on real files: a busy lock is waited for in the kernel
-(other processes hold it for real), the wait ends at its deadline and its late grant lets go, a
-forked child keeps no lock of its parent's alive, and files are rewritten in place only when they
-are ours."""
+"""The ledger folder's locks on real files: a busy lock is waited for in the kernel (other
+processes hold it for real), the wait ends at its deadline and its late grant lets go, a forked
+child keeps no lock of its parent's alive."""
 
 from __future__ import annotations
 
@@ -16,20 +15,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from conftest import wait_until
 
 from pytest_gpushare.errors import LedgerError
-from pytest_gpushare.ledger import folder as ledgerfs
-from pytest_gpushare.ledger.folder import (
-    BadFrame,
-    LedgerFolder,
-    frame,
-    locked,
-    open_ledger_folder,
-    read_head,
-    read_settled,
-    unframe,
-    write_file,
-)
+from pytest_gpushare.ledger import locks
+from pytest_gpushare.ledger.folder import LedgerFolder, open_ledger_folder
+from pytest_gpushare.ledger.locks import locked
 
 HOLDER = """\
 import fcntl, os, sys
@@ -52,6 +43,7 @@ class Holder:
     """Another process that holds the flock of ``path`` until told to let go."""
 
     def __init__(self, path: Path) -> None:
+        self.path = path
         self.proc = subprocess.Popen(
             [sys.executable, "-c", HOLDER, str(path)],
             stdin=subprocess.PIPE,
@@ -76,16 +68,11 @@ class Holder:
 
 
 @pytest.fixture
-def holder() -> Iterator[Callable[[Path], Holder]]:
-    started: list[Holder] = []
-
-    def start(path: Path) -> Holder:
-        started.append(Holder(path))
-        return started[-1]
-
-    yield start
-    for h in started:
-        h.stop()
+def other(folder: LedgerFolder) -> Iterator[Holder]:
+    """Another process, holding the lock ``a.lock`` of the folder until told to let go."""
+    holder = Holder(folder.path / "a.lock")
+    yield holder
+    holder.stop()
 
 
 def lockable_by_others(path: Path) -> bool:
@@ -100,30 +87,43 @@ def lockable_by_others(path: Path) -> bool:
         os.close(fd)  # closing lets go of a lock this probe took
 
 
-def wait_until(condition: Callable[[], bool], what: str, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"{what}: not within {timeout}s"
-        time.sleep(0.005)
-
-
 def kernel_waits() -> int:
     return sum(t.name == "gpushare-lock-wait" and t.is_alive() for t in threading.enumerate())
 
 
 def count_filelock_attempts(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
     calls: list[bool] = []
-    original = ledgerfs.FileLock.acquire
+    original = locks.FileLock.acquire
 
-    def counting(self: ledgerfs.FileLock, *args: object, **kwargs: object) -> object:
+    def counting(self: locks.FileLock, *args: object, **kwargs: object) -> object:
         calls.append(bool(kwargs.get("blocking", True)))
         return original(self, *args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(ledgerfs.FileLock, "acquire", counting)
+    monkeypatch.setattr(locks.FileLock, "acquire", counting)
     return calls
 
 
-# --- locks --------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def taking(folder: LedgerFolder) -> Iterator[threading.Event]:
+    """A thread takes the lock ``a.lock``, which another process holds, and holds it until the
+    block ends; the block starts once the thread waits in the kernel, and the event is set once
+    it holds the lock."""
+    got = threading.Event()
+    leave = threading.Event()
+
+    def take() -> None:
+        with locked(folder, ["a.lock"], 30):
+            got.set()
+            leave.wait(30)
+
+    taker = threading.Thread(target=take)
+    taker.start()
+    try:
+        wait_until(lambda: kernel_waits() > 0, "the wait moved to the kernel")
+        yield got
+    finally:
+        leave.set()
+        taker.join(30)
 
 
 def test_a_free_lock_is_taken_by_filelock_without_waiting(
@@ -139,25 +139,13 @@ def test_a_free_lock_is_taken_by_filelock_without_waiting(
 
 
 def test_a_lock_held_by_another_process_is_waited_for_in_the_kernel(
-    folder: LedgerFolder, holder: Callable[[Path], Holder], monkeypatch: pytest.MonkeyPatch
+    other: Holder, monkeypatch: pytest.MonkeyPatch, folder: LedgerFolder
 ) -> None:
-    path = folder.path / "a.lock"
-    other = holder(path)
+    path = other.path
     attempts = count_filelock_attempts(monkeypatch)
-    got = threading.Event()
-    done = threading.Event()
-
-    def take() -> None:
-        with locked(folder, ["a.lock"], 30):
-            got.set()
-            done.wait(30)
-
-    taker = threading.Thread(target=take)
-    taker.start()
-    try:
-        wait_until(lambda: kernel_waits() > 0, "the wait moved to the kernel")
+    with taking(folder) as got:
         cpu = time.process_time()
-        time.sleep(0.2)
+        time.sleep(0.2)  # a window to measure, not a wait for a condition
         # Nobody polls: filelock tried once, and the waiting costs (next to) no CPU.
         assert attempts == [False]
         assert time.process_time() - cpu < 0.1
@@ -165,18 +153,14 @@ def test_a_lock_held_by_another_process_is_waited_for_in_the_kernel(
         other.release()
         assert got.wait(20)
         assert not lockable_by_others(path)  # held through the waiting descriptor
-    finally:
-        done.set()
-        taker.join(30)
     assert lockable_by_others(path)  # and let go when the access ends
     assert attempts == [False]
 
 
 def test_a_kernel_wait_gives_up_at_its_deadline_and_its_late_grant_lets_go(
-    folder: LedgerFolder, holder: Callable[[Path], Holder]
+    folder: LedgerFolder, other: Holder
 ) -> None:
-    path = folder.path / "a.lock"
-    other = holder(path)
+    path = other.path
     started = time.monotonic()
     message = r"could not lock .*a\.lock in time: another process holds it"
     with pytest.raises(LedgerError, match=message), locked(folder, ["a.lock"], 0.2):
@@ -197,7 +181,8 @@ def test_waiters_in_several_processes_each_get_the_lock_alone(folder: LedgerFold
     counter.write_text("0")
     script = (
         "import sys, time\n"
-        "from pytest_gpushare.ledger.folder import locked, open_ledger_folder\n"
+        "from pytest_gpushare.ledger.folder import open_ledger_folder\n"
+        "from pytest_gpushare.ledger.locks import locked\n"
         "folder = open_ledger_folder(sys.argv[1])\n"
         "path = folder.path / 'counter'\n"
         "for _ in range(100):\n"
@@ -211,31 +196,14 @@ def test_waiters_in_several_processes_each_get_the_lock_alone(folder: LedgerFold
     assert counter.read_text() == "600"
 
 
-def test_a_lock_file_removed_during_the_wait_is_not_trusted(
-    folder: LedgerFolder, holder: Callable[[Path], Holder]
-) -> None:
-    path = folder.path / "a.lock"
-    other = holder(path)
-    got = threading.Event()
-    done = threading.Event()
-
-    def take() -> None:
-        with locked(folder, ["a.lock"], 30):
-            got.set()
-            done.wait(30)
-
-    taker = threading.Thread(target=take)
-    taker.start()
-    try:
-        wait_until(lambda: kernel_waits() > 0, "the wait moved to the kernel")
+def test_a_lock_file_removed_during_the_wait_is_not_trusted(folder: LedgerFolder, other: Holder) -> None:
+    path = other.path
+    with taking(folder) as got:
         path.unlink()  # a cleaner removed it: the old inode's lock guards nothing now
         other.release()
         assert got.wait(20)
         # The access holds the lock of the file now at the path, not of the removed one.
         assert path.exists() and not lockable_by_others(path)
-    finally:
-        done.set()
-        taker.join(30)
 
 
 def fork_and_report(child: Callable[[], str]) -> tuple[int, str]:
@@ -261,41 +229,23 @@ def stop_child(pid: int) -> None:
     os.waitpid(pid, 0)
 
 
-def test_a_forked_child_keeps_no_lock_of_its_parent_alive(
-    folder: LedgerFolder, holder: Callable[[Path], Holder]
-) -> None:
-    path = folder.path / "a.lock"
-    other = holder(path)
-    inside = threading.Event()
-    leave = threading.Event()
-
-    def take() -> None:
-        with locked(folder, ["a.lock"], 30):
-            inside.set()
-            leave.wait(30)
-
-    taker = threading.Thread(target=take)
-    taker.start()
-    wait_until(lambda: kernel_waits() > 0, "the wait moved to the kernel")
-    other.release()
-    assert inside.wait(20)
-    # The parent holds the lock through a waiting descriptor; a child inherits a copy of it.
-    pid, answer = fork_and_report(lambda: "alive")
+def test_a_forked_child_keeps_no_lock_of_its_parent_alive(folder: LedgerFolder, other: Holder) -> None:
+    path = other.path
+    with taking(folder) as inside:
+        other.release()
+        assert inside.wait(20)
+        # The parent holds the lock through a waiting descriptor; a child inherits a copy of it.
+        pid, answer = fork_and_report(lambda: "alive")
     try:
         assert answer == "alive"
-        leave.set()
-        taker.join(30)
         # The child lives on, yet the lock is free: its copy was closed at fork.
         assert lockable_by_others(path)
     finally:
         stop_child(pid)
 
 
-def test_a_forked_child_closes_its_copy_of_an_abandoned_wait(
-    folder: LedgerFolder, holder: Callable[[Path], Holder]
-) -> None:
-    path = folder.path / "a.lock"
-    other = holder(path)
+def test_a_forked_child_closes_its_copy_of_an_abandoned_wait(folder: LedgerFolder, other: Holder) -> None:
+    path = other.path
     with pytest.raises(LedgerError, match="in time"), locked(folder, ["a.lock"], 0.1):
         pass  # pragma: no cover - never reached
     pid, answer = fork_and_report(lambda: "alive")
@@ -321,37 +271,3 @@ def test_a_forked_child_takes_locks_of_its_own(folder: LedgerFolder) -> None:
     assert answer == "locked"
     with locked(folder, ["a.lock"], 5):
         assert not lockable_by_others(folder.path / "a.lock")
-
-
-# --- frames and writes -------------------------------------------------------------------------
-
-
-def test_frames_carry_length_checksum_and_generation() -> None:
-    data = frame("LEDGER", b'{"a":1}', 41)
-    assert data.startswith(b"GPUSHARE-LEDGER 7 ") and data.endswith(b' 41\n{"a":1}')
-    assert unframe("LEDGER", data) == (b'{"a":1}', 41)
-    assert unframe("LEDGER", data + b"old tail") == (b'{"a":1}', 41)
-    assert unframe("HOLDINGS", frame("HOLDINGS", b"x")) == (b"x", None)
-    with pytest.raises(BadFrame, match="no ledger header"):
-        unframe("LEDGER", b'{"a":1}')
-    with pytest.raises(BadFrame, match="no ledger header"):
-        unframe("LEDGER", frame("HOLDINGS", b"x"))
-    with pytest.raises(BadFrame, match="cut short"):
-        unframe("LEDGER", data[:-1])
-    with pytest.raises(BadFrame, match="does not match its checksum"):
-        unframe("LEDGER", data[:-2] + b"2}")
-
-
-def test_header_and_settled_reads_without_the_lock(folder: LedgerFolder) -> None:
-    assert read_head(folder, "x.json") is None
-    assert read_settled(folder, "x.json", "LEDGER") is None
-    whole = frame("LEDGER", b"x" * 200, 5)
-    write_file(folder, "x.json", whole, "t")
-    assert read_head(folder, "x.json") == whole[:80]
-    assert read_settled(folder, "x.json", "LEDGER") == whole
-    # A file that stays torn is returned as it is after the retries; unframe says what is wrong.
-    (folder.path / "x.json").write_bytes(whole[:-3])
-    torn = read_settled(folder, "x.json", "LEDGER", tries=3)
-    assert torn == whole[:-3]
-    with pytest.raises(BadFrame):
-        unframe("LEDGER", torn)

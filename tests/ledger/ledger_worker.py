@@ -1,4 +1,4 @@
-"""Processes for the ledger's multi-process tests: ``python worker.py ROLE CONFIG_JSON``.
+"""Processes for the ledger's multi-process tests: ``python ledger_worker.py ROLE CONFIG_JSON``.
 
 Roles talk to the test through stdout lines (one JSON object each) and result files; a role that
 must stay alive until the test says so waits for its stdin to close.
@@ -15,10 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from pytest_gpushare.errors import LeaseTimeout
-from pytest_gpushare.ledger.access import lock_name
-from pytest_gpushare.ledger.folder import locked, open_ledger_folder, read_file, read_settled
-from pytest_gpushare.ledger.handle import Ledger, LedgerGpu, Need, Owner
-from pytest_gpushare.ledger.records import LEDGER_FRAME, UNKNOWN, Damaged, parse_gpu_state
+from pytest_gpushare.ledger.access import ledger_name, lock_name
+from pytest_gpushare.ledger.admission import LedgerGpu, Need
+from pytest_gpushare.ledger.codec import Damaged, parse_gpu_state
+from pytest_gpushare.ledger.folder import open_ledger_folder, read_file
+from pytest_gpushare.ledger.handle import Ledger
+from pytest_gpushare.ledger.locks import locked
+from pytest_gpushare.ledger.records import UNKNOWN, Owner
 from pytest_gpushare.units import MemRequest
 
 
@@ -153,15 +156,14 @@ def role_stress(cfg: dict[str, Any]) -> None:
 
 
 def role_audit(cfg: dict[str, Any]) -> None:
-    """Read every ledger continuously, without the lock (retrying torn reads) and under it, until
-    the stop file shows."""
+    """Read every ledger continuously, without the lock and under it, until the stop file shows."""
     folder = open_ledger_folder(cfg["folder"], create=False)
     uuids = [g["uuid"] for g in cfg["gpus"]]
     report: dict[str, Any] = {"reads": 0, "locked_reads": 0, "unreadable": [], "over": [], "peak": {}}
     floor = cfg.get("limit_floor", {})
     while not os.path.exists(cfg["stop"]):
         for n, uuid in enumerate(uuids):
-            name = lock_name(uuid)[: -len(".lock")] + ".json"
+            name = ledger_name(uuid)
             under_lock = report["reads"] % 7 == n
             try:
                 if under_lock:
@@ -169,9 +171,9 @@ def role_audit(cfg: dict[str, Any]) -> None:
                         data = read_file(folder, name)
                     report["locked_reads"] += 1
                 else:
-                    # Ledgers are rewritten in place: a read without the lock that catches a
-                    # write half-way reads again.
-                    data = read_settled(folder, name, LEDGER_FRAME)
+                    # Ledgers are replaced whole: a read without the lock sees one version or
+                    # the next, never half of one (it would count as unreadable here).
+                    data = read_file(folder, name)
                 report["reads"] += 1
                 if data is None:
                     continue

@@ -1,0 +1,169 @@
+"""The ledger folder: where it lives, which folders and files are refused as unsafe, and how its
+files are written whole and read without a lock."""
+
+from __future__ import annotations
+
+import os
+import stat
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import ledger_support
+import pytest
+from ledger_support import need
+
+from pytest_gpushare.errors import LedgerError
+from pytest_gpushare.ledger import default_ledger_dir, prepare_ledger_dir
+from pytest_gpushare.ledger.access import ledger_name, lock_name
+from pytest_gpushare.ledger.codec import frame
+from pytest_gpushare.ledger.folder import MAX_FILE_BYTES, open_ledger_folder, read_file, read_head, write_file
+from pytest_gpushare.ledger.handle import Ledger
+
+IS_ROOT = os.geteuid() == 0
+
+
+folder = pytest.fixture(ledger_support.folder)
+make = pytest.fixture(ledger_support.make)
+
+
+def test_default_folder_is_private_under_xdg_runtime_dir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    runtime = tmp_path / "run"
+    runtime.mkdir(mode=0o700)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime))
+    path = prepare_ledger_dir(default_ledger_dir())
+    assert path == runtime / "pytest-gpushare"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o700
+
+
+def test_default_folder_falls_back_to_the_temp_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    shared_runtime = tmp_path / "run"
+    shared_runtime.mkdir()
+    shared_runtime.chmod(0o777)  # not a private folder: not used
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(shared_runtime))
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    assert default_ledger_dir() == tmp_path / f"pytest-gpushare-{os.geteuid()}"
+
+
+def test_a_missing_folder_is_created_private(folder: Path) -> None:
+    assert prepare_ledger_dir(folder) == folder
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+
+
+def test_a_symlinked_folder_is_refused(tmp_path: Path) -> None:
+    real = tmp_path / "real"
+    real.mkdir(mode=0o700)
+    (tmp_path / "link").symlink_to(real)
+    with pytest.raises(LedgerError, match=f"symbolic link; point at the real folder \\({real}\\)"):
+        prepare_ledger_dir(tmp_path / "link")
+
+
+@pytest.mark.parametrize(
+    ("mode", "fix"),
+    [
+        (0o777, "chmod o-w"),
+        (0o1777, "world-writable sticky folder"),
+        (0o770, "chmod g\\+s"),
+        (0o3770, "chmod -t"),
+    ],
+)
+def test_folders_others_could_redirect_are_refused(folder: Path, mode: int, fix: str) -> None:
+    folder.mkdir()
+    folder.chmod(mode)
+    with pytest.raises(LedgerError, match=fix):
+        prepare_ledger_dir(folder)
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="needs root to give a folder to another account")
+def test_a_folder_of_another_account_is_refused(folder: Path) -> None:
+    folder.mkdir(mode=0o700)
+    os.chown(folder, 65534, 65534)
+    with pytest.raises(LedgerError, match=r"belongs to .*uid 65534"):
+        prepare_ledger_dir(folder)
+
+
+def test_a_group_folder_makes_group_writable_files_whatever_the_umask(
+    folder: Path, make: Callable[..., Ledger]
+) -> None:
+    folder.mkdir()
+    folder.chmod(0o2770)
+    assert open_ledger_folder(folder).shared
+    old = os.umask(0o077)
+    try:
+        ledger = make()
+        ledger.acquire(need(1), "t", 1)
+    finally:
+        os.umask(old)
+    names = [n for n in os.listdir(folder) if not n.startswith(".")]
+    assert {n.split("-")[0] for n in names} == {"gpu", "live"}
+    for name in names:
+        st = (folder / name).stat()
+        assert stat.S_IMODE(st.st_mode) == 0o660, name
+        assert st.st_gid == folder.stat().st_gid
+
+
+def test_private_folder_files_are_private(folder: Path, make: Callable[..., Ledger]) -> None:
+    make().acquire(need(1), "t", 1)
+    for name in os.listdir(folder):
+        assert stat.S_IMODE((folder / name).stat().st_mode) & 0o077 == 0, name
+
+
+@pytest.mark.parametrize("which", ["json", "lock"])
+def test_a_symlink_in_place_of_a_ledger_file_is_refused(
+    folder: Path, make: Callable[..., Ledger], which: str
+) -> None:
+    prepare_ledger_dir(folder)
+    target = folder.parent / "elsewhere"
+    target.write_text("{}")
+    name = ledger_name("GPU-0") if which == "json" else lock_name("GPU-0")
+    (folder / name).symlink_to(target)
+    with pytest.raises(LedgerError, match="symbolic link"):
+        make()
+    assert target.read_text() == "{}"
+
+
+def test_a_fifo_in_place_of_a_ledger_is_refused_without_hanging(
+    folder: Path, make: Callable[..., Ledger]
+) -> None:
+    prepare_ledger_dir(folder)
+    os.mkfifo(folder / ledger_name("GPU-0"))
+    with pytest.raises(LedgerError, match="not a regular file"):
+        make()
+
+
+def test_a_ledger_file_others_can_write_is_refused(folder: Path, make: Callable[..., Ledger]) -> None:
+    make().acquire(need(1), "t", 1)
+    (folder / ledger_name("GPU-0")).chmod(0o666)
+    with pytest.raises(LedgerError, match="chmod o-w"):
+        make(worker="gw1")
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="needs root to give a file to another account")
+def test_a_file_of_another_account_in_a_private_folder_is_refused(
+    folder: Path, make: Callable[..., Ledger]
+) -> None:
+    make().acquire(need(1), "t", 1)
+    os.chown(folder / ledger_name("GPU-0"), 65534, 65534)
+    with pytest.raises(LedgerError, match=r"belongs to .*uid 65534.*rm "):
+        make(worker="gw1")
+
+
+def test_writes_past_the_size_cap_are_refused(folder: Path) -> None:
+    checked = open_ledger_folder(folder)
+    with pytest.raises(LedgerError, match="would grow past"):
+        write_file(checked, "x.json", b" " * (MAX_FILE_BYTES + 1), "t")
+    assert not os.listdir(folder)
+
+
+def test_files_are_replaced_whole_and_read_without_the_lock(folder: Path) -> None:
+    checked = open_ledger_folder(folder)
+    assert read_head(checked, "x.json") is None
+    assert read_file(checked, "x.json") is None
+    whole = frame("LEDGER", b"x" * 200, 5)
+    write_file(checked, "x.json", whole, "t")
+    assert read_head(checked, "x.json") == whole[:80]
+    assert read_file(checked, "x.json") == whole
+    assert os.listdir(folder) == ["x.json"]  # no temporary file is left behind
