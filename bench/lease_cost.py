@@ -16,7 +16,7 @@ is available for all of them: they wait for the lock, never for memory):
   frames it (read, check the frame, parse, add a booking, dump, frame, ``pwrite``): the least one
   update of the ledger as it is now written can cost;
 * ``ledger lock + JSON RMW``: the atomic read-modify-replace under the ledger's own lock
-  (:func:`pytest_gpushare.ledger.folder.locked`: filelock for a free lock, a kernel wait for a busy one);
+  (:func:`pytest_gpushare.ledger.locks.locked`: filelock for a free lock, a kernel wait for a busy one);
 * ``lease cycle``: :meth:`Ledger.acquire` + :meth:`Ledger.release` of 64MiB on a simulated 24GiB
   GPU. A cycle updates the ledger twice (the grant and the release).
 
@@ -79,7 +79,7 @@ LOCK_POLL_S = 0.0005
 
 
 def _lock(path: Path) -> FileLock:
-    # As ledgerfs makes its locks: the floor must not be cheaper for using other options.
+    # As ledger/locks.py makes its locks: the floor must not be cheaper for using other options.
     return FileLock(path, mode=0o600, thread_local=False, fallback_to_soft=False, poll_interval=LOCK_POLL_S)
 
 

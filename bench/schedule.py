@@ -147,7 +147,7 @@ PLUGIN_CONFTEST = (
     RECORD_FIXTURE
     + """
 
-from pytest_gpushare.ledger.handle import read_status
+from pytest_gpushare.ledger import read_status
 
 
 def gpu_index(gpu):
@@ -236,7 +236,7 @@ def write_suite(folder: Path, cases: Sequence[Case], conftest: str) -> None:
 
 
 def _audit(folder: str, stop: Any, out: Any) -> None:
-    from pytest_gpushare.ledger.handle import read_status
+    from pytest_gpushare.ledger import read_status
 
     peaks: dict[str, int] = {}
     limits: dict[str, int] = {}

@@ -25,7 +25,7 @@ from typing import Any
 from pytest_gpushare.errors import LedgerError
 from pytest_gpushare.ledger import folder as ledgerfs
 from pytest_gpushare.ledger import handle as _ledger
-from pytest_gpushare.ledger.codec import LEDGER_FRAME, Damaged, parse_gpu_state
+from pytest_gpushare.ledger.codec import Damaged, parse_gpu_state
 
 ENV = "BENCH_WHATIF"
 PARK_S = 0.05
@@ -57,7 +57,7 @@ def _install_handover() -> None:
             if sig is None:
                 return False
             if seen.get(uuid, (None,))[0] != sig:
-                data = ledgerfs.read_settled(self._folder, _ledger.ledger_name(uuid), LEDGER_FRAME)
+                data = ledgerfs.read_file(self._folder, _ledger.ledger_name(uuid))
                 if data is None:
                     return False
                 try:

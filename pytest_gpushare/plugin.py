@@ -20,14 +20,7 @@ import pytest
 from pytest_gpushare import hookspecs, session, summary, testhooks, workers
 from pytest_gpushare.gpus import Gpu, GpuInventory
 from pytest_gpushare.planner import Reservation
-
-# Imported by the gpushare commands (commands/common.py, commands/plan.py) from here; their
-# home is session.py and summary.py.
-from pytest_gpushare.session import get_plan, get_settings
-from pytest_gpushare.settings import add_options
-from pytest_gpushare.summary import plan_lines
-
-__all__ = ["get_plan", "get_settings", "plan_lines"]
+from pytest_gpushare.settings.pytest_options import add_options
 
 
 def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:

@@ -20,7 +20,7 @@ import pytest
 from pytest_gpushare import hookcalls
 from pytest_gpushare.credits import nvml_refresh
 from pytest_gpushare.errors import SettingError
-from pytest_gpushare.gpus.cuda_env import cuda_ordinal
+from pytest_gpushare.gpus.visible import cuda_ordinal
 from pytest_gpushare.ledger import Lease, Ledger, Need, Owner, ledger_dir_for, ledger_gpus, prepare_ledger_dir
 from pytest_gpushare.planner import Plan
 from pytest_gpushare.units import MemRequest, parse_mem

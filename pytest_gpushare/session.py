@@ -21,13 +21,14 @@ import pytest
 
 from pytest_gpushare import hookcalls, planner
 from pytest_gpushare import observations as advice
-from pytest_gpushare import settings as _settings
 from pytest_gpushare.credits import holder_credits
 from pytest_gpushare.errors import GpuShareError, LedgerError
 from pytest_gpushare.gpus import Gpu, GpuInventory, probe_for
 from pytest_gpushare.ledger import ledger_dir_for, prepare_ledger_dir
 from pytest_gpushare.ollama import OllamaStatus, attribute_held, query_ollama
 from pytest_gpushare.planner import Budget, Plan, Reservation
+from pytest_gpushare.settings import DEFAULT_SOURCE, Settings
+from pytest_gpushare.settings.pytest_options import resolve_settings
 
 __all__ = [
     "REPORT_ATTR",
@@ -47,7 +48,7 @@ __all__ = [
 
 T = TypeVar("T")
 
-SETTINGS_KEY = pytest.StashKey[_settings.Settings]()
+SETTINGS_KEY = pytest.StashKey[Settings]()
 PLAN_KEY = pytest.StashKey[Plan]()
 OLLAMA_KEY = pytest.StashKey[OllamaStatus]()
 SESSION_KEY = pytest.StashKey[str]()
@@ -122,14 +123,14 @@ def session_id(config: pytest.Config) -> str:
     return _once(config, SESSION_KEY, "gpushare_session", str, lambda: uuid.uuid4().hex[:12])
 
 
-def get_settings(config: pytest.Config) -> _settings.Settings:
+def get_settings(config: pytest.Config) -> Settings:
     """The session's settings, resolved once; a bad value is a usage error naming its source."""
     try:
         return config.stash[SETTINGS_KEY]
     except KeyError:
         pass
     try:
-        resolved = _settings.resolve_settings(config)
+        resolved = resolve_settings(config)
     except GpuShareError as exc:
         raise pytest.UsageError(str(exc)) from None
     config.stash[SETTINGS_KEY] = resolved
@@ -222,7 +223,7 @@ def _budget(config: pytest.Config, notes: list[str]) -> Budget:
     """The settings' budget, its worker mem learned from earlier runs' peaks where not set."""
     s = get_settings(config)
     worker_mem = s.worker_mem_bytes
-    if s.sources.get("worker_mem_bytes") == _settings.DEFAULT_SOURCE and s.worker_mem_from != "off":
+    if s.sources.get("worker_mem_bytes") == DEFAULT_SOURCE and s.worker_mem_from != "off":
         learned = advice.budget_from_history(
             read_history(config), s.worker_mem_from, context_fallback=s.context_mem_bytes
         )

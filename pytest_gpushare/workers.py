@@ -16,7 +16,7 @@ import pytest
 
 from pytest_gpushare import planner, report
 from pytest_gpushare.enforce import framework_env
-from pytest_gpushare.gpus.cuda_env import cuda_visible_env
+from pytest_gpushare.gpus.visible import cuda_visible_env
 from pytest_gpushare.session import get_plan, get_settings, is_worker, never_plans, worker_input
 
 __all__ = ["HOME_ENV", "home_gpu", "worker_env", "worker_line", "xdist_default_count"]

@@ -222,7 +222,7 @@ SESSION_TESTS = textwrap.dedent(
 
     import pytest
 
-    from pytest_gpushare.ledger.handle import read_status
+    from pytest_gpushare.ledger import read_status
 
 
     @pytest.mark.gpu(mem="8GiB")

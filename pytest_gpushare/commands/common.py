@@ -72,7 +72,7 @@ class _ConfigView:
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_cmdline_main(self, config: pytest.Config) -> int:
-        from pytest_gpushare.plugin import get_plan, get_settings
+        from pytest_gpushare.session import get_plan, get_settings
 
         try:
             self.settings = get_settings(config)

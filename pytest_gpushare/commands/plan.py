@@ -23,7 +23,7 @@ class _PlanCommand:
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_cmdline_main(self, config: pytest.Config) -> int:
-        from pytest_gpushare.plugin import plan_lines
+        from pytest_gpushare.summary import plan_lines
 
         config._do_configure()  # register markers and ini values the way a run would
         try:

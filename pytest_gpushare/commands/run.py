@@ -57,19 +57,20 @@ from pytest_gpushare.commands.spawn import (
 )
 from pytest_gpushare.credits import nvml_refresh
 from pytest_gpushare.errors import GpuShareError, LeaseTimeout, LedgerError, NeverFits, SettingError
+from pytest_gpushare.gpus.visible import cuda_visible_env
 from pytest_gpushare.ledger import (
-    CONTEXT,
     Lease,
     Ledger,
     Need,
     Owner,
-    default_ledger_dir,
+    holders_text,
+    ledger_dir_for,
     ledger_gpus,
     prepare_ledger_dir,
 )
 from pytest_gpushare.planner import Plan
 from pytest_gpushare.settings import OPTION_NAMES, Settings
-from pytest_gpushare.units import format_size, parse_mem
+from pytest_gpushare.units import parse_mem
 
 __all__ = [
     "EXIT_NEVER_FITS",
@@ -162,9 +163,7 @@ def child_environment(plan: Plan, lease: Lease, environ: Mapping[str, str]) -> d
     env = dict(environ)
     uuids = [u for u, _ in lease.parts]
     env["GPUSHARE_LEASED_GPUS"] = ",".join(uuids)
-    if not any(plan.by_uuid(u).gpu.simulated for u in uuids):
-        env["CUDA_VISIBLE_DEVICES"] = ",".join(uuids)
-        env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
+    env.update(cuda_visible_env([plan.by_uuid(u).gpu for u in uuids]))
     return env
 
 
@@ -201,15 +200,7 @@ class _WaitNotice:
             snapshot = self._ledger.snapshot()
         except (GpuShareError, OSError) as exc:
             return f"{text}; cannot read the ledgers: {exc}"
-        me = self._ledger.owner.key
-        holders = [
-            f"{lease['owner'].get('command') or lease['test_id']} "
-            f"({format_size(lease['bytes'])}, session {lease['owner'].get('session_id')})"
-            for gpu in snapshot["gpus"]
-            for lease in gpu["leases"]
-            if lease["kind"] != CONTEXT and lease["owner"].get("key") != me
-        ]
-        return text + ("; held by " + ", ".join(holders) if holders else "")
+        return text + holders_text(snapshot["gpus"], exclude_owner=self._ledger.owner.key, by_command=True)
 
 
 def _fail(message: str, code: int) -> int:
@@ -288,7 +279,7 @@ def _log(line: str) -> None:
 
 def _open_ledger(settings: Settings, plan: Plan, label: str) -> Ledger:
     """The ledger of this run's own owner (worker ``gpushare-run``, the command as its label)."""
-    folder = prepare_ledger_dir(settings.ledger_dir or default_ledger_dir())
+    folder = prepare_ledger_dir(ledger_dir_for(settings.ledger_dir))
     owner = Owner.current(uuid.uuid4().hex[:12], WORKER_ID, command=label)
     return Ledger(
         folder,

@@ -3,7 +3,9 @@
 - :func:`select_visible`: the devices a ``CUDA_VISIBLE_DEVICES`` value leaves visible, as CUDA
   reads it, from the physical GPUs NVML read (:mod:`~pytest_gpushare.gpus.nvml`);
 - :func:`pid_exists`: whether a PID NVML lists is a process of our PID namespace;
-- :func:`per_process_unavailable_reason`: why this platform gives no per-process figures.
+- :func:`per_process_unavailable_reason`: why this platform gives no per-process figures;
+- :func:`cuda_visible_env` and :func:`cuda_ordinal`: the environment that shows a process exactly
+  some GPUs (a worker, a ``gpushare run`` command), and where CUDA numbers one of them there.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import enum
 import os
 import platform
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -22,6 +24,8 @@ __all__ = [
     "FROM_ENVIRONMENT",
     "FromEnvironment",
     "PhysicalGpu",
+    "cuda_ordinal",
+    "cuda_visible_env",
     "per_process_unavailable_reason",
     "pid_exists",
     "select_visible",
@@ -147,3 +151,23 @@ def select_visible(spec: str | None, physical: Sequence[PhysicalGpu]) -> list[Gp
         seen.add(key)
         chosen.extend(devices)
     return chosen
+
+
+def cuda_visible_env(gpus: Sequence[Gpu]) -> dict[str, str]:
+    """``CUDA_VISIBLE_DEVICES`` listing ``gpus`` by UUID in this order (``cuda:0`` is the first),
+    with ``CUDA_DEVICE_ORDER=PCI_BUS_ID``; empty when any of them is simulated.
+
+    By UUID, the list means the same GPUs whatever the inherited ``CUDA_VISIBLE_DEVICES`` was and
+    whatever order CUDA would pick. A simulated GPU has no CUDA device behind it: the process keeps
+    the inherited visibility, so a made-up UUID does not hide a real GPU.
+    """
+    if not gpus or any(g.simulated for g in gpus):
+        return {}
+    return {"CUDA_VISIBLE_DEVICES": ",".join(g.uuid for g in gpus), "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
+
+
+def cuda_ordinal(uuid: str, environ: Mapping[str, str]) -> int | None:
+    """``N`` of ``cuda:N`` for ``uuid`` where ``environ``'s ``CUDA_VISIBLE_DEVICES`` lists it by
+    UUID; None where it does not (the caller falls back to the GPU's index in the session)."""
+    listed = [v.strip() for v in environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    return listed.index(uuid) if uuid in listed else None

@@ -24,21 +24,17 @@ folder pytest was started in. Nothing here starts NVML or contacts the network.
 The parts: :mod:`~pytest_gpushare.settings.table` (:class:`Settings`, :data:`OPTION_NAMES`),
 :mod:`~pytest_gpushare.settings.parsers` (one parser per kind of value),
 :mod:`~pytest_gpushare.settings.config_file`, :mod:`~pytest_gpushare.settings.layers`
-(:func:`resolve`) and :mod:`~pytest_gpushare.settings.pytest_options`, the only one that imports
-pytest: its names are loaded on first use, so importing the settings loads no pytest.
+(:func:`resolve`) and :mod:`~pytest_gpushare.settings.pytest_options` (``add_options``,
+``resolve_settings``), the only one that imports pytest and the only one this package does not
+import, so importing the settings loads no pytest.
 """
 
 from __future__ import annotations
-
-from typing import TYPE_CHECKING, Any
 
 from pytest_gpushare.settings.config_file import CONFIG_FILE_KEYS, CONFIG_FILE_OBJECT, read_config_file
 from pytest_gpushare.settings.layers import DEFAULT_SOURCE, Layer, cli_layer, env_layer, resolve
 from pytest_gpushare.settings.parsers import parse_bool, parse_ollama
 from pytest_gpushare.settings.table import OPTION_NAMES, Option, Settings, option_for
-
-if TYPE_CHECKING:
-    from pytest_gpushare.settings.pytest_options import add_options, ini_layer, resolve_settings
 
 __all__ = [
     "CONFIG_FILE_KEYS",
@@ -48,25 +44,11 @@ __all__ = [
     "Layer",
     "Option",
     "Settings",
-    "add_options",
     "cli_layer",
     "env_layer",
-    "ini_layer",
     "option_for",
     "parse_bool",
     "parse_ollama",
     "read_config_file",
     "resolve",
-    "resolve_settings",
 ]
-
-_WITH_PYTEST = frozenset({"add_options", "ini_layer", "resolve_settings"})
-
-
-def __getattr__(name: str) -> Any:
-    # PEP 562: the pytest side loads when a pytest session first asks for it.
-    if name in _WITH_PYTEST:
-        from pytest_gpushare.settings import pytest_options
-
-        return getattr(pytest_options, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

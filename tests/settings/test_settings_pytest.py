@@ -13,7 +13,8 @@ import pytest
 from settings_support import clear_gpushare_environment
 
 from pytest_gpushare.errors import SettingError
-from pytest_gpushare.settings import OPTION_NAMES, Settings, resolve_settings
+from pytest_gpushare.settings import OPTION_NAMES, Settings
+from pytest_gpushare.settings.pytest_options import resolve_settings
 from pytest_gpushare.units import GiB, MiB, PerGpuSizes
 
 
@@ -25,17 +26,17 @@ def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 CONFTEST = """
 import pytest
 
-from pytest_gpushare import settings
 from pytest_gpushare.errors import SettingError
+from pytest_gpushare.settings.pytest_options import add_options, resolve_settings
 
 
 def pytest_addoption(parser):
-    settings.add_options(parser)
+    add_options(parser)
 
 
 def pytest_configure(config):
     try:
-        settings.resolve_settings(config)
+        resolve_settings(config)
     except SettingError as exc:
         raise pytest.UsageError(str(exc)) from None
 """
