@@ -58,6 +58,7 @@ class Settings:
     report: str | None
     config_file: str | None
     enforce: bool
+    adopt_marker: bool
     observe_interval_s: float
     worker_mem_from: str
     framework_defaults: bool
@@ -158,6 +159,8 @@ OPTION_NAMES: tuple[Option, ...] = (
             "a JSON file with a gpu_resource_management object (below the ini file in precedence)"),
     _option("enforce",           "enforce",        "off",    parse_bool,             "",
             "cap each test at its lease where the framework allows it (PyTorch)"),
+    _option("adopt_marker",      "adopt_marker",   "off",    parse_bool,             "",
+            "treat a suite's own bare gpu marker as fully ours (fallback included)"),
     _option("observe_interval_s", "observe_interval", "0.05", parse_seconds,        "SECONDS",
             "how often a GPU test's own VRAM use is sampled through NVML (0: at start and end only)"),
     _option("worker_mem_from",   "worker_mem_from", "p95",   parse_budget_mode,      "{off,p95,max}",

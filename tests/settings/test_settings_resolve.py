@@ -80,6 +80,7 @@ def test_the_table_holds_the_spec_names() -> None:
         "--gpushare-report",
         "--gpushare-config",
         "--gpushare-enforce",
+        "--gpushare-adopt-marker",
         # beyond SPEC's table (issue 6): observed memory
         "--gpushare-observe-interval",
         "--gpushare-worker-mem-from",
@@ -203,6 +204,7 @@ BAD: dict[str, list[tuple[str, str]]] = {
         ("24GiB:foo=1", "unknown GPU option"),
     ],
     "gpushare_enforce": [("maybe", "not a flag"), ("2", "not a flag")],
+    "gpushare_adopt_marker": [("maybe", "not a flag")],
     "gpushare_observe_interval": [("-1", "negative"), ("often", "not a number")],
     "gpushare_worker_mem_from": [("p50", "expected one of off, p95, max")],
     "gpushare_framework_defaults": [("maybe", "not a flag")],
