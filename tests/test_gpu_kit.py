@@ -20,9 +20,11 @@ from typing import Any
 
 import pytest
 from fake_pynvml import FakeGpu, FakeMig, FakeNvml
-from gpu import kit, suites
-from gpu.box import RUNS_NAME, SMI_NAME, Box, clean_env, detect, nvml_facts
-from gpu.kit import FAIL, NA, OK, GiB, MiB
+from gpu import kit, readings, suites
+from gpu.box import RUNS_NAME, SMI_NAME, Box, clean_env, detect
+from gpu.facts import nvml_facts
+from gpu.kit import FAIL, NA, OK
+from gpu.readings import GiB, MiB
 
 TESTS = Path(__file__).resolve().parent
 UUID = "GPU-0f0f0f0f-1111-2222-3333-444455556666"
@@ -45,7 +47,7 @@ def test_smi_gpus_are_read_with_their_missing_figures() -> None:
         f"0, {UUID}, NVIDIA H200, 580.159.03, 143771, 566, 0, 143204, Disabled\n"
         "1, GPU-2, NVIDIA GeForce RTX 4090, 575.51.03, 24564, [N/A], 1000, 23000, [N/A]\n"
     )
-    h200, rtx = kit.parse_smi_gpus(text)
+    h200, rtx = readings.parse_smi_gpus(text)
     assert (h200.index, h200.uuid, h200.name, h200.driver) == (0, UUID, "NVIDIA H200", "580.159.03")
     assert (h200.total_bytes, h200.free_bytes, h200.reserved_mib, h200.mig) == (
         143771 * MiB,
@@ -55,31 +57,33 @@ def test_smi_gpus_are_read_with_their_missing_figures() -> None:
     )
     assert h200.used_bytes == (143771 - 143204) * MiB  # the driver's reserve included, as the plugin counts
     assert (rtx.reserved_mib, rtx.mig, rtx.used_mib) == (None, None, 1000)
-    old = kit.parse_smi_gpus("0, GPU-1, Old GPU, 470.1, 16000, 100, 15900, [N/A]\n", kit.GPU_FIELDS_OLD)
+    old = readings.parse_smi_gpus(
+        "0, GPU-1, Old GPU, 470.1, 16000, 100, 15900, [N/A]\n", readings.GPU_FIELDS_OLD
+    )
     assert (old[0].reserved_mib, old[0].free_mib) == (None, 15900)
 
 
 def test_smi_apps_are_read_and_messages_ignored() -> None:
-    apps = kit.parse_smi_apps(f"{UUID}, 1234, 41472\n{UUID}, 99, [N/A]\n")
+    apps = readings.parse_smi_apps(f"{UUID}, 1234, 41472\n{UUID}, 99, [N/A]\n")
     assert [(a.pid, a.used_bytes) for a in apps] == [(1234, 41472 * MiB), (99, None)]
-    assert kit.parse_smi_apps("No running processes found\n") == []
+    assert readings.parse_smi_apps("No running processes found\n") == []
 
 
 # --- what the plugin prints ---------------------------------------------------------------------
 
 
 def test_printed_sizes_carry_their_rounding() -> None:
-    assert kit.printed("139.8GiB") == kit.Printed("139.8GiB", round(139.8 * GiB), GiB // 20)
-    assert kit.printed("512.0MiB").bytes == 512 * MiB
-    assert kit.printed("0B") == kit.Printed("0B", 0, 0)
+    assert readings.printed("139.8GiB") == readings.Printed("139.8GiB", round(139.8 * GiB), GiB // 20)
+    assert readings.printed("512.0MiB").bytes == 512 * MiB
+    assert readings.printed("0B") == readings.Printed("0B", 0, 0)
     with pytest.raises(ValueError, match="not a size"):
-        kit.printed("12 GB")
+        readings.printed("12 GB")
 
 
 def test_header_is_read_as_gpushare_plan_prints_it(box: Box) -> None:
     run = box.gpushare("plan", "--simulate", "141GiB:used=40GiB", "--worker-mem", "10GiB", env=AUTO_ENV)
     assert run.rc == 0, run.output
-    header = kit.parse_header(run.output)
+    header = readings.parse_header(run.output)
     assert header.source.startswith("simulated")
     (gpu,) = header.gpus
     assert (gpu.index, gpu.name, gpu.uuid.startswith("GPU-")) == (0, "Simulated GPU", True)
@@ -92,37 +96,37 @@ def test_header_of_a_run_without_workers_says_what_n_auto_would_give(box: Box) -
     folder = box.suite("noop", suites.suite(suites.NOOP))
     run = box.pytest(folder, "--gpushare-simulate=24GiB", env=AUTO_ENV)
     assert run.rc == 0, run.output
-    header = kit.parse_header(run.output)
+    header = readings.parse_header(run.output)
     assert (header.workers, header.auto_workers) == (1, 7)  # floor((24 - 1 safety) / 3)
     assert [(p["device"], p["worker"]) for p in suites.probes(folder, "noop")] == [("cpu", "main")]
     (controller,) = suites.probes(folder, "controller")
     assert controller["torch_imported"] is False and controller["cuda_initialized"] is False
     with pytest.raises(ValueError, match="no 'gpushare: VRAM analysis'"):
-        kit.parse_header("1 passed")
+        readings.parse_header("1 passed")
 
 
 def test_report_rows_and_process_figures_are_found() -> None:
     report = {"observed": [{"test_id": "t.py::test_alloc[1GiB]"}, {"test_id": "t.py::test_alloc[16GiB]"}]}
-    assert kit.observed_row(report, "test_alloc[1GiB]") == {"test_id": "t.py::test_alloc[1GiB]"}
+    assert readings.observed_row(report, "test_alloc[1GiB]") == {"test_id": "t.py::test_alloc[1GiB]"}
     with pytest.raises(ValueError, match="0 observed rows"):
-        kit.observed_row(report, "test_other")
-    assert kit.process_figures({"processes": [[12, 300]]}) == {12: 300}
-    assert kit.process_figures({"processes": [{"pid": 12, "used_bytes": 300}]}) == {12: 300}
-    assert kit.process_figures({"processes": None}) is None
+        readings.observed_row(report, "test_other")
+    assert readings.process_figures({"processes": [[12, 300]]}) == {12: 300}
+    assert readings.process_figures({"processes": [{"pid": 12, "used_bytes": 300}]}) == {12: 300}
+    assert readings.process_figures({"processes": None}) is None
     owner = {"worker_id": "gpushare-run"}
     leases = [
         {"kind": "test", "bytes": 8, "test_id": "python", "owner": owner},
         {"kind": "context", "bytes": 5, "test_id": "CUDA context", "owner": owner},
     ]
     status = {"gpus": [{"uuid": UUID, "leases": leases}]}
-    assert kit.run_leases(status) == [(UUID, 8, "python")]
+    assert readings.run_leases(status) == [(UUID, 8, "python")]
 
 
 # --- comparisons -----------------------------------------------------------------------------------
 
 
-def smi_gpu(total_mib: int = 24576, free_mib: int = 22228, reserved_mib: int | None = 300) -> kit.SmiGpu:
-    return kit.SmiGpu(
+def smi_gpu(total_mib: int = 24576, free_mib: int = 22228, reserved_mib: int | None = 300) -> readings.SmiGpu:
+    return readings.SmiGpu(
         0, UUID, "NVIDIA GeForce RTX 4090", "575.51.03", total_mib, 2048, free_mib, reserved_mib, None
     )
 
@@ -144,8 +148,8 @@ def test_report_and_header_against_nvidia_smi() -> None:
     assert line.status == OK, line.text
     assert line.name == "GPU 0 report vs nvidia-smi (±8.0MiB)"
     assert kit.report_vs_smi({**gpu, "free_bytes": 22328 * MiB}, smi_gpu()).failed
-    header = kit.HeaderGpu(
-        0, "x", UUID, kit.printed("24.0GiB"), kit.printed("21.7GiB"), kit.printed("20.7GiB")
+    header = readings.HeaderGpu(
+        0, "x", UUID, readings.printed("24.0GiB"), readings.printed("21.7GiB"), readings.printed("20.7GiB")
     )
     assert kit.header_vs_smi("run header", header, smi_gpu()).status == OK  # 21.7GiB is 22220.8MiB
     assert kit.header_vs_smi("run header", header, smi_gpu(free_mib=22400)).failed
@@ -159,10 +163,16 @@ def test_peaks_within_five_percent() -> None:
 
 
 def test_per_process_figures_agree_or_are_not_claimed() -> None:
-    apps = [kit.SmiApp(UUID, 77, 41000), kit.SmiApp(UUID, 5, None)]
+    apps = [readings.SmiApp(UUID, 77, 41000), readings.SmiApp(UUID, 5, None)]
     assert kit.per_process("p", 77, apps, {77: 41000 * MiB + MiB}).status == OK
     assert kit.per_process("p", 77, apps, {77: 40000 * MiB}).failed
-    assert kit.per_process("p", 77, apps, None).failed  # nvidia-smi sees it, the plugin does not
+    assert kit.per_process("p", 77, apps[:1], None).failed  # nothing withheld: no reason to distrust
+    assert kit.per_process("p", 77, apps, None).status == NA  # pid 5's figure is withheld
+    foreign = kit.per_process("p", 77, apps[:1], None, foreign=[9])
+    assert (foreign.status, foreign.text) == (
+        NA,
+        "nvidia-smi 41000.0MiB for pid 77; the plugin distrusts per-process figures (foreign pids [9], withheld [])",
+    )
     hidden = kit.per_process("p", 88, apps, None)
     assert (hidden.status, hidden.text) == (
         NA,
@@ -249,7 +259,7 @@ sys.modules["pynvml"] = FakeNvml(
 def fake_smi(tmp_path: Path, *, free_mib: int = 22228, old_driver: bool = False) -> dict[str, str]:
     """A fake nvidia-smi on PATH that shows the fake NVML box's GPU: the environment for it."""
     bin_dir = tmp_path / "bin"
-    bin_dir.mkdir(exist_ok=True)
+    bin_dir.mkdir(parents=True, exist_ok=True)
     smi = bin_dir / "nvidia-smi"
     smi.write_text(FAKE_SMI)
     smi.chmod(0o755)
@@ -286,13 +296,13 @@ def test_the_plugin_beside_nvidia_smi_on_a_fake_box(tmp_path: Path) -> None:
     (gpu,) = report["plan"]["inventory"]["gpus"]
     assert report["plan"]["inventory"]["source"] == "NVML (driver 575.51.03)"
     assert kit.report_vs_smi(gpu, smi).status == OK, kit.report_vs_smi(gpu, smi).text
-    for header in (kit.parse_header(run.output), kit.parse_header(plan.output)):
+    for header in (readings.parse_header(run.output), readings.parse_header(plan.output)):
         assert kit.header_vs_smi("header", header.gpus[0], smi).status == OK
     # nvidia-smi 100 MiB off: the comparison says so.
-    off = fake_box(tmp_path, free_mib=22328).smi_gpus()[0]
+    off = fake_box(tmp_path / "off", free_mib=22328).smi_gpus()[0]
     assert (
         "free 21.7GiB vs 22328.0MiB"
-        in kit.header_vs_smi("header", kit.parse_header(run.output).gpus[0], off).text
+        in kit.header_vs_smi("header", readings.parse_header(run.output).gpus[0], off).text
     )
     assert kit.report_vs_smi(gpu, off).failed
     box.finish(kit.Record())
@@ -377,11 +387,11 @@ def test_gpushare_run_holds_its_lease_while_the_helper_lives(box: Box) -> None:
     ) as held:
         during = json.loads(box.gpushare("status", "--json", "--simulate=24GiB").output)
     after = json.loads(box.gpushare("status", "--json", "--simulate=24GiB").output)
-    (lease,) = kit.run_leases(during)
+    (lease,) = readings.run_leases(during)
     assert lease[:2] == (during["devices"]["gpus"][0]["uuid"], 8 * GiB)
     assert held.data["cvd"] is None  # a simulated GPU: no CUDA device to name
     assert held.run is not None and held.run.rc == 0
-    assert kit.run_leases(after) == []
+    assert readings.run_leases(after) == []
 
 
 # --- run.sh --------------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
 """The kit's hands: runs pytest, ``gpushare`` and nvidia-smi, holds GPU memory in helper processes,
-asks NVML and torch what they see, and keeps every output for the record.
+asks nvidia-smi and torch whether the checks can run, and keeps every output for the record.
 
 Nothing here needs a GPU: the same plumbing runs in the normal suite against the fake NVML box
 (tests/test_gpu_kit.py). What does need one is in the scripts it runs (tests/gpu/suites.py)
@@ -9,10 +9,8 @@ the pytest plugin, ``python -m pytest_gpushare`` and the ``--gpushare-report`` J
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import os
-import platform
 import shlex
 import shutil
 import subprocess
@@ -26,7 +24,7 @@ from typing import Any
 
 from conftest import wait_until
 
-from . import kit
+from . import kit, readings
 
 ROOT = Path(__file__).resolve().parents[2]
 #: Variables that would make a sub-run differ from a plain run on this box: the plugin's settings,
@@ -123,15 +121,15 @@ Smi = Callable[..., Run]
 """Runs nvidia-smi with the arguments given."""
 
 
-def query_gpus(smi: Smi) -> list[kit.SmiGpu]:
+def query_gpus(smi: Smi) -> list[readings.SmiGpu]:
     """The GPUs as nvidia-smi shows them; RuntimeError with its words when it fails."""
-    fields: tuple[str, ...] = kit.GPU_FIELDS
-    run = smi(*kit.smi_args("gpu", fields))
+    fields: tuple[str, ...] = readings.GPU_FIELDS
+    run = smi(*readings.smi_args("gpu", fields))
     if run.rc != 0 and "memory.reserved" in run.output:  # drivers before memory.reserved
-        run, fields = smi(*kit.smi_args("gpu", kit.GPU_FIELDS_OLD)), kit.GPU_FIELDS_OLD
+        run, fields = smi(*readings.smi_args("gpu", readings.GPU_FIELDS_OLD)), readings.GPU_FIELDS_OLD
     if run.rc != 0:
         raise RuntimeError(run.output.strip().splitlines()[0] if run.output.strip() else f"exit {run.rc}")
-    return kit.parse_smi_gpus(run.output, fields)
+    return readings.parse_smi_gpus(run.output, fields)
 
 
 def torch_facts(run: Run) -> dict[str, Any]:
@@ -149,7 +147,7 @@ class Detection:
     nvidia-smi and torch said, and the runs that asked them (``(log name, run)``)."""
 
     reason: str | None
-    gpus: list[kit.SmiGpu]
+    gpus: list[readings.SmiGpu]
     torch: dict[str, Any] | None
     runs: list[tuple[str, Run]]
 
@@ -165,7 +163,7 @@ def detect(python: str, env: Mapping[str, str]) -> Detection:
         runs.append((SMI_NAME, run))
         return run
 
-    gpus: list[kit.SmiGpu] = []
+    gpus: list[readings.SmiGpu] = []
     error = torch = None
     if path is not None:
         try:
@@ -203,6 +201,8 @@ class Box:
     def __post_init__(self) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
         self.work.mkdir(parents=True, exist_ok=True)
+        for log in (RUNS_NAME, SMI_NAME, REPORTS_NAME):  # one session's logs, not an earlier one's
+            (self.out / log).unlink(missing_ok=True)
         self.env = clean_env(os.environ if self.base_env is None else self.base_env)
         self.env.update(
             GPUSHARE_LEDGER_DIR=str(self.work / "ledger"),
@@ -297,14 +297,14 @@ class Box:
             )
         return self.run([path, *args], timeout=60, log=SMI_NAME)
 
-    def smi_gpus(self) -> list[kit.SmiGpu]:
+    def smi_gpus(self) -> list[readings.SmiGpu]:
         """The GPUs as nvidia-smi shows them now (:func:`query_gpus`)."""
         return query_gpus(self.smi)
 
-    def smi_apps(self) -> list[kit.SmiApp]:
+    def smi_apps(self) -> list[readings.SmiApp]:
         """The compute processes as nvidia-smi lists them (empty when it cannot)."""
-        run = self.smi(*kit.smi_args("compute-apps", kit.APP_FIELDS))
-        return kit.parse_smi_apps(run.output) if run.rc == 0 else []
+        run = self.smi(*readings.smi_args("compute-apps", readings.APP_FIELDS))
+        return readings.parse_smi_apps(run.output) if run.rc == 0 else []
 
     # --- holding memory in another process -------------------------------------------------
 
@@ -362,100 +362,3 @@ class Box:
         )
         record.commands = [r.line for r in self.runs]
         return record.write(self.out)
-
-
-def software_line() -> str:
-    """Versions of what the kit ran with, and where."""
-
-    def version(dist: str) -> str:
-        try:
-            return importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            return "not installed"
-
-    commit = subprocess.run(
-        ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
-        capture_output=True,
-        text=True,
-        check=False,
-    ).stdout.strip()
-    return (
-        f"software: python {platform.python_version()}, pytest {version('pytest')}, "
-        f"pytest-xdist {version('pytest-xdist')}, nvidia-ml-py {version('nvidia-ml-py')}, "
-        f"pytest-gpushare {version('pytest-gpushare')} (commit {commit or 'unknown'}); "
-        f"host {platform.node()}, {time.strftime('%Y-%m-%d %H:%M:%S %Z')}"
-    )
-
-
-# --- NVML, asked directly ----------------------------------------------------------------------
-
-
-class _Asker:
-    """One NVML call at a time; an error (or a function this nvidia-ml-py lacks) becomes None."""
-
-    def __init__(self, nvml: Any) -> None:
-        self.nvml = nvml
-        self.errors: list[str] = []
-
-    def __call__(self, name: str, *args: Any, **kwargs: Any) -> Any:
-        fn = getattr(self.nvml, name, None)
-        if fn is None:
-            self.errors.append(f"{name}: not in this nvidia-ml-py")
-            return None
-        try:
-            return fn(*args, **kwargs)
-        except Exception as exc:  # NVMLError and friends: the text is the fact
-            self.errors.append(f"{name}: {exc}")
-            return None
-
-
-def _memory(ask: _Asker, handle: Any, version: int | None) -> dict[str, int] | None:
-    info = ask("nvmlDeviceGetMemoryInfo", handle, **({"version": version} if version else {}))
-    if info is None:
-        return None
-    keys = ("total", "reserved", "free", "used") if version else ("total", "free", "used")
-    return {k: int(getattr(info, k)) for k in keys}
-
-
-def _mig(ask: _Asker, handle: Any) -> str:
-    mode = ask("nvmlDeviceGetMigMode", handle)
-    if mode is None:
-        return "not supported"
-    return "enabled" if mode[0] == getattr(ask.nvml, "NVML_DEVICE_MIG_ENABLE", 1) else "disabled"
-
-
-def nvml_facts(nvml: Any) -> dict[str, Any]:
-    """What NVML (the ``pynvml`` module given) says of this box, asked directly, not via the plugin.
-
-    Versions, and per GPU its UUID, name, v1 and v2 memory info, MIG mode and compute
-    processes (``[[pid, bytes or None]]``); ``errors`` lists the calls that failed.
-    """
-    ask = _Asker(nvml)
-    nvml.nvmlInit()
-    try:
-        facts: dict[str, Any] = {
-            "driver": ask("nvmlSystemGetDriverVersion"),
-            "nvml": ask("nvmlSystemGetNVMLVersion"),
-            "cuda_driver": ask("nvmlSystemGetCudaDriverVersion"),
-            "gpus": [],
-        }
-        for index in range(ask("nvmlDeviceGetCount") or 0):
-            handle = ask("nvmlDeviceGetHandleByIndex", index)
-            if handle is None:
-                continue
-            procs = ask("nvmlDeviceGetComputeRunningProcesses", handle) or []
-            v2 = getattr(nvml, "nvmlMemory_v2", None)
-            facts["gpus"].append(
-                {
-                    "uuid": ask("nvmlDeviceGetUUID", handle),
-                    "name": ask("nvmlDeviceGetName", handle),
-                    "v1": _memory(ask, handle, None),
-                    "v2": _memory(ask, handle, v2) if v2 else None,
-                    "mig": _mig(ask, handle),
-                    "processes": [[p.pid, p.usedGpuMemory] for p in procs],
-                }
-            )
-        facts["errors"] = ask.errors
-        return facts
-    finally:
-        nvml.nvmlShutdown()

@@ -18,8 +18,10 @@ from typing import Any
 
 import pytest
 
-from .box import Box, Detection, clean_env, detect, nvml_facts, software_line
-from .kit import FAIL, Check, Record, SmiGpu
+from .box import Box, Detection, clean_env, detect
+from .facts import nvml_facts, software_line
+from .kit import FAIL, Check, Record
+from .readings import SmiGpu
 
 OUT_ENV = "GPUKIT_OUT"
 #: The order of the checks, and of their lines in the record: the box first, then what runs on it.

@@ -7,7 +7,8 @@ import re
 
 from .box import ROOT, Box
 from .conftest import Hardware
-from .kit import Record, fold, gib, parse_header, verdict
+from .kit import Record, fold, gib, verdict
+from .readings import parse_header
 
 
 def test_examples_at_n_auto_with_report_and_timeline(hardware: Hardware, box: Box, record: Record) -> None:

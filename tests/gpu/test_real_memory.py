@@ -6,18 +6,8 @@ import json
 
 from .box import Box
 from .conftest import Hardware
-from .kit import (
-    DEFAULT_CONTEXT,
-    NA,
-    Check,
-    GiB,
-    Record,
-    fold,
-    mib,
-    observed_row,
-    peak_close,
-    verdict,
-)
+from .kit import DEFAULT_CONTEXT, NA, Check, Record, fold, mib, peak_close, verdict
+from .readings import GiB, observed_row
 from .suites import ALLOCATIONS, CONTEXT, OVER_USER, probes, suite
 
 SIZES = {"1GiB": GiB, "4GiB": 4 * GiB, "16GiB": 16 * GiB}

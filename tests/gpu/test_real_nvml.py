@@ -4,19 +4,8 @@ from __future__ import annotations
 
 from .box import Box
 from .conftest import Hardware
-from .kit import (
-    OK,
-    SMI_TOLERANCE,
-    Check,
-    Record,
-    close,
-    fold,
-    header_vs_smi,
-    mib,
-    parse_header,
-    report_vs_smi,
-    verdict,
-)
+from .kit import OK, SMI_TOLERANCE, Check, Record, close, fold, header_vs_smi, mib, report_vs_smi, verdict
+from .readings import parse_header
 from .suites import NOOP, probes, suite
 
 

@@ -8,20 +8,8 @@ from typing import Any
 
 from .box import Box, Run
 from .conftest import Hardware
-from .kit import (
-    SMI_TOLERANCE,
-    Check,
-    GiB,
-    Record,
-    close,
-    fold,
-    gib,
-    parse_header,
-    per_process,
-    process_figures,
-    run_leases,
-    verdict,
-)
+from .kit import SMI_TOLERANCE, Check, Record, close, fold, gib, per_process, verdict
+from .readings import GiB, parse_header, process_figures, run_leases
 from .suites import HOLDER, LEASE_IN_FULL, MORE_THAN_IS_LEFT, probes, suite
 
 STRANGER = 40 * GiB
@@ -110,6 +98,7 @@ def test_a_stranger_shrinks_the_plan_and_leases_fit_beside_it(
             stranger.data["pid"],
             apps,
             process_figures(report["plan"]["inventory"]["gpus"][0]),
+            foreign=[a.pid for a in apps if not Path(f"/proc/{a.pid}").exists()],
         ),
         fold(
             "beside the stranger",
