@@ -378,6 +378,8 @@ def test_command_defaults_to_the_report_name_with_svg(
     [
         (None, "cannot read"),
         ("{not json", "is not JSON"),
+        # json.loads recurses once per level: deep enough nesting raises RecursionError.
+        ("[" * 200_000 + "]" * 200_000, "nested too deeply"),
         (json.dumps({"version": 9}), "unsupported report version 9"),
         (json.dumps(make_report([{"test_id": "t"}])), "leases[0]: missing"),
     ],

@@ -46,6 +46,8 @@ def cmd_timeline(args: list[str]) -> int:
         svg = render_svg(json.loads(text))
     except json.JSONDecodeError as exc:
         return _fail(f"{source} is not JSON: {exc}")
+    except RecursionError:  # json.loads recurses once per level of nesting
+        return _fail(f"{source} is nested too deeply to be a report")
     except ValueError as exc:
         return _fail(f"{source}: {exc}")
     try:

@@ -99,6 +99,8 @@ def read_config_file(path: str, named_by: str) -> tuple[dict[str, tuple[object, 
         raise SettingError(
             f"{path} (from {named_by}): not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}"
         ) from None
+    except RecursionError:  # json.loads recurses once per level of nesting
+        raise SettingError(f"{path} (from {named_by}): not valid JSON: nested too deeply") from None
     if not isinstance(document, dict) or CONFIG_FILE_OBJECT not in document:
         raise SettingError(f"{path} (from {named_by}): no {CONFIG_FILE_OBJECT!r} object at the top level")
     section = document[CONFIG_FILE_OBJECT]

@@ -243,6 +243,7 @@ def test_a_folder_is_no_config_file(tmp_path: Path) -> None:
             "not valid JSON: Expecting property name enclosed in double quotes at line 1, column 2",
         ),
         ("", "not valid JSON"),
+        ("[" * 200_000 + "]" * 200_000, "not valid JSON: nested too deeply"),
         ("[]", "no 'gpu_resource_management' object"),
         ('{"other": {}}', "no 'gpu_resource_management' object"),
     ],
