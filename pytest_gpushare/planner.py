@@ -313,7 +313,8 @@ def make_plan(
 
     ``reservations`` come from every ``pytest_gpushare_reservations`` implementation (the static
     ``--gpushare-reserve`` and the Ollama hold among them); ``credits`` maps a GPU uuid to
-    :func:`credit_for`'s answer.
+    :func:`credit_for`'s answer. The plan's notes are the inventory's (what the probe corrected),
+    then ``notes``.
     """
     credit = credits or {}
     plans: list[GpuPlan] = []
@@ -338,7 +339,7 @@ def make_plan(
             )
         )
     trusted = all(g.processes is not None for g in inventory.gpus)
-    return Plan(inventory, tuple(plans), budget, trusted, tuple(notes))
+    return Plan(inventory, tuple(plans), budget, trusted, (*inventory.notes, *notes))
 
 
 def assign_homes(plan: Plan, n_workers: int) -> list[str]:

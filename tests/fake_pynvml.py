@@ -18,7 +18,7 @@ It copies what the real binding shows to its callers (checked against the instal
 
 A GPU's (or MIG device's) process list may change while a test runs: give it ``usage``, a
 callable that returns the list at each read (``FakeNvml.process_reads`` counts the reads),
-to drive a sampler through a schedule.
+to drive a sampler through a schedule. Broken drivers: see ``FakeNvml.hang_init`` and ``FakeGpu.free``.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from __future__ import annotations
 import ctypes
 import string
 import sys
+import threading
 import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -160,6 +161,7 @@ class FakeMig:
     processes: list[tuple[int, int | None]] = field(default_factory=list)
     usage: Callable[[], list[tuple[int, int | None]]] | None = None
     fail: dict[str, int] = field(default_factory=dict)
+    free: int | None = None
 
 
 @dataclass
@@ -172,7 +174,9 @@ class FakeGpu:
     device). ``mig_mode`` overrides the mode NVML reports (0: MIG-capable, MIG off).
     ``fail`` maps a C function name (``nvmlDeviceGetMemoryInfo_v2`` for the v2 call) to
     the NVML error code it returns for this GPU. ``usage``, when set, is called at each read
-    of the process list and replaces ``processes`` (a list that changes over time).
+    of the process list and replaces ``processes`` (a list that changes over time). ``free``,
+    when set, is the free memory NVML reports instead of ``total - reserved - used`` (a broken
+    driver's figure; ``used`` and ``reserved`` are reported as they are).
     """
 
     uuid: str
@@ -187,6 +191,7 @@ class FakeGpu:
     mig_mode: int | None = None
     max_mig: int = 7
     fail: dict[str, int] = field(default_factory=dict)
+    free: int | None = None
 
 
 @dataclass
@@ -201,10 +206,12 @@ class _Handle:
 
 @dataclass
 class FakeNvml:
-    """The state behind one fake ``pynvml`` module; tests read the call counts."""
+    """The state behind one fake ``pynvml`` module; tests read the call counts. ``hang_init``
+    makes ``nvmlInit`` wait for that event (a hung driver); set it at the end of the test."""
 
     gpus: list[FakeGpu]
     init_error: int | None = None
+    hang_init: threading.Event | None = None
     driver_version: str = "575.51.03"
     fail: dict[str, int] = field(default_factory=dict)
     refcount: int = 0
@@ -284,6 +291,8 @@ def _build_module(box: FakeNvml) -> types.ModuleType:
 
     def nvmlInit() -> None:
         box.init_calls += 1
+        if box.hang_init is not None:
+            box.hang_init.wait()
         if box.init_error is not None:
             raise NVMLError(box.init_error)
         box.refcount += 1
@@ -342,7 +351,8 @@ def _build_module(box: FakeNvml) -> types.ModuleType:
             (handle.mig.total, handle.mig.used) if handle.mig else (handle.gpu.total, handle.gpu.used)
         )
         reserved = 0 if handle.mig else handle.gpu.reserved
-        free = total - reserved - used
+        reported = (handle.mig or handle.gpu).free
+        free = total - reserved - used if reported is None else reported
         if not version:
             check("nvmlDeviceGetMemoryInfo", handle)
             v1 = c_nvmlMemory_t()

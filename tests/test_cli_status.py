@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 from cli_support import SIM, SIM_UUID, CliBox, alive, run_leases
 
+from pytest_gpushare.commands.status import status_document, status_lines
+from pytest_gpushare.gpus import GpuInventory
 from pytest_gpushare.units import GiB
 
 
@@ -139,3 +141,11 @@ def test_status_reads_the_ledger_folder_from_the_ini_file(cli: CliBox, tmp_path:
     document = json.loads(done.stdout)
     assert document["folder"] == str(folder)
     assert document["folder_source"] == "gpushare_ledger_dir in pytest.ini"
+
+
+def test_status_says_what_the_probe_corrected() -> None:
+    note = "GPU 0 (GPU-x): NVML reported free 16777216.0TiB of 24.0GiB; taken as total - used = 22.0GiB"
+    devices = GpuInventory((), "NVML (driver 1)", notes=(note,))
+    document = status_document({"folder": "/f", "gpus": []}, devices, folder_source="x")
+    assert document["devices"]["notes"] == [note]
+    assert f"NVML (driver 1): {note}" in status_lines(document)

@@ -7,6 +7,9 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
+import time
+from pathlib import Path
 
 import pytest
 from fake_pynvml import (
@@ -25,7 +28,9 @@ from fake_pynvml import (
 )
 from nvml_support import M1, M2, A, B, C, mig_box, probe, two_gpus, uuids
 
-from pytest_gpushare.gpus import GpuInventory, nvml
+from pytest_gpushare.errors import GpuShareError
+from pytest_gpushare.gpus import GpuInventory, nvml_lifetime
+from pytest_gpushare.gpus.nvml import NvmlProbe, process_usage
 from pytest_gpushare.units import GiB, MiB
 
 # --- reading the box -------------------------------------------------------------------------
@@ -103,6 +108,38 @@ def test_memory_uses_v1_with_a_pynvml_that_has_no_v2(monkeypatch: pytest.MonkeyP
     )
     monkeypatch.delattr(fake.module, "nvmlMemory_v2")
     assert uuids(probe()) == [A]
+
+
+@pytest.mark.parametrize(
+    ("used", "reserved", "free", "note"),
+    [
+        # NVML's used figure is sane: free is what it leaves.
+        (2 * GiB, 512 * MiB, 21 * GiB + 512 * MiB, "taken as total - used"),
+        # Nothing is sane: the whole GPU counts as used, the safe side.
+        (2**64 - 1, 0, 0, "counted as full"),
+    ],
+)
+def test_free_above_total_is_corrected_once_and_said(
+    monkeypatch: pytest.MonkeyPatch, used: int, reserved: int, free: int, note: str
+) -> None:
+    # A broken driver reports free = 2**64 - 1 (an unsigned -1); nothing downstream may see it.
+    gpu = FakeGpu(A, total=24 * GiB, used=used, reserved=reserved, free=2**64 - 1)
+    install_fake_pynvml(monkeypatch, [gpu, FakeGpu(B, bus_id="00000000:02:00.0")])
+    inv = probe()
+    first, second = inv.gpus
+    assert (first.total_bytes, first.free_bytes, first.used_bytes) == (24 * GiB, free, 24 * GiB - free)
+    assert second.free_bytes == second.total_bytes  # the sane GPU is untouched
+    (line,) = inv.notes
+    assert line.startswith(f"GPU 0 ({A}): NVML reported free 16777216.0TiB of 24.0GiB") and note in line
+    assert GpuInventory.from_dict(inv.to_dict()) == inv
+
+
+def test_free_above_total_from_memory_v1_uses_its_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    gpu = FakeGpu(A, total=16 * GiB, used=3 * GiB, free=17 * GiB)
+    gpu.fail["nvmlDeviceGetMemoryInfo_v2"] = NVML_ERROR_NOT_SUPPORTED
+    install_fake_pynvml(monkeypatch, [gpu])
+    (seen,) = probe().gpus
+    assert (seen.free_bytes, seen.used_bytes) == (13 * GiB, 3 * GiB)
 
 
 # --- MIG ---------------------------------------------------------------------------------------
@@ -259,12 +296,35 @@ def test_a_failed_start_is_tried_again_on_the_next_probe(monkeypatch: pytest.Mon
     assert uuids(probe()) == [A, B]
 
 
+def test_a_hanging_start_is_bounded_and_not_tried_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = install_fake_pynvml(monkeypatch, two_gpus())
+    fake.hang_init = threading.Event()
+    try:
+        started = time.monotonic()
+        inv = NvmlProbe(init_timeout_s=0.2).probe()
+        assert time.monotonic() - started < 5
+        assert inv.gpus == ()
+        assert inv.error == (
+            "nvmlInit did not return within 0.2s (a hung driver or GPU?): "
+            "NVML counts as failed for the rest of this process"
+        )
+        # Not a second wait: the probe and the per-process reads fail at once, with the same words.
+        started = time.monotonic()
+        assert NvmlProbe(init_timeout_s=60).probe().error == inv.error
+        with pytest.raises(GpuShareError, match=r"^nvmlInit did not return within 0\.2s"):
+            process_usage(A)
+        assert time.monotonic() - started < 5
+        assert fake.init_calls == 1
+    finally:
+        fake.hang_init.set()
+
+
 def test_shutdown_at_exit_releases_our_reference(monkeypatch: pytest.MonkeyPatch) -> None:
     fake = install_fake_pynvml(monkeypatch, two_gpus())
     probe()
-    nvml._shutdown_nvml()
+    nvml_lifetime.shutdown()
     assert (fake.shutdown_calls, fake.refcount) == (1, 0)
-    nvml._shutdown_nvml()
+    nvml_lifetime.shutdown()
     assert fake.shutdown_calls == 1
 
 
@@ -274,12 +334,12 @@ def test_a_forked_child_starts_its_own_nvml(monkeypatch: pytest.MonkeyPatch) -> 
     probe()
     pid = os.fork()
     if pid == 0:  # the child: never return into pytest
-        ok = nvml._nvml_started is None and uuids(probe()) == [A, B] and fake.init_calls == 2
+        ok = nvml_lifetime._nvml_started is None and uuids(probe()) == [A, B] and fake.init_calls == 2
         os._exit(0 if ok else 1)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
     assert fake.init_calls == 1
-    assert nvml._nvml_started is fake.module
+    assert nvml_lifetime._nvml_started is fake.module
 
 
 def test_importing_devices_does_not_import_pynvml() -> None:
@@ -293,3 +353,39 @@ def test_an_nvml_inventory_survives_the_round_trip_through_a_dict(monkeypatch: p
     inv = probe()
     assert inv.gpus[1].processes is None
     assert GpuInventory.from_dict(inv.to_dict()) == inv
+
+
+# --- end to end --------------------------------------------------------------------------------
+
+pytest_plugins = ["pytester"]
+
+FREE_ABOVE_TOTAL = f"""
+import sys
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from fake_pynvml import FakeGpu, FakeNvml
+
+box = FakeNvml(gpus=[FakeGpu({A!r}, total=24 * 2**30, used=2 * 2**30, free=2**64 - 1)])
+sys.modules["pynvml"] = box.module
+"""
+
+
+def test_a_session_on_a_gpu_reporting_free_above_total_runs_and_says_so(
+    pytester: pytest.Pytester, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("GPUSHARE_LEDGER_DIR", str(tmp_path / "ledger"))
+    monkeypatch.setenv("GPUSHARE_OLLAMA", "off")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    pytester.makeconftest(FREE_ABOVE_TOTAL)
+    pytester.makepyfile(
+        "import pytest\n"
+        + "".join(f"@pytest.mark.gpu(mem='1GiB')\ndef test_{n}(gpu): pass\n" for n in range(4))
+    )
+    result = pytester.runpytest_subprocess("-n", "2", "-p", "no:randomly")
+    assert result.ret == pytest.ExitCode.OK, result.stdout.str() + result.stderr.str()
+    result.stdout.fnmatch_lines(
+        [
+            f"*note: GPU 0 ({A}): NVML reported free 16777216.0TiB of 24.0GiB; "
+            "taken as total - used = 22.0GiB*",
+            "*4 passed*",
+        ]
+    )

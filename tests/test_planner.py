@@ -160,6 +160,13 @@ def test_untrusted_process_figures_are_flagged() -> None:
     assert make_plan(sim("24GiB"), budget()).per_process_trusted
 
 
+def test_what_the_probe_corrected_is_noted_once_before_other_notes() -> None:
+    inv = GpuInventory((_gpu(()),), "NVML", notes=("GPU 0 (GPU-x): NVML reported free ...",))
+    plan = make_plan(inv, budget(), notes=["n"])
+    assert plan.notes == ("GPU 0 (GPU-x): NVML reported free ...", "n")
+    assert Plan.from_dict(plan.to_dict()) == plan
+
+
 def test_plan_round_trips_through_workerinput_dict() -> None:
     inv = sim("24GiB:used=2GiB,16GiB:name=RTX 4080")
     plan = make_plan(inv, budget(workers_per_gb=0.5), reservations=ollama("0:12GiB", inv), notes=["n"])

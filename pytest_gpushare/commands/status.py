@@ -70,7 +70,7 @@ def status_document(
     """``read_status``'s answer with the devices' view added.
 
     Adds ``folder_source`` (which setting named the folder), ``log`` (the lines this access
-    logged), ``devices`` (``source``, ``error``, ``unusable``, ``gpus``: every device with
+    logged), ``devices`` (``source``, ``error``, ``unusable``, ``notes``, ``gpus``: every device with
     ``in_ledger``) and, on each ledger GPU, ``device``: the matching device by UUID (index,
     name, total/free/used bytes) or None.
     """
@@ -90,6 +90,7 @@ def status_document(
         "source": devices.source,
         "error": devices.error,
         "unusable": list(devices.unusable),
+        "notes": list(devices.notes),
         "gpus": [
             {
                 **_device_fields(g),
@@ -191,6 +192,7 @@ def _device_lines(devices: Mapping[str, Any]) -> list[str]:
     """What the devices say beyond the ledgers: NVML's failure, unreadable GPUs, GPUs without a ledger."""
     lines = [] if devices["error"] is None else [f"NVML failed: {devices['error']}"]
     lines += [f"{devices['source']}: cannot read {what}" for what in devices["unusable"]]
+    lines += [f"{devices['source']}: {note}" for note in devices["notes"]]
     others = [g for g in devices["gpus"] if not g["in_ledger"]]
     if others:
         lines.append(f"GPUs without a ledger here ({devices['source']}):")

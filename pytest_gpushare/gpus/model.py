@@ -70,13 +70,15 @@ class GpuInventory:
 
     ``source`` is shown in the header (``NVML (driver 575.51)``, ``simulated``, ...).
     ``error`` is NVML's own text when no GPU could be read at all; ``unusable`` lists GPUs
-    that exist but could not be read, each as ``"<what>: <error>"``.
+    that exist but could not be read, each as ``"<what>: <error>"``; ``notes`` says, one line
+    each, what the probe corrected (NVML's impossible memory figures) for the header.
     """
 
     gpus: tuple[Gpu, ...]
     source: str
     error: str | None = None
     unusable: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -84,6 +86,7 @@ class GpuInventory:
             "source": self.source,
             "error": self.error,
             "unusable": list(self.unusable),
+            "notes": list(self.notes),
         }
 
     @classmethod
@@ -93,6 +96,7 @@ class GpuInventory:
             source=str(data["source"]),
             error=data.get("error"),
             unusable=tuple(data.get("unusable", ())),
+            notes=tuple(data.get("notes", ())),
         )
 
 

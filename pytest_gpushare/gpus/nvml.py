@@ -1,7 +1,9 @@
 """NVML, through nvidia-ml-py's ``pynvml``: the GPUs of this box and each process's memory there.
 
 The one module that touches ``pynvml``. It is imported, and NVML started, on first use,
-never at import; NVML then stays open for the life of the process. CUDA is never touched.
+never at import; NVML then stays open for the life of the process
+(:mod:`~pytest_gpushare.gpus.nvml_lifetime`, which bounds how long a start may take). CUDA is
+never touched.
 
 - :class:`NvmlProbe` reads every GPU (or MIG device) with its memory and compute processes,
   in PCI bus order, as the inherited ``CUDA_VISIBLE_DEVICES`` leaves them visible.
@@ -11,17 +13,13 @@ never at import; NVML then stays open for the life of the process. CUDA is never
 
 from __future__ import annotations
 
-import atexit
-import contextlib
-import os
-import threading
 from collections.abc import Callable, Mapping
 from dataclasses import replace
-from types import ModuleType
-from typing import Any, Final, TypeVar
+from typing import Any, Final
 
 from pytest_gpushare.errors import GpuShareError
 from pytest_gpushare.gpus.model import Gpu, GpuInventory, GpuProcess
+from pytest_gpushare.gpus.nvml_lifetime import NVML_INIT_TIMEOUT_S, handles, with_nvml
 from pytest_gpushare.gpus.visible import (
     FROM_ENVIRONMENT,
     FromEnvironment,
@@ -30,14 +28,12 @@ from pytest_gpushare.gpus.visible import (
     select_visible,
     visible_spec,
 )
+from pytest_gpushare.units import format_size
 
-__all__ = ["FROM_ENVIRONMENT", "NvmlProbe", "process_usage"]
-
-_T = TypeVar("_T")
+__all__ = ["FROM_ENVIRONMENT", "NVML_INIT_TIMEOUT_S", "NvmlProbe", "process_usage"]
 
 # NVML return codes (nvml.h). They are part of the C ABI, so comparing with these numbers
 # works with every nvidia-ml-py release, including ones that lack a newer constant.
-_NVML_ERROR_UNINITIALIZED: Final = 1
 _NVML_ERROR_INVALID_ARGUMENT: Final = 2
 _NVML_ERROR_NOT_SUPPORTED: Final = 3
 _NVML_ERROR_NO_PERMISSION: Final = 4
@@ -60,83 +56,12 @@ _NVML_HINTS: Final = {
 }
 
 
-# --- NVML's lifetime -------------------------------------------------------------------------
-
-# NVML is started once per process and kept open until exit, not once per probe: nvmlInit
-# is reference counted inside the library (other users in the process are unaffected),
-# and while one client holds it the driver keeps its per-GPU state loaded. Without
-# persistence mode, every fresh start re-initialises each GPU, which takes seconds on big
-# boxes, and the ledger polls free memory often. ``_nvml_started`` is the module through
-# which we hold our one reference; a different module object (a test's fake) starts anew.
-_nvml_lock = threading.Lock()
-_nvml_started: ModuleType | None = None
-# Device handles by UUID, valid for the current start only: nvmlDeviceGetHandleByUUID walks
-# every device, and a sampler reads one device's processes every few milliseconds.
-_handles: dict[str, Any] = {}
-
-
 def _pynvml() -> Any:
     try:
         import pynvml
     except ImportError as exc:
         raise GpuShareError(f"pynvml (nvidia-ml-py) cannot be imported: {exc}") from None
     return pynvml
-
-
-def _start_nvml(nvml: ModuleType) -> None:
-    global _nvml_started
-    with _nvml_lock:
-        if _nvml_started is not nvml:
-            nvml.nvmlInit()
-            _nvml_started = nvml
-            _handles.clear()
-
-
-def _forget_nvml() -> None:
-    """Drop our claim without calling NVML, which someone else shut down under us."""
-    global _nvml_started
-    with _nvml_lock:
-        _nvml_started = None
-
-
-def _forget_nvml_in_child() -> None:
-    global _nvml_lock, _nvml_started
-    _nvml_started = None
-    # The child may inherit the lock held by a thread that does not exist there.
-    _nvml_lock = threading.Lock()
-
-
-def _shutdown_nvml() -> None:
-    global _nvml_started
-    with _nvml_lock:
-        nvml, _nvml_started = _nvml_started, None
-    if nvml is not None:
-        # At interpreter exit there is nobody left to tell.
-        with contextlib.suppress(Exception):
-            nvml.nvmlShutdown()
-
-
-atexit.register(_shutdown_nvml)
-if hasattr(os, "register_at_fork"):
-    # NVML state does not survive fork reliably; a child starts its own reference.
-    os.register_at_fork(after_in_child=_forget_nvml_in_child)
-
-
-def _with_nvml(nvml: Any, read: Callable[[Any], _T]) -> _T:
-    """Start NVML (once per process) and ``read(nvml)``; NVMLError propagates.
-
-    When someone in this process called nvmlShutdown once too often, NVML is started again,
-    once.
-    """
-    for attempt in (1, 2):
-        try:
-            _start_nvml(nvml)
-            return read(nvml)
-        except nvml.NVMLError as exc:
-            if exc.value != _NVML_ERROR_UNINITIALIZED or attempt == 2:
-                raise
-            _forget_nvml()
-    raise AssertionError("unreachable")  # pragma: no cover
 
 
 # --- NVML's words and the per-process list ------------------------------------------------------
@@ -184,19 +109,19 @@ def process_usage(uuid: str) -> dict[int, int | None]:
 
     None for a process whose figure NVML withholds (``usedGpuMemory`` unavailable); a process
     listed once per compute instance is summed. Raises :class:`GpuShareError` with NVML's own
-    words when the list cannot be read. Starts NVML lazily, once per process; looks each
-    UUID's handle up once per start of NVML.
+    words when the list cannot be read, or when NVML's start hung (see ``NVML_INIT_TIMEOUT_S``).
+    Starts NVML lazily, once per process; looks each UUID's handle up once per start of NVML.
     """
     nvml = _pynvml()
 
     def read(n: Any) -> dict[int, int | None]:
-        handle = _handles.get(uuid)
+        handle = handles.get(uuid)
         if handle is None:
-            handle = _handles[uuid] = n.nvmlDeviceGetHandleByUUID(uuid)
+            handle = handles[uuid] = n.nvmlDeviceGetHandleByUUID(uuid)
         return _process_list(n, handle)
 
     try:
-        return _with_nvml(nvml, read)
+        return with_nvml(nvml, read)
     except nvml.NVMLError as exc:
         raise GpuShareError(_nvml_error_text(exc)) from None
     except _refusals(nvml) as exc:  # the library mismatch
@@ -223,13 +148,15 @@ _NO_MEMORY_V2: Final = dict.fromkeys(
 class _Reader:
     """One probe's pass over NVML: every call goes through :meth:`query`.
 
-    ``unusable`` collects what could not be read, as ``"<what>: <NVML's words>"``.
+    ``unusable`` collects what could not be read, as ``"<what>: <NVML's words>"``; ``notes``
+    what was read but had to be corrected (:func:`_sane_free`).
     """
 
     def __init__(self, nvml: Any, pid_exists: Callable[[int], bool]) -> None:
         self.nvml = nvml
         self.pid_exists = pid_exists
         self.unusable: list[str] = []
+        self.notes: list[str] = []
 
     def query(
         self,
@@ -330,7 +257,9 @@ class _Reader:
         memory = self._memory_bytes(handle, note)
         if memory is None:
             return None
-        total_bytes, free_bytes = memory
+        total_bytes, free_bytes, correction = memory
+        if correction is not None:
+            self.notes.append(f"{note}: {correction}")
         return Gpu(
             index=-1,
             uuid=uuid,
@@ -341,8 +270,9 @@ class _Reader:
             processes=self._processes(handle),
         )
 
-    def _memory_bytes(self, handle: Any, note: str) -> tuple[int, int] | None:
-        """(total, free) bytes: ``nvmlDeviceGetMemoryInfo`` v2 where the driver has it, else v1."""
+    def _memory_bytes(self, handle: Any, note: str) -> tuple[int, int, str | None] | None:
+        """(total, free, correction) bytes: ``nvmlDeviceGetMemoryInfo`` v2 where the driver has it,
+        else v1; free made possible by :func:`_sane_free`, which says why when it had to."""
         nvml = self.nvml
         v2 = getattr(nvml, "nvmlMemory_v2", None)
         info: Any = (
@@ -354,7 +284,12 @@ class _Reader:
         )
         if info is _ASK_V1:
             info = self.query(nvml.nvmlDeviceGetMemoryInfo, handle, note=note)
-        return None if info is None else (int(info.total), int(info.free))
+        if info is None:
+            return None
+        total = int(info.total)
+        # v1's used includes what the driver reserves; v2 reports that apart.
+        taken = int(info.used) + int(getattr(info, "reserved", 0))
+        return (total, *_sane_free(total, int(info.free), taken))
 
     def _processes(self, handle: Any) -> tuple[GpuProcess, ...] | None:
         """The compute processes, or None where their figures cannot be matched to ours."""
@@ -369,12 +304,28 @@ class _Reader:
         return tuple(processes)
 
 
+def _sane_free(total: int, free: int, taken: int) -> tuple[int, str | None]:
+    """Free bytes no larger than ``total``, and what was corrected, or None when nothing was.
+
+    Some drivers report more free memory than the GPU has (``2**64 - 1``: an unsigned -1). Then
+    NVML's used figure (``taken``, reserved memory included) gives free where it is possible;
+    else the whole GPU counts as used, the safe side. Either way no figure below the probe is
+    impossible (a negative used would break the ledger's and the report's arithmetic).
+    """
+    if free <= total:
+        return free, None
+    said = f"NVML reported free {format_size(free)} of {format_size(total)}"
+    if taken <= total:
+        return total - taken, f"{said}; taken as total - used = {format_size(total - taken)}"
+    return 0, f"{said} and used {format_size(taken)}; counted as full (the safe side)"
+
+
 class NvmlProbe:
     """The GPUs of this box as NVML (nvidia-ml-py's ``pynvml``) reports them.
 
     ``pynvml`` is imported and NVML started on the first :meth:`probe`, never at import;
-    NVML then stays open for the life of the process (see ``_start_nvml``). CUDA is never
-    touched.
+    NVML then stays open for the life of the process
+    (:mod:`~pytest_gpushare.gpus.nvml_lifetime`). CUDA is never touched.
 
     - Devices are keyed by UUID and come in PCI bus order. A GPU in MIG mode gives its MIG
       devices (``MIG-...`` UUIDs, their own memory, names such as
@@ -386,7 +337,10 @@ class NvmlProbe:
     - ``Gpu.index`` is the position in the visible list.
     - Memory comes from ``nvmlDeviceGetMemoryInfo`` v2 where the driver has it, else v1;
       ``free`` is the same in both. ``used_bytes`` is ``total - free``, so it includes the
-      memory the driver reserves (v2 reports that apart from ``used``).
+      memory the driver reserves (v2 reports that apart from ``used``). Free memory above the
+      total is corrected, and said in the inventory's ``notes`` (:func:`_sane_free`).
+    - ``nvmlInit`` may take ``init_timeout_s``; past it NVML counts as failed for the rest of the
+      process, and later probes fail at once with the same words.
     - ``processes`` lists compute processes only (graphics contexts stay inside ``used``,
       counted as strangers'), one entry per process (summed over compute instances). It is
       None where the figures cannot be matched to our processes: NVML withholds a process's
@@ -403,9 +357,11 @@ class NvmlProbe:
         visible: str | FromEnvironment | None = FROM_ENVIRONMENT,
         *,
         pid_exists: Callable[[int], bool] = pid_exists,
+        init_timeout_s: float = NVML_INIT_TIMEOUT_S,
     ) -> None:
         self.visible = visible
         self._pid_exists = pid_exists
+        self._init_timeout_s = init_timeout_s
 
     def probe(self) -> GpuInventory:
         try:
@@ -421,9 +377,11 @@ class NvmlProbe:
         except GpuShareError as exc:
             return GpuInventory(gpus=(), source="NVML", error=str(exc))
         try:
-            return _with_nvml(nvml, self._read)
+            return with_nvml(nvml, self._read, self._init_timeout_s)
         except nvml.NVMLError as exc:
             return GpuInventory(gpus=(), source="NVML", error=_nvml_error_text(exc))
+        except GpuShareError as exc:  # nvmlInit hung
+            return GpuInventory(gpus=(), source="NVML", error=str(exc))
 
     def _read(self, nvml: Any) -> GpuInventory:
         spec = visible_spec(self.visible)
@@ -438,4 +396,6 @@ class NvmlProbe:
         physical = [p for i in range(count) if (p := reader.physical_gpu(i)) is not None]
         physical.sort(key=lambda p: p.pci)
         gpus = tuple(replace(gpu, index=n) for n, gpu in enumerate(select_visible(spec, physical)))
-        return GpuInventory(gpus=gpus, source=source, unusable=tuple(reader.unusable))
+        return GpuInventory(
+            gpus=gpus, source=source, unusable=tuple(reader.unusable), notes=tuple(reader.notes)
+        )
