@@ -365,6 +365,26 @@ def test_every_setting_named_exists() -> None:
     assert not unknown, "names that are no setting:\n" + "\n".join(sorted(set(unknown)))
 
 
+#: ``pip install pytest-gpushare`` (from PyPI), not ``pytest-gpushare @ git+...`` or a path.
+PYPI_INSTALL_RE = re.compile(r"pip install(?: -[-\w]+)*(?: [-.\w\[\]]+)*? pytest-gpushare(?![-\w]| @)")
+
+
+def test_install_commands_work_before_the_release() -> None:
+    """While the changelog calls this version unreleased, nothing tells a reader to install it from
+    PyPI, where it is not."""
+    from pytest_gpushare import __version__
+
+    changelog = (DOCS / "changelog.rst").read_text(encoding="utf-8")
+    if f"{__version__} (unreleased)" not in changelog:
+        pytest.skip(f"{__version__} is released")
+    found = [
+        f"{path.relative_to(ROOT)}: {m.group(0)}"
+        for path in _doc_and_example_files()
+        for m in PYPI_INSTALL_RE.finditer(path.read_text(encoding="utf-8", errors="replace"))
+    ]
+    assert not found, "installs from PyPI before the first release:\n" + "\n".join(found)
+
+
 # --- the commands ---------------------------------------------------------------------------
 
 RUNNABLE = [p for p in PAGES if any(b.language == "console" for b in parse_blocks(p))]
