@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from fake_pynvml import install_fake_pynvml
 from nvml_support import A, B, two_gpus, uuids
@@ -9,7 +11,7 @@ from nvml_support import A, B, two_gpus, uuids
 from pytest_gpushare.errors import SettingError
 from pytest_gpushare.gpus import SimulatedProbe, probe_for
 from pytest_gpushare.gpus.nvml import NvmlProbe
-from pytest_gpushare.gpus.simulated import parse_simulate
+from pytest_gpushare.gpus.simulated import MAX_SIMULATED_GPUS, parse_simulate
 from pytest_gpushare.units import GiB
 
 # --- simulated GPUs ----------------------------------------------------------------------------
@@ -49,6 +51,30 @@ def test_simulate_none_is_no_gpu() -> None:
 def test_a_bad_simulate_spec_names_its_source(spec: str) -> None:
     with pytest.raises(SettingError, match=r"^GPUSHARE_SIMULATE: "):
         parse_simulate(spec, "GPUSHARE_SIMULATE")
+
+
+@pytest.mark.parametrize(
+    ("spec", "count"),
+    [
+        ("129x24GiB", "129"),
+        ("100x24GiB,29x8GiB", "129"),
+        (",".join(["24GiB"] * 129), "129"),
+        ("100000000x24GiB", "100000000"),
+        ("1" + "0" * 5000 + "x24GiB", "more than 128"),  # past int()'s digit limit
+    ],
+)
+def test_more_simulated_gpus_than_any_box_has_is_one_line_error(spec: str, count: str) -> None:
+    started = time.monotonic()
+    with pytest.raises(SettingError) as info:
+        parse_simulate(spec, "GPUSHARE_SIMULATE")
+    assert time.monotonic() - started < 1
+    message = str(info.value)
+    assert message.startswith(f"GPUSHARE_SIMULATE: at most {MAX_SIMULATED_GPUS} simulated GPUs, not {count}")
+    assert "\n" not in message and len(message) < 300
+
+
+def test_the_most_simulated_gpus_are_allowed() -> None:
+    assert len(parse_simulate(f"{MAX_SIMULATED_GPUS - 1}x24GiB,8GiB", "x")) == MAX_SIMULATED_GPUS
 
 
 def test_probe_for_picks_nvml_or_the_simulation(monkeypatch: pytest.MonkeyPatch) -> None:

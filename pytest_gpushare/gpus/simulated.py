@@ -10,9 +10,14 @@ from pytest_gpushare.errors import SettingError
 from pytest_gpushare.gpus.model import Gpu, GpuInventory
 from pytest_gpushare.units import parse_size
 
-__all__ = ["SimulatedGpuSpec", "SimulatedProbe", "parse_simulate", "simulated_uuid"]
+__all__ = ["MAX_SIMULATED_GPUS", "SimulatedGpuSpec", "SimulatedProbe", "parse_simulate", "simulated_uuid"]
 
 _COUNT_RE = re.compile(r"^\s*(\d+)\s*[xX]\s*(.+)$")
+
+#: The most GPUs a spec may simulate: more devices than a real box shows (8 GPUs in MIG mode
+#: give at most 56), and few enough that a typo (``100000000x24GiB``) is an error, not minutes
+#: and gigabytes spent building GPUs.
+MAX_SIMULATED_GPUS = 128
 
 
 @dataclass(frozen=True)
@@ -34,12 +39,8 @@ def parse_simulate(spec: str, source: str) -> tuple[SimulatedGpuSpec, ...]:
         entry = raw_entry.strip()
         if not entry:
             raise SettingError(f"{source}: empty GPU in the list: {spec!r}")
-        count = 1
         match = _COUNT_RE.match(entry)
-        if match:
-            count = int(match.group(1))
-            if count < 1:
-                raise SettingError(f"{source}: a GPU count must be at least 1: {spec!r}")
+        count = _count(match.group(1) if match else "1", len(gpus), spec, source)
         head, *options = (match.group(2) if match else entry).split(":")
         total = parse_size(head.strip(), source, allow_zero=False)
         used = 0
@@ -59,6 +60,21 @@ def parse_simulate(spec: str, source: str) -> tuple[SimulatedGpuSpec, ...]:
             raise SettingError(f"{source}: used= is larger than the GPU's total in {spec!r}")
         gpus.extend(SimulatedGpuSpec(total, used, name) for _ in range(count))
     return tuple(gpus)
+
+
+def _count(digits: str, before: int, spec: str, source: str) -> int:
+    """The ``N`` of ``Nx``: at least 1, and no more than :data:`MAX_SIMULATED_GPUS` with the
+    ``before`` GPUs of the spec's earlier entries."""
+    digits = digits.lstrip("0") or "0"
+    # int() refuses more than 4300 digits, and no count that long is meant.
+    count = int(digits) if len(digits) <= 9 else None
+    if count is not None and count < 1:
+        raise SettingError(f"{source}: a GPU count must be at least 1: {spec!r}")
+    if count is None or before + count > MAX_SIMULATED_GPUS:
+        said = f"more than {MAX_SIMULATED_GPUS}" if count is None else str(before + count)
+        shown = spec if len(spec) <= 80 else spec[:77] + "..."
+        raise SettingError(f"{source}: at most {MAX_SIMULATED_GPUS} simulated GPUs, not {said}: {shown!r}")
+    return count
 
 
 def simulated_uuid(position: int, gpu: SimulatedGpuSpec) -> str:
