@@ -15,6 +15,7 @@ from types import MappingProxyType
 from pytest_gpushare.errors import SettingError
 
 __all__ = [
+    "NEEDS_A_UNIT",
     "GiB",
     "KiB",
     "MemRequest",
@@ -54,12 +55,17 @@ def _bad(value: object, source: str, why: str) -> SettingError:
     return SettingError(f"{source}: {why}: {value!r}")
 
 
-def parse_size(value: object, source: str, *, allow_zero: bool = True) -> int:
+#: Why a settings size without a unit is refused (``need_unit``).
+NEEDS_A_UNIT = "a size needs a unit such as GiB or MiB (a bare number would mean bytes)"
+
+
+def parse_size(value: object, source: str, *, allow_zero: bool = True, need_unit: bool = False) -> int:
     """Return ``value`` in bytes.
 
-    ``value`` is an int (bytes), a float (bytes, as native TOML numbers arrive), or a
-    string such as ``"9GiB"``, ``"1.5 gb"``, ``"512M"``, ``"4096"``. ``source`` names where
-    the value came from and starts the error message.
+    ``value`` is an int (bytes), a float (bytes), or a string such as ``"9GiB"``, ``"1.5 gb"``,
+    ``"512M"``, ``"4096"``. ``source`` names where the value came from and starts the error
+    message. With ``need_unit`` (a setting, where ``9`` meant as 9GiB would silently be 9 bytes),
+    only zero may come without a unit: ints, floats and unitless text are refused.
     """
     if isinstance(value, bool):
         raise _bad(value, source, "not a size")
@@ -69,9 +75,11 @@ def parse_size(value: object, source: str, *, allow_zero: bool = True) -> int:
             raise _bad(value, source, "a size cannot be negative")
         if value == 0 and not allow_zero:
             raise _bad(value, source, "must be larger than zero")
+        if value and need_unit:
+            raise _bad(value, source, NEEDS_A_UNIT)
         return value
     if isinstance(value, float):
-        number, unit = value, 1
+        number, unit, unit_given = value, 1, False
     elif isinstance(value, str):
         match = _SIZE_RE.match(value)
         if match is None:
@@ -82,7 +90,7 @@ def parse_size(value: object, source: str, *, allow_zero: bool = True) -> int:
         suffix = match.group(2).lower()
         if suffix and suffix not in _UNITS:
             raise _bad(value, source, f"unknown unit {match.group(2)!r} (use B, KiB, MiB, GiB or TiB)")
-        unit = _UNITS[suffix] if suffix else 1
+        unit, unit_given = _UNITS[suffix] if suffix else 1, bool(suffix)
     else:
         raise _bad(value, source, "not a size")
     if math.isnan(number) or math.isinf(number):
@@ -91,6 +99,8 @@ def parse_size(value: object, source: str, *, allow_zero: bool = True) -> int:
         raise _bad(value, source, "a size cannot be negative")
     if math.isinf(number * unit):
         raise _bad(value, source, "too large")
+    if need_unit and not unit_given and number:
+        raise _bad(value, source, NEEDS_A_UNIT)
     result = round(number * unit)
     if result == 0 and not allow_zero:
         raise _bad(value, source, "must be larger than zero")
@@ -129,8 +139,11 @@ class MemRequest:
         return format_size(self.bytes)
 
 
-def parse_mem(value: object, source: str) -> MemRequest:
-    """A memory need: a size larger than zero, or ``"N%"`` with 0 < N <= 100."""
+def parse_mem(value: object, source: str, *, need_unit: bool = False) -> MemRequest:
+    """A memory need: a size larger than zero, or ``"N%"`` with 0 < N <= 100.
+
+    ``need_unit`` as for :func:`parse_size`.
+    """
     if isinstance(value, str) and value.strip().endswith("%"):
         text = value.strip()[:-1].strip()
         try:
@@ -140,7 +153,7 @@ def parse_mem(value: object, source: str) -> MemRequest:
         if math.isnan(percent) or not 0 < percent <= 100:
             raise _bad(value, source, "a percentage must lie in (0, 100]")
         return MemRequest(percent=percent)
-    return MemRequest(bytes=parse_size(value, source, allow_zero=False))
+    return MemRequest(bytes=parse_size(value, source, allow_zero=False, need_unit=need_unit))
 
 
 @dataclass(frozen=True)
@@ -159,10 +172,13 @@ class PerGpuSizes:
         return ",".join(parts)
 
 
-def parse_per_gpu_sizes(value: object, source: str) -> PerGpuSizes:
-    """``"12GiB"`` (every GPU), ``"0:12GiB,1:2GiB"`` (per index) or ``"2GiB,0:12GiB"`` (both)."""
+def parse_per_gpu_sizes(value: object, source: str, *, need_unit: bool = False) -> PerGpuSizes:
+    """``"12GiB"`` (every GPU), ``"0:12GiB,1:2GiB"`` (per index) or ``"2GiB,0:12GiB"`` (both).
+
+    ``need_unit`` as for :func:`parse_size`.
+    """
     if not isinstance(value, str):
-        return PerGpuSizes(default=parse_size(value, source))
+        return PerGpuSizes(default=parse_size(value, source, need_unit=need_unit))
     default = 0
     per_index: dict[int, int] = {}
     seen_default = False
@@ -180,10 +196,10 @@ def parse_per_gpu_sizes(value: object, source: str) -> PerGpuSizes:
                 raise _bad(value, source, f"GPU index {idx} is negative")
             if idx in per_index:
                 raise _bad(value, source, f"GPU index {idx} is given twice")
-            per_index[idx] = parse_size(size_text.strip(), source)
+            per_index[idx] = parse_size(size_text.strip(), source, need_unit=need_unit)
         else:
             if seen_default:
                 raise _bad(value, source, "more than one size for every GPU")
-            default = parse_size(part, source)
+            default = parse_size(part, source, need_unit=need_unit)
             seen_default = True
     return PerGpuSizes(default=default, per_index=MappingProxyType(per_index))

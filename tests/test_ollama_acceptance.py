@@ -57,7 +57,7 @@ def test_seed_scenario_without_ollama_loaded(suite: pytest.Pytester) -> None:
 
 def test_seed_scenario_with_ollama_holding_its_model(suite: pytest.Pytester, ollama: FakeOllama) -> None:
     used = 2 * GiB + HELD
-    result = suite.runpytest_subprocess("-n", "auto", f"--gpushare-simulate=24GiB:used={used}", *SEED)
+    result = suite.runpytest_subprocess("-n", "auto", f"--gpushare-simulate=24GiB:used={used}B", *SEED)
     result.assert_outcomes(passed=2)
     result.stdout.fnmatch_lines(
         [
@@ -78,7 +78,7 @@ def test_plan_shows_the_same_ollama_lines(suite: pytest.Pytester, ollama: FakeOl
         "-m",
         "pytest_gpushare",
         "plan",
-        f"--simulate=24GiB:used={used}",
+        f"--simulate=24GiB:used={used}B",
         "--ollama-reserve=12GiB",
         "--workers-per-gb=0.25",
     )
@@ -94,7 +94,7 @@ def test_plan_shows_the_same_ollama_lines(suite: pytest.Pytester, ollama: FakeOl
 
 
 def test_loaded_model_without_reservation_is_pointed_out(suite: pytest.Pytester, ollama: FakeOllama) -> None:
-    result = suite.runpytest_subprocess(f"--gpushare-simulate=24GiB:used={2 * GiB + HELD}")
+    result = suite.runpytest_subprocess(f"--gpushare-simulate=24GiB:used={2 * GiB + HELD}B")
     result.stdout.fnmatch_lines(["*no reservation protects its next load: set --gpushare-ollama-reserve*"])
 
 

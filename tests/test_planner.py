@@ -61,7 +61,7 @@ def test_spec_example_gives_9gib_and_2_workers() -> None:
 def test_ollama_already_holding_is_not_counted_twice() -> None:
     # The same box with Ollama loaded (10.8GiB, inside `used`): hold back only the rest.
     held = int(10.8 * GiB)
-    inv = sim(f"24GiB:used={2 * GiB + held}")
+    inv = sim(f"24GiB:used={2 * GiB + held}B")
     plan = make_plan(inv, budget(workers_per_gb=0.25), reservations=ollama("12GiB", inv, {0: held}))
     g = plan.gpus[0]
     assert g.reservations[0].bytes == 12 * GiB - held

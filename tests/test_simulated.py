@@ -46,7 +46,19 @@ def test_simulate_none_is_no_gpu() -> None:
 
 @pytest.mark.parametrize(
     "spec",
-    ["", "24GiB,", "0GiB", "-4GiB", "lots", "0x24GiB", "24GiB:used=30GiB", "24GiB:color=red", "24GiB:used"],
+    [
+        "",
+        "24GiB,",
+        "0GiB",
+        "-4GiB",
+        "lots",
+        "0x24GiB",
+        "24GiB:used=30GiB",
+        "24GiB:color=red",
+        "24GiB:used",
+        "24",  # sizes need a unit: 24 bytes is no GPU
+        "24GiB:used=2",
+    ],
 )
 def test_a_bad_simulate_spec_names_its_source(spec: str) -> None:
     with pytest.raises(SettingError, match=r"^GPUSHARE_SIMULATE: "):

@@ -152,6 +152,32 @@ def test_zero_is_fine_unless_refused(zero: object) -> None:
         parse_size(zero, "--gpushare-worker-mem", allow_zero=False)
 
 
+@pytest.mark.parametrize("bare", [9, 9.0, "9", " 9 ", "1e9", 2**40])
+def test_a_setting_size_needs_a_unit(bare: object) -> None:
+    # 9 meant as 9GiB would be 9 bytes: a setting refuses a bare number, in any form.
+    assert parse_size(bare, SOURCE) == round(float(bare))  # type: ignore[arg-type]
+    with pytest.raises(SettingError) as info:
+        parse_size(bare, "gpushare_worker_mem in pyproject.toml", need_unit=True)
+    assert str(info.value) == (
+        "gpushare_worker_mem in pyproject.toml: a size needs a unit such as GiB or MiB "
+        f"(a bare number would mean bytes): {bare!r}"
+    )
+
+
+@pytest.mark.parametrize(("value", "expected"), [(0, 0), (0.0, 0), ("0", 0), ("9B", 9), ("9GiB", 9 * GiB)])
+def test_zero_and_sizes_with_a_unit_need_nothing_more(value: object, expected: int) -> None:
+    assert parse_size(value, SOURCE, need_unit=True) == expected
+
+
+def test_every_size_of_a_list_or_a_need_needs_its_unit() -> None:
+    with pytest.raises(SettingError, match=r"^X: a size needs a unit .*: '12'$"):
+        parse_per_gpu_sizes("1GiB,0:12", "X", need_unit=True)
+    with pytest.raises(SettingError, match=r"^X: a size needs a unit .*: 4096$"):
+        parse_mem(4096, "X", need_unit=True)
+    assert parse_mem("50%", "X", need_unit=True) == MemRequest(percent=50.0)
+    assert parse_per_gpu_sizes("0,1:0", "X", need_unit=True) == PerGpuSizes(0, {1: 0})
+
+
 def test_setting_error_is_a_value_error() -> None:
     with pytest.raises(ValueError):
         parse_size("x", SOURCE)

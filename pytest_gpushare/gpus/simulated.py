@@ -30,7 +30,7 @@ class SimulatedGpuSpec:
 def parse_simulate(spec: str, source: str) -> tuple[SimulatedGpuSpec, ...]:
     """Parse ``[Nx]TOTAL[:used=SIZE][:name=TEXT]`` entries separated by commas.
 
-    ``none`` means no GPU at all.
+    ``none`` means no GPU at all. Sizes need a unit, as every size of a setting does.
     """
     if spec.strip().lower() == "none":
         return ()
@@ -42,7 +42,7 @@ def parse_simulate(spec: str, source: str) -> tuple[SimulatedGpuSpec, ...]:
         match = _COUNT_RE.match(entry)
         count = _count(match.group(1) if match else "1", len(gpus), spec, source)
         head, *options = (match.group(2) if match else entry).split(":")
-        total = parse_size(head.strip(), source, allow_zero=False)
+        total = parse_size(head.strip(), source, allow_zero=False, need_unit=True)
         used = 0
         name = "Simulated GPU"
         for option in options:
@@ -51,7 +51,7 @@ def parse_simulate(spec: str, source: str) -> tuple[SimulatedGpuSpec, ...]:
             if not sep:
                 raise SettingError(f"{source}: expected key=value after ':', got {option!r} in {spec!r}")
             if key == "used":
-                used = parse_size(value.strip(), source)
+                used = parse_size(value.strip(), source, need_unit=True)
             elif key == "name":
                 name = value.strip() or name
             else:

@@ -32,14 +32,15 @@ def _config_number(value: object, source: str, what: str, *, above_zero: bool = 
     return float(value)
 
 
-def _config_bytes(unit: int, what: str, *, above_zero: bool = False) -> Callable[[object, str], int]:
-    """A converter from a number of ``unit`` (MiB, GiB) to whole bytes."""
+def _config_bytes(unit: int, what: str, *, above_zero: bool = False) -> Callable[[object, str], str]:
+    """A converter from a number of ``unit`` (MiB, GiB) to whole bytes, as a size with its unit
+    (``"1073741824B"``): the settings take sizes only with a unit."""
 
-    def convert(value: object, source: str) -> int:
+    def convert(value: object, source: str) -> str:
         size = round(_config_number(value, source, what) * unit)
         if above_zero and size == 0:  # a size too small to be one byte is no size
             raise bad_value(value, source, f"expected {what}")
-        return size
+        return f"{size}B"
 
     return convert
 

@@ -16,12 +16,14 @@ from urllib.parse import urlsplit
 
 from pytest_gpushare.errors import SettingError
 from pytest_gpushare.gpus.simulated import parse_simulate as _check_simulate
-from pytest_gpushare.units import parse_size
+from pytest_gpushare.units import MemRequest, MiB, PerGpuSizes, parse_mem, parse_per_gpu_sizes, parse_size
 
 __all__ = [
+    "LEAST_MEM_BYTES",
     "bad_value",
     "parse_bool",
     "parse_count",
+    "parse_default_mem",
     "parse_fallback",
     "parse_float",
     "parse_ollama",
@@ -29,9 +31,11 @@ __all__ = [
     "parse_path",
     "parse_policy",
     "parse_positive_float",
-    "parse_positive_size",
     "parse_seconds",
+    "parse_setting_size",
+    "parse_setting_sizes",
     "parse_simulate",
+    "parse_worker_mem",
 ]
 
 _N = TypeVar("_N", int, float)
@@ -42,8 +46,39 @@ def bad_value(value: object, source: str, why: str) -> SettingError:
     return SettingError(f"{source}: {why}: {value!r}")
 
 
-def parse_positive_size(value: object, source: str) -> int:
-    return parse_size(value, source, allow_zero=False)
+#: The least worker mem or default mem a setting may give: less is a unit mistake (``9B``, a
+#: config's bytes where GiB were meant), since a CUDA context alone takes hundreds of MiB.
+LEAST_MEM_BYTES = MiB
+
+
+def parse_setting_size(value: object, source: str) -> int:
+    """A size from a setting: zero, or a number with a unit (:data:`~pytest_gpushare.units.NEEDS_A_UNIT`)."""
+    return parse_size(value, source, need_unit=True)
+
+
+def parse_setting_sizes(value: object, source: str) -> PerGpuSizes:
+    """Sizes per GPU from a setting, each with a unit as :func:`parse_setting_size`."""
+    return parse_per_gpu_sizes(value, source, need_unit=True)
+
+
+def _at_least_a_mib(n_bytes: int, value: object, source: str) -> None:
+    if n_bytes < LEAST_MEM_BYTES:
+        raise bad_value(value, source, "less than 1MiB, surely a unit mistake (a CUDA context is larger)")
+
+
+def parse_worker_mem(value: object, source: str) -> int:
+    """A worker's VRAM budget: a size with a unit, at least :data:`LEAST_MEM_BYTES`."""
+    size = parse_size(value, source, allow_zero=False, need_unit=True)
+    _at_least_a_mib(size, value, source)
+    return size
+
+
+def parse_default_mem(value: object, source: str) -> MemRequest:
+    """A marker's default ``mem``: ``N%``, or a size with a unit of at least :data:`LEAST_MEM_BYTES`."""
+    mem = parse_mem(value, source, need_unit=True)
+    if mem.bytes is not None:
+        _at_least_a_mib(mem.bytes, value, source)
+    return mem
 
 
 def _number(value: object, source: str, kind: type[_N], why: str) -> _N:

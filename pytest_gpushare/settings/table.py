@@ -16,17 +16,20 @@ from pytest_gpushare.observations import parse_budget_mode
 from pytest_gpushare.settings.parsers import (
     parse_bool,
     parse_count,
+    parse_default_mem,
     parse_fallback,
     parse_ollama,
     parse_on_off,
     parse_path,
     parse_policy,
     parse_positive_float,
-    parse_positive_size,
     parse_seconds,
+    parse_setting_size,
+    parse_setting_sizes,
     parse_simulate,
+    parse_worker_mem,
 )
-from pytest_gpushare.units import MemRequest, PerGpuSizes, parse_mem, parse_per_gpu_sizes, parse_size
+from pytest_gpushare.units import MemRequest, PerGpuSizes
 
 __all__ = ["OPTIONS_BY_NAME", "OPTION_NAMES", "Option", "Settings", "option_for"]
 
@@ -123,23 +126,23 @@ def _option(
 # fmt: off
 OPTION_NAMES: tuple[Option, ...] = (
     #       field                key               default   parse                   metavar
-    _option("reserve",           "reserve",        "0",      parse_per_gpu_sizes,    "SIZE[,IDX:SIZE...]",
+    _option("reserve",           "reserve",        "0",      parse_setting_sizes,    "SIZE[,IDX:SIZE...]",
             "memory held back for other applications: one size for every GPU, or per GPU index"),
-    _option("safety_bytes",      "safety",         "1GiB",   parse_size,             "SIZE",
+    _option("safety_bytes",      "safety",         "1GiB",   parse_setting_size,     "SIZE",
             "safety buffer per GPU"),
-    _option("worker_mem_bytes",  "worker_mem",     "3GiB",   parse_positive_size,    "SIZE",
+    _option("worker_mem_bytes",  "worker_mem",     "3GiB",   parse_worker_mem,       "SIZE",
             "VRAM budget per xdist worker when -n auto counts workers, its CUDA context included"),
     _option("workers_per_gb",    "workers_per_gb", None,     parse_positive_float,   "FLOAT",
             "at most this many workers per GiB of usable memory"),
     _option("max_workers",       "max_workers",    None,     parse_count,            "N",
             "upper bound on -n auto"),
-    _option("default_mem",       "default_mem",    None,     parse_mem,              "SIZE",
+    _option("default_mem",       "default_mem",    None,     parse_default_mem,      "SIZE",
             "mem of a gpu marker that names none (a size or N%)", "the worker mem"),
-    _option("context_mem_bytes", "context_mem",    "512MiB", parse_size,             "SIZE",
+    _option("context_mem_bytes", "context_mem",    "512MiB", parse_setting_size,     "SIZE",
             "what one process's CUDA context costs on each GPU it touches"),
     _option("ollama",            "ollama",         "auto",   parse_ollama,           "{auto,off,URL}",
             "where to ask Ollama what it holds (auto: OLLAMA_HOST, else http://127.0.0.1:11434)"),
-    _option("ollama_reserve",    "ollama_reserve", "0",      parse_per_gpu_sizes,    "SIZE[,IDX:SIZE...]",
+    _option("ollama_reserve",    "ollama_reserve", "0",      parse_setting_sizes,    "SIZE[,IDX:SIZE...]",
             "VRAM that Ollama must keep"),
     _option("fallback",          "fallback",       "skip",   parse_fallback,         "{skip,cpu,fail}",
             "what a GPU test does when no GPU can ever serve it"),

@@ -205,6 +205,16 @@ def test_config_bad_covers_every_key() -> None:
     assert {key for key, _, _ in CONFIG_BAD} == set(CONFIG_FILE_KEYS)
 
 
+def test_a_worker_mem_below_a_mib_from_the_config_file_is_refused(tmp_path: Path) -> None:
+    # 0.0005 GiB is 512KiB: a unit mistake (MiB meant), never a worker's budget.
+    path = tmp_path / "performance_config.json"
+    with pytest.raises(SettingError) as info:
+        resolve_from(tmp_path, config={"min_vram_per_worker_gb": 0.0005})
+    assert str(info.value).startswith(
+        f"min_vram_per_worker_gb in {path}: less than 1MiB, surely a unit mistake"
+    )
+
+
 @pytest.mark.parametrize(("key", "value", "why"), CONFIG_BAD)
 def test_bad_config_values_name_key_and_file(tmp_path: Path, key: str, value: object, why: str) -> None:
     path = tmp_path / "performance_config.json"
@@ -273,5 +283,5 @@ def test_config_file_that_is_not_utf8(tmp_path: Path) -> None:
 def test_read_config_file_returns_a_layer(tmp_path: Path) -> None:
     path = _write(tmp_path, {"gpu_resource_management": {"safety_buffer_mb": 10, "x": 1}})
     layer, notes = read_config_file(str(path), "--gpushare-config")
-    assert layer == {"gpushare_safety": (10 * MiB, f"safety_buffer_mb in {path}")}
+    assert layer == {"gpushare_safety": (f"{10 * MiB}B", f"safety_buffer_mb in {path}")}
     assert len(notes) == 1

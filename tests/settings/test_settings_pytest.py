@@ -63,11 +63,8 @@ def _settings(pytester: pytest.Pytester, *args: str) -> Settings:
         ("tox.ini", "[pytest]\ngpushare_safety = 2GiB\n"),
         ("setup.cfg", "[tool:pytest]\ngpushare_safety = 2GiB\n"),
         ("pytest.toml", '[pytest]\ngpushare_safety = "2GiB"\n'),
-        ("pytest.toml", "[pytest]\ngpushare_safety = 2147483648\n"),
-        ("pyproject.toml", "[tool.pytest]\ngpushare_safety = 2147483648\n"),
-        ("pyproject.toml", "[tool.pytest]\ngpushare_safety = 2147483648.0\n"),
+        ("pyproject.toml", '[tool.pytest]\ngpushare_safety = "2GiB"\n'),
         ("pyproject.toml", '[tool.pytest.ini_options]\ngpushare_safety = "2 GiB"\n'),
-        ("pyproject.toml", "[tool.pytest.ini_options]\ngpushare_safety = 2147483648\n"),
     ],
 )
 def test_every_kind_of_ini_file(project: pytest.Pytester, filename: str, text: str) -> None:
@@ -77,10 +74,33 @@ def test_every_kind_of_ini_file(project: pytest.Pytester, filename: str, text: s
     assert settings.sources["safety_bytes"] == f"gpushare_safety in {filename}"
 
 
+@pytest.mark.parametrize(
+    ("filename", "text", "value"),
+    [
+        # [tool.pytest.ini_options] hands every value over as text.
+        ("pyproject.toml", "[tool.pytest.ini_options]\ngpushare_worker_mem = 9\n", "'9'"),
+        ("pyproject.toml", "[tool.pytest]\ngpushare_worker_mem = 9.5\n", "9.5"),
+        ("pytest.toml", "[pytest]\ngpushare_worker_mem = 9\n", "9"),
+        ("pytest.ini", "[pytest]\ngpushare_worker_mem = 9\n", "'9'"),
+    ],
+)
+def test_a_bare_number_for_a_size_is_refused_naming_the_key(
+    project: pytest.Pytester, filename: str, text: str, value: str
+) -> None:
+    # It would mean 9 bytes, and the header would plan floor(49.0GiB / 9B) workers.
+    (project.path / filename).write_text(text)
+    with pytest.raises(SettingError) as info:
+        _settings(project)
+    assert str(info.value) == (
+        f"gpushare_worker_mem in {filename}: a size needs a unit such as GiB or MiB "
+        f"(a bare number would mean bytes): {value}"
+    )
+
+
 def test_native_toml_values_of_every_kind(project: pytest.Pytester) -> None:
     (project.path / "pytest.toml").write_text(
         "[pytest]\n"
-        "gpushare_reserve = 1073741824\n"
+        "gpushare_reserve = 0\n"
         "gpushare_workers_per_gb = 0.25\n"
         "gpushare_max_workers = 3\n"
         "gpushare_timeout = 30\n"
@@ -89,7 +109,7 @@ def test_native_toml_values_of_every_kind(project: pytest.Pytester) -> None:
         'gpushare_simulate = "2x24GiB"\n'
     )
     settings = _settings(project)
-    assert settings.reserve == PerGpuSizes(GiB)
+    assert settings.reserve == PerGpuSizes(0)
     assert settings.workers_per_gb == 0.25
     assert settings.max_workers == 3
     assert settings.timeout_s == 30.0

@@ -157,12 +157,22 @@ BAD: dict[str, list[tuple[str, str]]] = {
         ("-1GiB", "cannot be negative"),
         ("0:1GiB,0:2GiB", "given twice"),
         ("x:1G", "index"),
+        ("12", "needs a unit"),
     ],
-    "gpushare_safety": [("-1GiB", "cannot be negative"), ("lots", "not a size"), ("nan", "not a size")],
+    "gpushare_safety": [
+        ("-1GiB", "cannot be negative"),
+        ("lots", "not a size"),
+        ("nan", "not a size"),
+        ("1073741824", "needs a unit"),
+        ("1.5", "needs a unit"),
+    ],
     "gpushare_worker_mem": [
         ("0", "larger than zero"),
         ("-3GiB", "cannot be negative"),
         ("inf", "not a size"),
+        ("9", "needs a unit"),
+        ("9B", "less than 1MiB, surely a unit mistake"),
+        ("1023KiB", "less than 1MiB"),
     ],
     "gpushare_workers_per_gb": [
         ("0", "larger than zero"),
@@ -177,8 +187,14 @@ BAD: dict[str, list[tuple[str, str]]] = {
         ("2.5", "whole number"),
         ("x", "whole"),
     ],
-    "gpushare_default_mem": [("0", "larger than zero"), ("0%", "percentage"), ("150%", "percentage")],
-    "gpushare_context_mem": [("-1", "cannot be negative"), ("1e999", "finite")],
+    "gpushare_default_mem": [
+        ("0", "larger than zero"),
+        ("0%", "percentage"),
+        ("150%", "percentage"),
+        ("4", "needs a unit"),
+        ("512KiB", "less than 1MiB"),
+    ],
+    "gpushare_context_mem": [("-1", "cannot be negative"), ("1e999", "finite"), ("512", "needs a unit")],
     "gpushare_ollama": [
         ("ftp://ollama:11434", "not an http(s) URL"),
         ("false", "use off"),
@@ -188,7 +204,11 @@ BAD: dict[str, list[tuple[str, str]]] = {
         ("http://ollama box:11434", "not an http(s) URL"),
         ("ollama:99999", "not an http(s) URL"),
     ],
-    "gpushare_ollama_reserve": [("-1G", "cannot be negative"), ("1GiB,2GiB", "more than one size")],
+    "gpushare_ollama_reserve": [
+        ("-1G", "cannot be negative"),
+        ("1GiB,2GiB", "more than one size"),
+        ("12", "needs a unit"),
+    ],
     "gpushare_fallback": [("gpu", "use one of skip, cpu, fail")],
     "gpushare_timeout": [
         ("-1", "cannot be negative"),
@@ -202,6 +222,7 @@ BAD: dict[str, list[tuple[str, str]]] = {
         ("0GiB", "larger than zero"),
         ("2x", "unknown unit"),
         ("24GiB:foo=1", "unknown GPU option"),
+        ("24", "needs a unit"),
     ],
     "gpushare_enforce": [("maybe", "not a flag"), ("2", "not a flag")],
     "gpushare_adopt_marker": [("maybe", "not a flag")],
@@ -257,12 +278,11 @@ def test_only_the_winning_value_is_parsed(tmp_path: Path) -> None:
 # --- native TOML values (ini layer) ----------------------------------------------------------
 
 NATIVE_GOOD: list[tuple[str, object, object]] = [
-    ("gpushare_safety", 1073741824, GiB),
-    ("gpushare_safety", 1073741824.0, GiB),
-    ("gpushare_reserve", 2 * GiB, PerGpuSizes(2 * GiB)),
+    # A size needs a unit, so the only native number a size takes is zero.
+    ("gpushare_safety", 0, 0),
+    ("gpushare_safety", 0.0, 0),
+    ("gpushare_reserve", 0, PerGpuSizes()),
     ("gpushare_ollama_reserve", 0, PerGpuSizes()),
-    ("gpushare_worker_mem", 3 * GiB, 3 * GiB),
-    ("gpushare_default_mem", GiB, MemRequest(bytes=GiB)),
     ("gpushare_context_mem", 0, 0),
     ("gpushare_workers_per_gb", 0.25, 0.25),
     ("gpushare_workers_per_gb", 1, 1.0),
@@ -283,6 +303,17 @@ def test_native_toml_values(tmp_path: Path, name: str, value: object, expected: 
 NATIVE_BAD: list[tuple[str, object, str]] = [
     ("gpushare_safety", -1, "cannot be negative"),
     ("gpushare_safety", True, "not a size"),
+    (
+        "gpushare_safety",
+        1073741824,
+        "a size needs a unit such as GiB or MiB (a bare number would mean bytes)",
+    ),
+    ("gpushare_safety", 2.5, "needs a unit"),
+    ("gpushare_reserve", 2 * GiB, "needs a unit"),
+    ("gpushare_ollama_reserve", 12, "needs a unit"),
+    ("gpushare_worker_mem", 9, "needs a unit"),
+    ("gpushare_default_mem", GiB, "needs a unit"),
+    ("gpushare_context_mem", 512, "needs a unit"),
     ("gpushare_worker_mem", 0, "larger than zero"),
     ("gpushare_workers_per_gb", False, "not a number"),
     ("gpushare_workers_per_gb", math.inf, "finite"),
