@@ -9,7 +9,8 @@ once a lower lease ends, so the stack would rise above the leased total and coul
 line although the ledger never overcommitted. Stacking this way keeps the top of the stack equal to
 the leased total at every moment, which is what the picture is for.
 
-``render_svg`` is pure (no I/O); :mod:`pytest_gpushare.commands.timeline` is the command around it.
+``render_svg`` is pure (no I/O): :mod:`pytest_gpushare.timeline_input` reads the report for it,
+and :mod:`pytest_gpushare.commands.timeline` is the command around it.
 """
 
 from __future__ import annotations
@@ -17,11 +18,11 @@ from __future__ import annotations
 import math
 import re
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from pytest_gpushare.report import REPORT_VERSION, peak_concurrent
+from pytest_gpushare.report import peak_concurrent
+from pytest_gpushare.timeline_input import Panel, Part, Run, read_run
 from pytest_gpushare.units import GiB, KiB, MiB, format_size
 
 __all__ = ["render_svg"]
@@ -47,181 +48,14 @@ PANEL_TITLE = 26
 PANEL_AXIS = 40
 HEADER = 64
 HEADROOM = 1.06  # so the total line does not sit on the panel's top edge
+LABEL_GAP = 13  # px between the baselines of two labels at the right of the plot (11px text)
 SEPARATE_BANDS_BELOW = 400  # a white outline tells neighbouring leases apart until bands get too thin
-
-
-@dataclass(frozen=True)
-class _Part:
-    """One lease on one GPU, as drawn."""
-
-    test_id: str
-    worker: str
-    start: float
-    end: float
-    bytes: int
-    gpu_index: int
-    gpu_count: int
-    waited_s: float
-    held_s: float | None  # None: still held when the run finished
-    outcome: str | None
-
-
-@dataclass
-class _Panel:
-    uuid: str
-    index: int
-    name: str | None  # None: the GPU is not in the report's plan
-    total: int | None
-    usable: int | None
-    parts: list[_Part] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class _Run:
-    started: float
-    t0: float
-    t1: float
-    panels: list[_Panel]
-    workers: list[str]
-    leases: int
-    not_run: int
-    lost: int
-
-
-# --- reading the report ------------------------------------------------------------------------
-
-
-def _short(value: object) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _get(obj: object, key: str, where: str) -> Any:
-    if not isinstance(obj, dict):
-        raise ValueError(f"{where}: expected an object, got {_short(obj)}")
-    if key not in obj:
-        raise ValueError(f"{where}: missing {key!r}")
-    return obj[key]
-
-
-def _number(obj: object, key: str, where: str) -> float:
-    value = _get(obj, key, where)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{where}: {key!r} must be a finite number, got {_short(value)}")
-    return float(value)
-
-
-def _count(obj: object, key: str, where: str) -> int:
-    value = _get(obj, key, where)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{where}: {key!r} must be a whole number >= 0, got {_short(value)}")
-    return value
-
-
-def _text(obj: object, key: str, where: str) -> str:
-    value = _get(obj, key, where)
-    if not isinstance(value, str):
-        raise ValueError(f"{where}: {key!r} must be a string, got {_short(value)}")
-    return value
-
-
-def _list(obj: object, key: str, where: str) -> list[Any]:
-    value = _get(obj, key, where)
-    if not isinstance(value, list):
-        raise ValueError(f"{where}: {key!r} must be a list, got {_short(value)}")
-    return value
-
-
-def _read_lease(raw: object, where: str, finished: float) -> list[tuple[str, int, _Part]]:
-    """The parts of one lease as ``(uuid, index the lease names, part)``."""
-    start = _number(raw, "taken_at", where)
-    released = _get(raw, "released_at", where)
-    end = finished if released is None else _number(raw, "released_at", where)
-    outcome = raw.get("outcome") if isinstance(raw, dict) else None
-    gpus = _list(raw, "gpus", where)
-    template = _Part(
-        test_id=_text(raw, "test_id", where),
-        worker=_text(raw, "worker", where),
-        start=start,
-        end=max(start, end),
-        bytes=0,
-        gpu_index=0,
-        gpu_count=len(gpus),
-        waited_s=_number(raw, "waited_s", where),
-        held_s=None if released is None else max(0.0, end - start),
-        outcome=outcome if isinstance(outcome, str) else None,
-    )
-    parts = []
-    for i, entry in enumerate(gpus):
-        at = f"{where}.gpus[{i}]"
-        index = _count(entry, "index", at)
-        part = replace(template, bytes=_count(entry, "bytes", at), gpu_index=index)
-        parts.append((_text(entry, "uuid", at), index, part))
-    return parts
-
-
-def _parse(report: object) -> _Run:
-    if not isinstance(report, dict):
-        raise ValueError(f"not a gpushare report: expected a JSON object, got {_short(report)}")
-    version = report.get("version")
-    if version != REPORT_VERSION:
-        raise ValueError(
-            f"unsupported report version {_short(version)} (this gpushare reads version {REPORT_VERSION})"
-        )
-    started = _number(report, "started", "report")
-    finished = max(started, _number(report, "finished", "report"))
-    raw_usable = _get(report, "usable_bytes", "report")
-    if not isinstance(raw_usable, dict):
-        raise ValueError(f"report: 'usable_bytes' must be an object, got {_short(raw_usable)}")
-    usable_by_uuid = {uuid: _count(raw_usable, uuid, "report usable_bytes") for uuid in raw_usable}
-
-    panels: dict[str, _Panel] = {}
-    for i, entry in enumerate(_list(_get(report, "plan", "report"), "gpus", "report plan")):
-        where = f"report plan.gpus[{i}]"
-        gpu = _get(entry, "gpu", where)
-        uuid = _text(gpu, "uuid", f"{where}.gpu")
-        panels[uuid] = _Panel(
-            uuid=uuid,
-            index=_count(gpu, "index", f"{where}.gpu"),
-            name=_text(gpu, "name", f"{where}.gpu"),
-            total=_count(gpu, "total_bytes", f"{where}.gpu"),
-            usable=_count(entry, "usable_bytes", where),
-        )
-    for uuid, usable in usable_by_uuid.items():
-        if uuid in panels:
-            panels[uuid].usable = usable
-
-    leases = _list(report, "leases", "report")
-    for i, raw in enumerate(leases):
-        for uuid, index, part in _read_lease(raw, f"report leases[{i}]", finished):
-            if uuid not in panels:
-                # A lease on a GPU the plan does not list: draw it rather than hide memory.
-                panels[uuid] = _Panel(uuid, index, None, None, usable_by_uuid.get(uuid))
-            panels[uuid].parts.append(replace(part, gpu_index=panels[uuid].index))
-
-    parts = [p for panel in panels.values() for p in panel.parts]
-    not_run, lost = report.get("not_run", []), report.get("lost", [])
-    return _Run(
-        started=started,
-        t0=min([started, *(p.start for p in parts)]),
-        t1=max([finished, *(p.end for p in parts)]),
-        panels=sorted(panels.values(), key=lambda p: (p.index, p.uuid)),
-        workers=sorted({p.worker for p in parts}, key=_natural),
-        leases=len(leases),
-        not_run=len(not_run) if isinstance(not_run, list) else 0,
-        lost=len(lost) if isinstance(lost, list) else 0,
-    )
-
-
-def _natural(text: str) -> list[Any]:
-    """``gw2`` before ``gw10``."""
-    return [(0, int(c), "") if c.isdigit() else (1, 0, c) for c in re.split(r"(\d+)", text) if c]
 
 
 # --- stacking ----------------------------------------------------------------------------------
 
 
-def _stack(parts: Sequence[_Part]) -> list[list[tuple[float, float, int]]]:
+def _stack(parts: Sequence[Part]) -> list[list[tuple[float, float, int]]]:
     """For each part, its ``(start, end, offset)`` stretches, ``offset`` in bytes from the bottom.
 
     Alive parts are kept in the order they started, each on top of the ones before it, so at any
@@ -312,7 +146,7 @@ def _duration(seconds: float, step: float) -> str:
     return f"{hours}h{minutes:02d}m" if minutes else f"{hours}h"
 
 
-def _tooltip(p: _Part) -> str:
+def _tooltip(p: Part) -> str:
     where = f"GPU {p.gpu_index}" + (f" (one of {p.gpu_count} GPUs)" if p.gpu_count > 1 else "")
     held = "still held when the run finished" if p.held_s is None else f"held {p.held_s:.1f}s"
     lines = [p.test_id, f"{format_size(p.bytes)} on {where}", f"worker {p.worker}"]
@@ -322,7 +156,7 @@ def _tooltip(p: _Part) -> str:
     return "\n".join(lines)
 
 
-def _panel(out: list[str], run: _Run, panel: _Panel, top: float, colour: Mapping[str, str]) -> None:
+def _panel(out: list[str], run: Run, panel: Panel, top: float, colour: Mapping[str, str]) -> None:
     intervals = [(p.start, p.end, p.bytes) for p in panel.parts]
     peak = peak_concurrent(intervals)
     ymax = max(panel.total or 0, panel.usable or 0, peak, 1) * HEADROOM
@@ -378,21 +212,44 @@ def _panel(out: list[str], run: _Run, panel: _Panel, top: float, colour: Mapping
         )
 
     left, right = _n(x_at(run.t0)), _n(x_at(run.t1))
-    for cls, n_bytes, dash in (
-        ("total", panel.total, ""),
-        ("usable", panel.usable, ' stroke-dasharray="6 4"'),
-    ):
-        if n_bytes is None:
-            continue
-        y = _n(y_at(n_bytes))
-        out.append(f'<line class="{cls}" x1="{left}" x2="{right}" y1="{y}" y2="{y}" stroke="#000"{dash}/>')
-        out.append(f'<text x="{_n(PLOT_RIGHT + 6)}" y="{y}" dy="4">{cls} {format_size(n_bytes)}</text>')
+    _limit_lines(out, panel, y_at, left, right)
     b = _n(base)
     out.append(f'<line class="baseline" x1="{left}" x2="{right}" y1="{b}" y2="{b}" stroke="#333"/>')
     out.append("</g>")
 
 
-def _header(out: list[str], run: _Run, colour: Mapping[str, str]) -> None:
+def _limit_lines(out: list[str], panel: Panel, y_at: Callable[[float], float], left: str, right: str) -> None:
+    """The panel's "total" and "usable" lines, each labelled at the right, labels kept apart."""
+    limits = [
+        (cls, n_bytes, dash, y_at(n_bytes))
+        for cls, n_bytes, dash in (
+            ("total", panel.total, ""),
+            ("usable", panel.usable, ' stroke-dasharray="6 4"'),
+        )
+        if n_bytes is not None
+    ]
+    label_ys = _apart([at for *_, at in limits])
+    for (cls, n_bytes, dash, at), label_y in zip(limits, label_ys, strict=True):
+        out.append(
+            f'<line class="{cls}" x1="{left}" x2="{right}" y1="{_n(at)}" y2="{_n(at)}" stroke="#000"{dash}/>'
+        )
+        out.append(
+            f'<text x="{_n(PLOT_RIGHT + 6)}" y="{_n(label_y)}" dy="4">{cls} {format_size(n_bytes)}</text>'
+        )
+
+
+def _apart(ys: Sequence[float]) -> list[float]:
+    """Where to put labels meant for lines at ``ys``: two closer than :data:`LABEL_GAP` move
+    apart, each half the shortfall away from the other (the "total" and "usable" labels of a GPU
+    whose usable memory is nearly all of it)."""
+    if len(ys) != 2 or abs(ys[0] - ys[1]) >= LABEL_GAP:
+        return list(ys)
+    mid, half = (ys[0] + ys[1]) / 2, LABEL_GAP / 2
+    # Ties go the way the list is: the first (total) label above.
+    return [mid - half, mid + half] if ys[0] <= ys[1] else [mid + half, mid - half]
+
+
+def _header(out: list[str], run: Run, colour: Mapping[str, str]) -> None:
     when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(run.started))
     title = f"gpushare timeline: run started {when}, lasted {run.t1 - run.started:.1f}s"
     if run.leases:
@@ -426,7 +283,7 @@ def render_svg(report: dict[str, Any]) -> str:
     Raises ``ValueError`` with a one-line message when ``report`` is not a version-1 report or a
     field the picture needs is missing or of the wrong type.
     """
-    run = _parse(report)
+    run = read_run(report)
     colour = {w: PALETTE[i % len(PALETTE)] for i, w in enumerate(run.workers)}
     panel_height = PANEL_TITLE + PLOT_HEIGHT + PANEL_AXIS
     height = HEADER + max(1, len(run.panels)) * panel_height

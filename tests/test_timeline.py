@@ -206,6 +206,24 @@ def test_usable_and_total_lines(svg: str) -> None:
     assert usable.get("x2") == base.get("x2")
 
 
+def label_y(panel: ET.Element, cls: str) -> float:
+    (text,) = [t for t in panel.iter(f"{{{NS['s']}}}text") if (t.text or "").startswith(f"{cls} ")]
+    return float(text.get("y", "")) + float(text.get("dy", "0"))
+
+
+@pytest.mark.parametrize("usable", [24 * GIB, 24 * GIB - 1, 23 * GIB, 22 * GIB, 20 * GIB, 0])
+def test_total_and_usable_labels_never_overlap(usable: int) -> None:
+    report = make_report(LEASES)
+    report["plan"]["gpus"][0] = gpu_entry(0, "GPU-aaa", "X", 24 * GIB, usable)
+    report["usable_bytes"]["GPU-aaa"] = usable
+    panel = panel_of(parse(render_svg(report)), "GPU-aaa")
+    total_y, usable_y = label_y(panel, "total"), label_y(panel, "usable")
+    assert usable_y - total_y >= 12  # 11px text: the total's label above, the usable's below
+    # Each label stays by its own line, whichever way it had to move.
+    for cls, y in (("total", total_y), ("usable", usable_y)):
+        assert abs(y - 4 - float(line(panel, cls).get("y1", ""))) <= 12
+
+
 def test_unreleased_lease_is_drawn_to_the_end_of_the_run(svg: str) -> None:
     panel = panel_of(parse(svg), "GPU-bbb")
     (rects,) = [rs for t, _, rs in bands(panel) if t.startswith("t::never_released")]
