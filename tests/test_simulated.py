@@ -18,7 +18,7 @@ from pytest_gpushare.units import GiB
 
 
 def test_simulate_spec_gives_totals_used_and_names() -> None:
-    inv = SimulatedProbe("24GiB:used=2GiB,2x16GiB:name=RTX 4080").probe()
+    inv = SimulatedProbe(visible=None, spec="24GiB:used=2GiB,2x16GiB:name=RTX 4080").probe()
     assert [(g.index, g.total_bytes, g.used_bytes, g.free_bytes, g.name) for g in inv.gpus] == [
         (0, 24 * GiB, 2 * GiB, 22 * GiB, "Simulated GPU"),
         (1, 16 * GiB, 0, 16 * GiB, "RTX 4080"),
@@ -35,6 +35,38 @@ def test_simulated_uuids_are_stable_and_distinct_per_position() -> None:
     assert len(set(uuids(first))) == 2
     assert all(u.startswith("GPU-") and len(u) == len(A) for u in uuids(first))
     assert uuids(SimulatedProbe("80GiB").probe())[0] == uuids(first)[0]
+
+
+def test_the_inherited_cuda_visible_devices_applies_as_on_real_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    every = uuids(SimulatedProbe("3x24GiB", visible=None).probe())
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+    inv = SimulatedProbe("3x24GiB").probe()
+    assert [(g.index, g.uuid) for g in inv.gpus] == [(0, every[1])]  # its own UUID, a new index
+    assert inv.source == "simulated (3x24GiB, CUDA_VISIBLE_DEVICES='1')"
+    # By the simulated UUIDs (or unique prefixes of them), in the order given.
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", f"{every[2]},{every[0][:12]}")
+    assert uuids(SimulatedProbe("3x24GiB").probe()) == [every[2], every[0]]
+    # As CUDA reads it: the first entry that names no GPU hides itself and all after it.
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,7,0")
+    assert uuids(SimulatedProbe("3x24GiB").probe()) == [every[2]]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert SimulatedProbe("3x24GiB").probe().gpus == ()
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert uuids(SimulatedProbe("3x24GiB").probe()) == every
+
+
+def test_a_visibility_that_names_only_real_gpus_is_not_about_the_simulation(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A worker pinned to a real GPU runs a nested session on simulated GPUs (pytester, a script).
+    every = uuids(SimulatedProbe("2x24GiB", visible=None).probe())
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", A)
+    inv = SimulatedProbe("2x24GiB").probe()
+    assert uuids(inv) == every
+    assert inv.notes == (f"CUDA_VISIBLE_DEVICES={A!r} names real GPUs, none of the simulated ones: ignored",)
+    # One simulated UUID makes it about the simulation, with CUDA's reading: the real one hides.
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", f"{every[1]},{A}")
+    assert uuids(SimulatedProbe("2x24GiB").probe()) == [every[1]]
 
 
 def test_simulate_none_is_no_gpu() -> None:

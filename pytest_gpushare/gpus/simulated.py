@@ -4,10 +4,17 @@ from __future__ import annotations
 
 import hashlib
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from pytest_gpushare.errors import SettingError
 from pytest_gpushare.gpus.model import Gpu, GpuInventory
+from pytest_gpushare.gpus.visible import (
+    FROM_ENVIRONMENT,
+    FromEnvironment,
+    PhysicalGpu,
+    select_visible,
+    visible_spec,
+)
 from pytest_gpushare.units import parse_size
 
 __all__ = ["MAX_SIMULATED_GPUS", "SimulatedGpuSpec", "SimulatedProbe", "parse_simulate", "simulated_uuid"]
@@ -83,32 +90,72 @@ def simulated_uuid(position: int, gpu: SimulatedGpuSpec) -> str:
     return f"GPU-5151{digest[:4]}-{digest[4:8]}-{digest[8:12]}-{digest[12:16]}-{digest[16:28]}"
 
 
+def _names_these(spec: str, uuids: list[str]) -> bool:
+    """Whether ``CUDA_VISIBLE_DEVICES=spec`` is about these simulated GPUs: a list of integers
+    (places, which every box has), or of UUIDs at least one of which is one of ``uuids``.
+
+    A list of UUIDs that are all real ones was set for the real box (a worker pinned by a session
+    on real GPUs, a ``gpushare run`` command) and means nothing to a simulation started inside it.
+    """
+    entries = [e.strip() for e in spec.split(",")]
+    if not entries[0].startswith(("GPU-", "MIG-")):
+        return True
+    return any(e and u.startswith(e) for e in entries for u in uuids)
+
+
 class SimulatedProbe:
     """GPUs that exist only in the spec.
 
     ``used=`` is what strangers hold. Processes that hold leases are seen using exactly
     what they leased, which the formula credits back, so the probe reports
     ``free = total - used`` and an empty, trustworthy process list.
+
+    ``visible`` is the inherited ``CUDA_VISIBLE_DEVICES``, applied as the NVML probe applies it
+    (:func:`~pytest_gpushare.gpus.visible.select_visible`): integers count the spec's GPUs in
+    order, ``GPU-`` entries name their simulated UUIDs. A value that names only real GPUs by
+    UUID was set for the real box, not for this one: it is ignored, and a note says so.
+    :data:`FROM_ENVIRONMENT` (the default) reads it at each probe. A GPU keeps the UUID of its
+    place in the spec, so sessions that see different GPUs of one spec still share ledgers; its
+    ``index`` is its place among the visible ones.
     """
 
-    def __init__(self, spec: str, source: str = "--gpushare-simulate") -> None:
+    def __init__(
+        self,
+        spec: str,
+        source: str = "--gpushare-simulate",
+        *,
+        visible: str | FromEnvironment | None = FROM_ENVIRONMENT,
+    ) -> None:
         self.spec = spec
+        self.visible = visible
         self._gpus = parse_simulate(spec, source)
 
     def probe(self) -> GpuInventory:
-        gpus = tuple(
-            Gpu(
-                index=i,
-                uuid=simulated_uuid(i, g),
-                name=g.name,
-                total_bytes=g.total_bytes,
-                free_bytes=g.total_bytes - g.used_bytes,
-                used_bytes=g.used_bytes,
-                processes=(),
-                simulated=True,
-            )
-            for i, g in enumerate(self._gpus)
-        )
-        if not gpus:
+        if not self._gpus:
             return GpuInventory(gpus=(), source="simulated: no GPU (--gpushare-simulate=none)")
-        return GpuInventory(gpus=gpus, source=f"simulated ({self.spec})")
+        physical = [
+            PhysicalGpu(uuid, (0, i, 0), (self._gpu(i, uuid, g),))
+            for i, g in enumerate(self._gpus)
+            for uuid in (simulated_uuid(i, g),)
+        ]
+        seen = visible_spec(self.visible)
+        if seen is not None and not _names_these(seen, [p.uuid for p in physical]):
+            note = f"CUDA_VISIBLE_DEVICES={seen!r} names real GPUs, none of the simulated ones: ignored"
+            gpus = tuple(d for p in physical for d in p.devices)
+            return GpuInventory(gpus=gpus, source=f"simulated ({self.spec})", notes=(note,))
+        gpus = tuple(replace(g, index=n) for n, g in enumerate(select_visible(seen, physical)))
+        shown = "" if seen is None else f", CUDA_VISIBLE_DEVICES={seen!r}"
+        return GpuInventory(gpus=gpus, source=f"simulated ({self.spec}{shown})")
+
+    @staticmethod
+    def _gpu(position: int, uuid: str, g: SimulatedGpuSpec) -> Gpu:
+        return Gpu(
+            index=position,
+            uuid=uuid,
+            name=g.name,
+            total_bytes=g.total_bytes,
+            free_bytes=g.total_bytes - g.used_bytes,
+            used_bytes=g.used_bytes,
+            processes=(),
+            simulated=True,
+        )
