@@ -39,13 +39,15 @@ def cli(tmp_path: Path) -> Iterator[CliBox]:
 
 @pytest.mark.parametrize("code", [0, 3, 7])
 def test_run_passes_the_exit_code_through_and_names_the_gpus(cli: CliBox, code: int) -> None:
-    cli.env["CUDA_VISIBLE_DEVICES"] = "as-inherited"
+    # A real GPU's UUID, as a worker of a session on real GPUs inherits: no simulated GPU is hidden.
+    real = "GPU-aaaaaaaa-1111-2222-3333-000000000001"
+    cli.env["CUDA_VISIBLE_DEVICES"] = real
     done = cli.gpushare("run", "--mem", "4GiB", "--simulate", SIM, "--", *cli.child_cmd("env", code))
     assert done.returncode == code, done.stderr
     seen = json.loads(cli.file("env.json").read_text())
     # Simulated GPUs have no CUDA device: CUDA_VISIBLE_DEVICES stays as inherited.
     assert seen == {
-        "CUDA_VISIBLE_DEVICES": "as-inherited",
+        "CUDA_VISIBLE_DEVICES": real,
         "CUDA_DEVICE_ORDER": None,
         "GPUSHARE_LEASED_GPUS": SIM_UUID,
     }
@@ -140,7 +142,11 @@ def test_run_that_can_never_fit_fails_at_once(cli: CliBox) -> None:
 @pytest.mark.parametrize(
     ("args", "code", "words"),
     [
-        (["--mem", "4GiB", "--safety", "lots", "--", "true"], 4, "--gpushare-safety: not a size"),
+        (["--mem", "4GiB", "--safety", "lots", "--", "true"], 4, "gpushare run: --safety: not a size"),
+        (["--mem", "4GiB", "--safety=-1", "--", "true"], 4, "gpushare run: --safety: a size cannot be"),
+        (["--mem", "4GiB", "--gpushare-safety=-1", "--", "true"], 4, "run: --gpushare-safety: a size"),
+        (["--mem", "4GiB", "--safety", "--", "true"], 4, "gpushare run: --safety: expects a value"),
+        (["--mem", "4GiB", "--enforce=maybe", "--", "true"], 4, "gpushare run: --enforce: not a flag"),
         (["--mem", "4GiB", "--count", "0", "--", "true"], 2, "--count"),
         (["--mem", "4GiB", "--cuont", "2", "--", "true"], 2, "--cuont"),
         (["--simulate", SIM, "--", "true"], 2, "--mem is required"),
@@ -152,6 +158,15 @@ def test_run_usage_errors(cli: CliBox, args: list[str], code: int, words: str) -
     done = cli.gpushare("run", *args)
     assert done.returncode == code
     assert words in done.stderr and done.stderr.count("\n") == 1
+
+
+def test_run_help_says_simulated_gpus_keep_the_inherited_visibility(cli: CliBox) -> None:
+    done = cli.gpushare("run", "--help")
+    assert done.returncode == 0, done.stderr
+    text = " ".join(done.stdout.split())
+    assert "on real GPUs, CUDA_VISIBLE_DEVICES set to them" in text
+    assert "simulated GPUs have no CUDA device, so there the inherited CUDA_VISIBLE_DEVICES stays" in text
+    assert "--safety SIZE" in text and "--gpushare-NAME" in text
 
 
 def test_run_refuses_an_unsafe_folder_in_one_line(cli: CliBox) -> None:

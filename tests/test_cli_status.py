@@ -97,7 +97,21 @@ def test_status_takes_the_folder_from_its_flag_first(cli: CliBox, tmp_path: Path
     for flag in ("--ledger-dir", "--gpushare-ledger-dir"):
         document = cli.status(flag, str(other))
         assert document["folder"] == str(other)
-        assert document["folder_source"] == "--gpushare-ledger-dir"
+        assert document["folder_source"] == flag  # as typed
+
+
+def test_status_help_shows_the_short_spelling_and_says_the_long_works(cli: CliBox) -> None:
+    done = cli.gpushare("status", "--help")
+    assert done.returncode == 0, done.stderr
+    assert "--ledger-dir PATH" in done.stdout and "--simulate SPEC" in done.stdout
+    assert "--gpushare-ledger-dir" not in done.stdout
+    assert "also works as --gpushare-NAME" in " ".join(done.stdout.split())
+
+
+def test_status_names_a_bad_setting_as_typed(cli: CliBox) -> None:
+    done = cli.gpushare("status", "--simulate=lots")
+    assert done.returncode == 4
+    assert done.stderr.startswith("gpushare status: --simulate: ") and done.stderr.count("\n") == 1
 
 
 def test_a_killed_run_loses_its_lease_at_once_while_its_command_lives(cli: CliBox) -> None:

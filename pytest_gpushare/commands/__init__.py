@@ -1,7 +1,8 @@
 """The ``gpushare`` command (also ``python -m pytest_gpushare``): one module per subcommand.
 
 Subcommands are imported when they are called, so ``gpushare --help`` stays fast. ``common``
-holds what they share; ``spawn`` runs ``gpushare run``'s command with its signals.
+holds what they share (the settings flags in either spelling); ``spawn`` runs ``gpushare run``'s
+command with its signals.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ import sys
 from collections.abc import Sequence
 
 from pytest_gpushare import __version__
-from pytest_gpushare.commands.common import translate_flags
 
 __all__ = ["entry", "main"]
 
@@ -23,7 +23,7 @@ commands:
   timeline  draw a run's leases from a --gpushare-report JSON file as SVG
   run       run a command outside pytest holding a lease for as long as it lives
 
-Run `gpushare COMMAND --help` for a command's options.
+Run `gpushare COMMAND --help` for a command's options; `gpushare -V` (--version) for the version.
 """
 
 
@@ -32,7 +32,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args or args[0] in ("-h", "--help"):
         print(USAGE, end="")
         return 0 if args else 2
-    if args[0] == "--version":
+    if args[0] in ("-V", "--version"):
         print(f"gpushare {__version__}")
         return 0
     command, rest = args[0], args[1:]
@@ -43,7 +43,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command == "status":
         from pytest_gpushare.commands.status import cmd_status
 
-        return cmd_status(translate_flags(rest))
+        return cmd_status(rest)
     if command == "timeline":
         from pytest_gpushare.commands.timeline import cmd_timeline
 
@@ -51,7 +51,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command == "run":
         from pytest_gpushare.commands.run import cmd_run
 
-        return cmd_run(translate_flags(rest))
+        return cmd_run(rest)
     print(f"gpushare: unknown command {command!r}\n{USAGE}", end="", file=sys.stderr)
     return 2
 

@@ -6,13 +6,17 @@ their hooks) with a plugin that prints the analysis in place of running the sess
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 
 import pytest
 
-from pytest_gpushare.commands.common import translate_flags
+from pytest_gpushare.commands.common import CommandParser, FlagSpellings, add_settings_help, take_settings
+from pytest_gpushare.errors import SettingError
 
 __all__ = ["cmd_plan"]
+
+EXIT_SETTING = int(pytest.ExitCode.USAGE_ERROR)
 
 
 class _PlanCommand:
@@ -34,13 +38,30 @@ class _PlanCommand:
         return 0
 
 
+def _help() -> str:
+    parser = CommandParser(
+        prog="gpushare plan",
+        usage="gpushare plan [settings] [pytest options and paths]",
+        description=(
+            "Print the VRAM analysis and the worker count that `pytest -n auto` would use in this "
+            "folder, and exit. pytest's own configuration is read: rootdir and ini file, -c, -p, "
+            "--rootdir, and the initial conftests of the paths given, with their hooks."
+        ),
+        epilog="exit codes: 0, or 4 for a bad setting (as pytest's usage errors)",
+    )
+    add_settings_help(parser)
+    return parser.format_help()
+
+
 def cmd_plan(args: Sequence[str]) -> int:
+    """``gpushare plan``: print what ``pytest -n auto`` would plan here; returns the exit code."""
     if any(a in ("-h", "--help") for a in args):
-        print(
-            "usage: gpushare plan [--reserve SIZE] [--safety SIZE] [--simulate SPEC] ... [pytest args]\n"
-            "Prints what `pytest -n auto` would plan in this folder. Takes every --gpushare-* option\n"
-            "of the plugin (with or without the gpushare- prefix) and pytest's -c, --rootdir, -p."
-        )
+        print(_help(), end="")
         return 0
-    code = pytest.main(translate_flags(args), plugins=[_PlanCommand()])
-    return int(code)
+    try:
+        settings = take_settings(args)
+    except SettingError as exc:
+        print(f"ERROR: {exc}", file=sys.stderr)  # as pytest prints its usage errors
+        return EXIT_SETTING
+    plugins = [FlagSpellings(settings.spellings), _PlanCommand()]
+    return int(pytest.main([*settings.plugin_args, *settings.rest], plugins=plugins))

@@ -45,9 +45,14 @@ import threading
 import time
 import uuid
 from collections.abc import Mapping, Sequence
-from typing import Any
 
-from pytest_gpushare.commands.common import CommandParser, UsageError, pytest_view
+from pytest_gpushare.commands.common import (
+    CommandParser,
+    UsageError,
+    add_settings_help,
+    pytest_view,
+    take_settings,
+)
 from pytest_gpushare.commands.spawn import (
     Interrupted,
     handled_signals,
@@ -69,7 +74,7 @@ from pytest_gpushare.ledger import (
     prepare_ledger_dir,
 )
 from pytest_gpushare.planner import Plan
-from pytest_gpushare.settings import OPTION_NAMES, Settings
+from pytest_gpushare.settings import Settings
 from pytest_gpushare.units import parse_mem
 
 __all__ = [
@@ -104,11 +109,11 @@ def _parser() -> CommandParser:
     parser = CommandParser(
         prog="gpushare run",
         usage=USAGE,
-        allow_abbrev=False,
         description=(
-            "Run COMMAND holding a lease on GPU memory for as long as it lives, with "
-            "CUDA_VISIBLE_DEVICES set to the leased GPUs; the exit code is the command's. Settings "
-            "come from these flags, the GPUSHARE_* environment and the ini file, as for pytest here."
+            "Run COMMAND holding a lease on GPU memory for as long as it lives; the exit code is the "
+            "command's. The command gets GPUSHARE_LEASED_GPUS (the leased GPUs' UUIDs) and, on real "
+            "GPUs, CUDA_VISIBLE_DEVICES set to them; simulated GPUs have no CUDA device, so there the "
+            "inherited CUDA_VISIBLE_DEVICES stays."
         ),
         epilog=(
             "exit codes of gpushare run itself: 2 bad usage, a need no GPU can ever meet, or an unusable "
@@ -122,16 +127,7 @@ def _parser() -> CommandParser:
     parser.add_argument(
         "--exclusive", action="store_true", help="hold all usable memory of each GPU (--mem: the least)"
     )
-    settings = parser.add_argument_group("settings (the plugin's, also without the gpushare- part)")
-    for option in OPTION_NAMES:
-        # commands.translate_flags has turned --timeout into --gpushare-timeout already.
-        help_text = f"{option.help} (env {option.env})".replace("%", "%%")
-        if option.is_flag:
-            settings.add_argument(
-                option.flag, dest=option.name, action="store_true", default=None, help=help_text
-            )
-        else:
-            settings.add_argument(option.flag, dest=option.name, metavar=option.metavar, help=help_text)
+    add_settings_help(parser)
     return parser
 
 
@@ -145,17 +141,6 @@ def _split(args: Sequence[str]) -> tuple[list[str], list[str] | None]:
         at = args.index("--")
         return args[:at], args[at + 1 :]
     return args, None
-
-
-def _plugin_args(opts: Any) -> list[str]:
-    """The settings given on our command line, spelled as pytest's options for the plugin."""
-    args: list[str] = []
-    for option in OPTION_NAMES:
-        value = getattr(opts, option.name)
-        if value is None:
-            continue
-        args.append(option.flag if option.is_flag else f"{option.flag}={value}")
-    return args
 
 
 def child_environment(plan: Plan, lease: Lease, environ: Mapping[str, str]) -> dict[str, str]:
@@ -208,11 +193,14 @@ def _fail(message: str, code: int) -> int:
     return code
 
 
-def cmd_run(args: list[str]) -> int:
+def cmd_run(args: Sequence[str]) -> int:
     """``gpushare run``: see the module docstring; returns the exit code."""
     options, command = _split(args)
     try:
-        opts = _parser().parse_args(options)
+        flags = take_settings(options)
+        opts = _parser().parse_args(flags.rest)
+    except SettingError as exc:
+        return _fail(str(exc), EXIT_SETTING)
     except UsageError as exc:
         hint = "; put -- before the command" if command is None else ""
         return _fail(f"{exc}{hint} (usage: {USAGE})", EXIT_USAGE)
@@ -226,8 +214,8 @@ def cmd_run(args: list[str]) -> int:
         return _fail(f"--mem is required (usage: {USAGE})", EXIT_USAGE)
 
     try:
-        settings, plan = pytest_view(_plugin_args(opts), want_plan=True)
-        mem = settings.default_mem if opts.mem is None else parse_mem(opts.mem, "--mem")
+        settings, plan = pytest_view(flags, want_plan=True)
+        mem = settings.default_mem if opts.mem is None else parse_mem(opts.mem, "--mem", need_unit=True)
     except SettingError as exc:
         return _fail(str(exc), EXIT_SETTING)
     assert plan is not None

@@ -21,7 +21,13 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from pytest_gpushare.commands.common import CommandParser, UsageError, pytest_view
+from pytest_gpushare.commands.common import (
+    CommandParser,
+    UsageError,
+    add_settings_help,
+    pytest_view,
+    take_settings,
+)
 from pytest_gpushare.errors import LedgerError, SettingError
 from pytest_gpushare.gpus import Gpu, GpuInventory, probe_for
 from pytest_gpushare.ledger import CONTEXT, default_ledger_dir, read_status
@@ -30,6 +36,10 @@ from pytest_gpushare.units import format_size
 __all__ = ["cmd_status", "device_view", "status_document", "status_lines"]
 
 _RUN_WORKER = "gpushare-run"
+
+
+#: The settings ``gpushare status`` takes: where the ledgers are, and which devices to show.
+_SETTINGS = ("gpushare_ledger_dir", "gpushare_simulate")
 
 
 def _parser() -> CommandParser:
@@ -41,21 +51,18 @@ def _parser() -> CommandParser:
             "used. The ledger folder is --ledger-dir, else GPUSHARE_LEDGER_DIR, else the ini file's "
             "gpushare_ledger_dir, else the account's own folder."
         ),
-    )
-    # commands.translate_flags has turned --ledger-dir into --gpushare-ledger-dir already.
-    parser.add_argument(
-        "--gpushare-ledger-dir",
-        dest="ledger_dir",
-        metavar="PATH",
-        help="the ledger folder (--ledger-dir works too)",
-    )
-    parser.add_argument(
-        "--gpushare-simulate",
-        dest="simulate",
-        metavar="SPEC",
-        help="show these simulated GPUs beside the ledgers instead of asking NVML",
+        epilog="exit codes: 0 (also for a folder that does not exist yet), 2 bad command line or unsafe "
+        "folder, 4 bad setting",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON document on standard output")
+    add_settings_help(
+        parser,
+        only=_SETTINGS,
+        helps={
+            "gpushare_ledger_dir": "the ledger folder (else GPUSHARE_LEDGER_DIR, else the ini file's)",
+            "gpushare_simulate": "show these simulated GPUs beside the ledgers instead of asking NVML",
+        },
+    )
     return parser
 
 
@@ -213,18 +220,17 @@ def status_lines(document: Mapping[str, Any]) -> list[str]:
     return lines + _device_lines(document["devices"])
 
 
-def cmd_status(args: list[str]) -> int:
+def cmd_status(args: Sequence[str]) -> int:
     """``gpushare status [--ledger-dir PATH] [--simulate SPEC] [--json]``; returns the exit code."""
     try:
-        opts = _parser().parse_args(args)
+        flags = take_settings(args, only=_SETTINGS)
+        opts = _parser().parse_args(flags.rest)
     except UsageError as exc:
         print(f"gpushare status: {exc}", file=sys.stderr)
         return 2
-    flags = [
-        f"--gpushare-{name.replace('_', '-')}={value}"
-        for name, value in (("ledger_dir", opts.ledger_dir), ("simulate", opts.simulate))
-        if value is not None
-    ]
+    except SettingError as exc:
+        print(f"gpushare status: {exc}", file=sys.stderr)
+        return 4
     try:
         settings, _ = pytest_view(flags, want_plan=False)  # the ini file counts, as for pytest here
         folder, folder_source = settings.ledger_dir, settings.sources["ledger_dir"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Mapping
 from typing import Any
 
 import pytest
@@ -17,7 +18,12 @@ from pytest_gpushare.errors import SettingError
 from pytest_gpushare.settings.layers import cli_layer, is_empty, resolve
 from pytest_gpushare.settings.table import OPTION_NAMES, OPTIONS_BY_NAME, Settings
 
-__all__ = ["add_options", "ini_layer", "resolve_settings"]
+__all__ = ["FLAG_SPELLINGS", "add_options", "ini_layer", "resolve_settings"]
+
+#: Ini name -> the flag as its user typed it, where that is not the plugin's own spelling: the
+#: ``gpushare`` command passes ``--safety`` on as ``--gpushare-safety`` and puts ``--safety``
+#: here, so that errors and the header name what was typed.
+FLAG_SPELLINGS = pytest.StashKey[Mapping[str, str]]()
 
 # What a native TOML value may be (pytest >= 9.2 checks it; the parsers then check the rest).
 _TOML_TYPE: Any = str | int | float | bool
@@ -102,7 +108,8 @@ def _command_line(config: pytest.Config) -> dict[str, tuple[object, str]]:
         name: (value, f"-o {name}") for name, value in _overrides(config).items() if not is_empty(value)
     }
     layer.update(cli_layer({o.name: config.getoption(o.name, None) for o in OPTION_NAMES}))
-    return layer
+    spellings = config.stash.get(FLAG_SPELLINGS, {})
+    return {name: (value, spellings.get(name, source)) for name, (value, source) in layer.items()}
 
 
 def resolve_settings(config: pytest.Config) -> Settings:
