@@ -15,7 +15,7 @@ import pytest
 from cli_support import SIM, SIM_UUID, CliBox, alive, run_leases
 
 from pytest_gpushare.commands.status import status_document, status_lines
-from pytest_gpushare.gpus import GpuInventory
+from pytest_gpushare.gpus import GpuInventory, SimulatedProbe
 from pytest_gpushare.units import GiB
 
 
@@ -51,12 +51,15 @@ def test_status_json_is_one_document_with_devices_beside_the_ledgers(cli: CliBox
     assert gpu["limit_bytes"] == 23 * GiB  # 24GiB less the 1GiB safety buffer
     assert gpu["leased_bytes"] == 4 * GiB
     assert gpu["booked_bytes"] == 4 * GiB + gpu["context_bytes"] > 4 * GiB
+    # A simulated GPU is seen as a real one would be: the holder uses what it booked.
+    booked = gpu["booked_bytes"]
     assert gpu["device"] == {
         "index": 0,
         "name": "Simulated GPU",
         "total_bytes": 24 * GiB,
-        "free_bytes": 24 * GiB,
-        "used_bytes": 0,
+        "free_bytes": 24 * GiB - booked,
+        "used_bytes": booked,
+        "simulated": True,
     }
     assert document["devices"]["source"] == f"simulated ({SIM})"
     assert document["devices"]["gpus"][0]["in_ledger"] is True
@@ -67,6 +70,26 @@ def test_status_json_is_one_document_with_devices_beside_the_ledgers(cli: CliBox
     assert lease["test_id"] == lease["owner"]["command"]
     cli.file("a.stop").touch()
     assert run.wait(30) == 0
+
+
+def test_status_shows_the_ledgers_of_this_probe_and_those_with_live_bookings(cli: CliBox) -> None:
+    other = "16GiB:name=Other"
+    run = cli.start_run("--mem", "4GiB", "--simulate", other, "--", *cli.child_cmd("hold", "o"))
+    cli.wait_file("o.start", run)
+    cli.gpushare("run", "--mem", "1GiB", "--simulate", SIM, "--", "true")  # leaves an idle ledger
+    document = cli.status("--simulate", SIM)
+    # The GPU seen now, and the other spec's GPU while someone books it.
+    assert [g["uuid"] for g in document["gpus"]] == [SIM_UUID, SimulatedProbe(other).probe().gpus[0].uuid]
+    assert document["gpus"][1]["device"] is None and document["idle_ledgers"] == []
+    cli.file("o.stop").touch()
+    assert run.wait(30) == 0
+    # Once nobody books it, a GPU of another spec is left out, counted in one line.
+    document = cli.status("--simulate", SIM)
+    assert [g["uuid"] for g in document["gpus"]] == [SIM_UUID]
+    assert document["idle_ledgers"] == [SimulatedProbe(other).probe().gpus[0].uuid]
+    text = cli.gpushare("status", "--simulate", SIM).stdout
+    assert "not shown: 1 ledger(s) that nobody books, of GPUs not seen here" in text
+    assert "Other" not in text
 
 
 def test_status_says_once_when_nvml_fails(cli: CliBox) -> None:

@@ -77,20 +77,31 @@ def status_document(
     """``read_status``'s answer with the devices' view added.
 
     Adds ``folder_source`` (which setting named the folder), ``log`` (the lines this access
-    logged), ``devices`` (``source``, ``error``, ``unusable``, ``notes``, ``gpus``: every device with
-    ``in_ledger``) and, on each ledger GPU, ``device``: the matching device by UUID (index,
-    name, total/free/used bytes) or None.
+    logged), ``devices`` (``source``, ``error``, ``unusable``, ``notes``, ``gpus``: every device
+    with ``in_ledger``) and, on each ledger GPU, ``device``: the matching device by UUID (index,
+    name, total/free/used bytes, simulated) or None.
+
+    ``gpus`` lists the ledgers of the devices seen now, and of any other GPU with a live lease or
+    waiter (a GPU that left the box, a session on other simulated GPUs). The UUIDs of the rest go
+    to ``idle_ledgers``: nobody books them and no device here is theirs (old simulated specs).
+
+    A simulated device is seen as a real one would be: its used memory is what strangers hold
+    (``used=``) plus what the live lease holders booked on it (leases and CUDA contexts).
     """
     by_uuid = {g.uuid: g for g in devices.gpus}
-    ledger_uuids = {gpu["uuid"] for gpu in snapshot.get("gpus", [])}
-    gpus = []
+    booked = {gpu["uuid"]: int(gpu["booked_bytes"]) for gpu in snapshot.get("gpus", [])}
+    gpus, idle = [], []
     for gpu in snapshot.get("gpus", []):
         seen = by_uuid.get(gpu["uuid"])
-        gpus.append({**gpu, "device": None if seen is None else _device_fields(seen)})
+        if seen is None and not (gpu["leases"] or gpu["waiters"]):
+            idle.append(gpu["uuid"])
+            continue
+        gpus.append({**gpu, "device": None if seen is None else _device_fields(seen, booked)})
     # In the devices' order where they are known; the folder lists ledgers by file name.
     gpus.sort(key=lambda g: (g["device"] is None, g["device"]["index"] if g["device"] else 0, g["uuid"]))
     document = dict(snapshot)
     document["gpus"] = gpus
+    document["idle_ledgers"] = sorted(idle)
     document["folder_source"] = folder_source
     document["log"] = list(log)
     document["devices"] = {
@@ -99,25 +110,25 @@ def status_document(
         "unusable": list(devices.unusable),
         "notes": list(devices.notes),
         "gpus": [
-            {
-                **_device_fields(g),
-                "uuid": g.uuid,
-                "simulated": g.simulated,
-                "in_ledger": g.uuid in ledger_uuids,
-            }
-            for g in devices.gpus
+            {**_device_fields(g, booked), "uuid": g.uuid, "in_ledger": g.uuid in booked} for g in devices.gpus
         ],
     }
     return document
 
 
-def _device_fields(gpu: Gpu) -> dict[str, Any]:
+def _device_fields(gpu: Gpu, booked: Mapping[str, int]) -> dict[str, Any]:
+    """What a device shows; on a simulated one the holders use what they booked (``booked`` by UUID)."""
+    used, free = gpu.used_bytes, gpu.free_bytes
+    if gpu.simulated:
+        used = min(gpu.total_bytes, used + booked.get(gpu.uuid, 0))
+        free = gpu.total_bytes - used
     return {
         "index": gpu.index,
         "name": gpu.name,
         "total_bytes": gpu.total_bytes,
-        "free_bytes": gpu.free_bytes,
-        "used_bytes": gpu.used_bytes,
+        "free_bytes": free,
+        "used_bytes": used,
+        "simulated": gpu.simulated,
     }
 
 
@@ -214,6 +225,11 @@ def status_lines(document: Mapping[str, Any]) -> list[str]:
         lines.append("no leases")
     for gpu in document["gpus"]:
         lines += _ledger_gpu_lines(gpu, document["devices"])
+    if document["idle_ledgers"]:
+        lines.append(
+            f"not shown: {len(document['idle_ledgers'])} ledger(s) that nobody books, of GPUs not seen here "
+            "(other simulated specs, GPUs that left; --json lists them)"
+        )
     if document["log"]:
         lines.append("this access reclaimed or repaired:")
         lines += [f"  {line}" for line in document["log"]]
