@@ -147,6 +147,7 @@ def test_run_that_can_never_fit_fails_at_once(cli: CliBox) -> None:
         (["--mem", "4GiB", "--gpushare-safety=-1", "--", "true"], 4, "run: --gpushare-safety: a size"),
         (["--mem", "4GiB", "--safety", "--", "true"], 4, "gpushare run: --safety: expects a value"),
         (["--mem", "4GiB", "--enforce=maybe", "--", "true"], 4, "gpushare run: --enforce: not a flag"),
+        (["--mem", "4", "--simulate", SIM, "--", "true"], 4, "gpushare run: --mem: a size needs a unit"),
         (["--mem", "4GiB", "--count", "0", "--", "true"], 2, "--count"),
         (["--mem", "4GiB", "--cuont", "2", "--", "true"], 2, "--cuont"),
         (["--simulate", SIM, "--", "true"], 2, "--mem is required"),
