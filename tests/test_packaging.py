@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import email
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -121,3 +122,16 @@ def test_sdist_carries_the_license(built: tuple[Path, Path, str]) -> None:
         metadata = _metadata(pkg_info.read().decode())
     assert metadata["License-Expression"] == "MIT"
     assert f"{top}/README.md" in names and f"{top}/pyproject.toml" in names
+
+
+def test_ci_builds_checks_and_tries_the_distributions() -> None:
+    """.ci/run stops at the first failure, builds both distributions, checks them, and runs a suite
+    against the wheel installed alone in a fresh environment."""
+    script = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+    assert "set -euo pipefail" in script
+    assert re.search(r"^python -m build --outdir \S+ \.", script, re.M)
+    assert re.search(r"^twine check --strict ", script, re.M)
+    assert re.search(r'^python3 -m venv "\$scratch/venv"$', script, re.M)
+    assert re.search(r'"\$scratch/venv/bin/python" -m pip install -q "\$scratch"/dist/\*\.whl', script)
+    assert re.search(r'"\$scratch/venv/bin/python" -m pytest -n 2 .*--gpushare-simulate=', script)
+    assert re.search(r"^python -m pytest -q\b", script, re.M)  # the README's test command
