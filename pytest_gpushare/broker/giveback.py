@@ -1,0 +1,90 @@
+"""When the session's memory goes back to the box ledger (on the serving thread, no I/O here).
+
+Time runs in windows of ``linger_s`` (default :data:`LINGER_S`). At each window's end, the
+chunks that no lease needed in that window nor in the one before go back to the box
+(:meth:`Pool.take_spare` with ``idle``), except on GPUs where requests of the session wait for
+the pool: memory that no test holds returns within ``2 * linger_s`` of its last use, while a
+pool whose use goes up and down keeps what its busiest moments need instead of giving it back
+and growing again (each is a box-ledger write).
+
+Sooner, at once, go the chunks that no lease needs *now* on a GPU where another session waits,
+or where a request of ours passed through to the box waits (our own pool must not block it).
+Whether another session waits is asked of the box (:meth:`Box.watch`, off this thread) every
+``watch_s`` (default :data:`WATCH_S`) while some GPU has had spare memory that long.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+
+from pytest_gpushare.broker.box import Box
+from pytest_gpushare.broker.pool import Pool
+
+__all__ = ["LINGER_S", "WATCH_S", "GiveBack"]
+
+#: The window: memory that no test of the session used for a window of this long and the next
+#: goes back to the box (within ``2 * LINGER_S`` of its last use when no other session waits).
+LINGER_S = 1.0
+#: While spare memory lingers, the box ledger is asked this often whether another session waits.
+WATCH_S = 0.1
+
+
+class GiveBack:
+    """The give-back policy over ``pool``; releases go through ``box`` (queued, never waited for)."""
+
+    def __init__(self, pool: Pool, box: Box, *, linger_s: float, watch_s: float) -> None:
+        self._pool = pool
+        self._box = box
+        self._linger_s = linger_s
+        self._watch_s = watch_s
+        self._window_start = 0.0
+        self._spare_since: dict[str, float] = {}  # GPUs with spare memory now, since when
+        self._others: set[str] = set()  # GPUs where the last watch saw another session wait
+        self._watching = False
+        self._next_watch = 0.0
+
+    def watched(self, uuids: Collection[str]) -> None:
+        """The box's answer to a watch: another session waits on ``uuids``."""
+        self._watching = False
+        self._others = set(uuids)
+
+    def tick(
+        self, now: float, wake: list[float], *, urgent: Collection[str], waited_on: Collection[str]
+    ) -> bool:
+        """Give back what is due; ``urgent``: GPUs where a pass-through of ours waits,
+        ``waited_on``: GPUs where a request of ours waits for the pool. Appends to ``wake`` when
+        to tick again; True if anything was given back."""
+        gave = False
+        if now >= self._window_start + self._linger_s:
+            self._pool.new_window()
+            self._window_start = now
+            idle = [u for u in self._pool.gpus if u not in waited_on and self._pool.has_spare(u, idle=True)]
+            gave = self._give_back(idle, idle=True)
+        for uuid in self._pool.changed():
+            if self._pool.has_spare(uuid):
+                self._spare_since.setdefault(uuid, now)
+            else:
+                self._spare_since.pop(uuid, None)
+        if self._spare_since:
+            wanted = [u for u in self._spare_since if u in self._others or u in urgent]
+            gave = self._give_back(wanted, idle=False) or gave
+            self._watch(now, wake)
+        self._others.clear()  # a watch's answer counts once: the next watch asks again
+        if self._pool.holds_any():
+            wake.append(self._window_start + self._linger_s)
+        return gave
+
+    def _give_back(self, uuids: list[str], *, idle: bool) -> bool:
+        for uuid in uuids:
+            self._box.release_chunks(self._pool.take_spare(uuid, idle=idle))
+            self._spare_since.pop(uuid, None)
+        return bool(uuids)
+
+    def _watch(self, now: float, wake: list[float]) -> None:
+        lingering = [u for u, s in self._spare_since.items() if now - s >= self._watch_s]
+        if lingering and not self._watching and now >= self._next_watch:
+            self._watching = True
+            self._next_watch = now + self._watch_s
+            self._box.watch(lingering)
+        if self._spare_since:
+            wake.append(max(self._next_watch, min(self._spare_since.values()) + self._watch_s))
