@@ -34,7 +34,6 @@ PID namespace). ``.. docs-test: oom`` checks the out-of-memory note of ``--gpush
 from __future__ import annotations
 
 import importlib.util
-import os
 import re
 import subprocess
 import sys
@@ -48,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from process_support import BIN, clean_env, run_command
 
 from pytest_gpushare.settings import OPTION_NAMES
 from pytest_gpushare.units import parse_size
@@ -55,7 +55,6 @@ from pytest_gpushare.units import parse_size
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
 EXAMPLES = ROOT / "examples"
-BIN = Path(sys.executable).parent
 PAGES = sorted(p for p in DOCS.rglob("*.rst") if "_build" not in p.parts)
 
 #: Languages of code blocks that are shown but never run.
@@ -182,18 +181,13 @@ def match_output(expected: list[str], output: str) -> str | None:
 
 
 def base_env(folder: Path) -> dict[str, str]:
-    env = {
-        k: v for k, v in os.environ.items() if not k.startswith(("GPUSHARE_", "PYTEST_", "OLLAMA_", "CUDA_"))
-    }
-    env.update(
-        PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
+    return clean_env(
         GPUSHARE_LEDGER_DIR=str(folder / ".ledger"),
         GPUSHARE_OLLAMA="off",
         PYTEST_XDIST_AUTO_NUM_WORKERS="8",
         COLUMNS="100",
         PYTHONDONTWRITEBYTECODE="1",
     )
-    return env
 
 
 @contextmanager
@@ -283,14 +277,10 @@ def run_page(page: Path, folder: Path) -> list[str]:
                 skipped.append(f"{block.page.name}:{command.line}: {why}")
                 continue
             with stand_ins(block, base_env(folder)) as (replace, env):
-                proc = subprocess.run(
+                proc = run_command(
                     ["bash", "-c", command.text],
                     cwd=folder,
                     env=env,
-                    check=False,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.STDOUT,
-                    text=True,
                     timeout=180,
                 )
             output = proc.stdout
@@ -403,7 +393,7 @@ def test_page_commands(page: Path, tmp_path: Path) -> None:
 def test_docs_build_without_warnings(tmp_path: Path) -> None:
     if importlib.util.find_spec("sphinx") is None:
         pytest.skip("sphinx is not installed (pip install sphinx, or tox -e docs)")
-    proc = subprocess.run(
+    proc = run_command(
         [
             sys.executable,
             "-m",
@@ -417,10 +407,6 @@ def test_docs_build_without_warnings(tmp_path: Path) -> None:
             str(tmp_path / "html"),
         ],
         cwd=ROOT,
-        check=False,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
         timeout=300,
     )
     assert proc.returncode == 0, proc.stdout
@@ -441,12 +427,8 @@ def _shape(svg: str) -> list[tuple[str, tuple[str, ...], str]]:
 def test_timeline_picture_matches_its_report(tmp_path: Path) -> None:
     """docs/_static/timeline.svg is what `gpushare timeline` draws from the committed report."""
     out = tmp_path / "timeline.svg"
-    proc = subprocess.run(
+    proc = run_command(
         [str(BIN / "gpushare"), "timeline", str(DOCS / "_static" / "demo-report.json"), "-o", str(out)],
-        check=False,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
         timeout=60,
     )
     assert proc.returncode == 0, proc.stdout
@@ -484,7 +466,7 @@ def test_report_schema_is_documented(tmp_path: Path) -> None:
         "@pytest.mark.gpu(mem='40GiB')\ndef test_never(gpu):\n    pass\n"
     )
     env = base_env(tmp_path)
-    proc = subprocess.run(
+    proc = run_command(
         [
             sys.executable,
             "-m",
@@ -497,10 +479,6 @@ def test_report_schema_is_documented(tmp_path: Path) -> None:
         ],
         cwd=tmp_path,
         env=env,
-        check=False,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
         timeout=120,
     )
     assert proc.returncode == 0, proc.stdout
@@ -580,16 +558,7 @@ def test_suites_before_migration_mean_the_same_with_the_plugin(
 
 
 def _pytest(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *args],
-        cwd=cwd,
-        env=env,
-        check=False,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        timeout=180,
-    )
+    return run_command([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *args], cwd=cwd, env=env)
 
 
 def test_example_multigpu(tmp_path: Path) -> None:
@@ -700,14 +669,10 @@ def _observed_runs(folder: Path) -> dict[str, str]:
     env = base_env(folder) | {"USAGE_DIR": str(usage)}
 
     def run(args: list[str], extra: dict[str, str] | None = None) -> str:
-        proc = subprocess.run(
+        proc = run_command(
             [sys.executable, *args],
             cwd=folder,
             env=env | (extra or {}),
-            check=False,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
             timeout=120,
         )
         assert proc.returncode == 0, proc.stdout

@@ -9,11 +9,9 @@ workflow's environment.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shlex
 import shutil
-import subprocess
 import sys
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
@@ -21,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from process_support import clean_env, run_command
 
 ROOT = Path(__file__).resolve().parent.parent
 FLEET = ROOT / "examples" / "fleet"
@@ -53,25 +52,14 @@ def _option(args: list[str], name: str) -> str:
 
 
 def _collected(folder: Path, env: dict[str, str]) -> set[str]:
-    proc = subprocess.run(
+    proc = run_command(
         [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider"],
         cwd=folder,
         env=env,
-        check=False,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
         timeout=120,
     )
     assert proc.returncode == 0, proc.stdout
     return {line for line in proc.stdout.splitlines() if "::" in line}
-
-
-def _clean_env(**extra: str) -> dict[str, str]:
-    env = {
-        k: v for k, v in os.environ.items() if not k.startswith(("GPUSHARE_", "PYTEST_", "OLLAMA_", "CUDA_"))
-    }
-    return env | {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"} | extra
 
 
 def test_workflow_is_a_matrix_of_shards() -> None:
@@ -97,7 +85,7 @@ def test_workflow_is_a_matrix_of_shards() -> None:
 
 def test_durations_name_every_test_of_the_example(tmp_path: Path) -> None:
     durations = json.loads((FLEET / ".test_durations").read_text(encoding="utf-8"))
-    env = _clean_env(GPUSHARE_LEDGER_DIR=str(tmp_path / "ledger"), GPUSHARE_OLLAMA="off")
+    env = clean_env(GPUSHARE_LEDGER_DIR=str(tmp_path / "ledger"), GPUSHARE_OLLAMA="off")
     assert set(durations) == _collected(FLEET, env)
     assert all(isinstance(seconds, float) and seconds > 0 for seconds in durations.values())
 
@@ -113,7 +101,7 @@ def _run_shard(job: dict[str, Any], group: int, box: str, tmp_path: Path) -> Sha
     """The workflow's shard command on one runner: its own checkout, box and ledger folder."""
     checkout = tmp_path / f"runner-{group}"
     shutil.copytree(FLEET, checkout, ignore=shutil.ignore_patterns("__pycache__", ".pytest_cache"))
-    env = _clean_env(
+    env = clean_env(
         **{name: str(value).replace(WORKSPACE, str(checkout)) for name, value in job["env"].items()},
         GPUSHARE_SIMULATE=box,
         GPUSHARE_LEDGER_DIR=str(tmp_path / f"box-{group}-ledgers"),
@@ -122,14 +110,10 @@ def _run_shard(job: dict[str, Any], group: int, box: str, tmp_path: Path) -> Sha
         PYTEST_XDIST_AUTO_NUM_WORKERS="2",
     )
     args = _shard_command(job, group)[1:]
-    proc = subprocess.run(
+    proc = run_command(
         [sys.executable, "-m", "pytest", *args, "-p", "no:cacheprovider", "--junitxml=shard.xml"],
         cwd=checkout,
         env=env,
-        check=False,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
         timeout=180,
     )
     assert proc.returncode == 0, proc.stdout
@@ -147,7 +131,7 @@ def test_two_shards_on_two_boxes_run_every_test_once(tmp_path: Path) -> None:
     big, small = shards
 
     # Every test of the suite ran, on exactly one runner.
-    everything = _collected(FLEET, _clean_env(GPUSHARE_LEDGER_DIR=str(tmp_path / "collect")))
+    everything = _collected(FLEET, clean_env(GPUSHARE_LEDGER_DIR=str(tmp_path / "collect")))
     assert big.test_ids and small.test_ids
     assert not big.test_ids & small.test_ids
     assert big.test_ids | small.test_ids == everything

@@ -11,7 +11,6 @@ import email
 import os
 import re
 import shutil
-import subprocess
 import sys
 import tarfile
 import zipfile
@@ -22,6 +21,7 @@ from typing import Any
 import pytest
 from packaging.requirements import Requirement
 from packaging.version import Version
+from process_support import run_command
 
 ROOT = Path(__file__).resolve().parent.parent
 #: What a source distribution is not built from: environments, caches, build outputs.
@@ -45,14 +45,10 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, str]:
     folder = tmp_path_factory.mktemp("dist")
     source = folder / "source"
     shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(*NOT_SOURCES))
-    proc = subprocess.run(
+    proc = run_command(
         [sys.executable, "-m", "build", "--no-isolation", "--outdir", str(folder / "out"), str(source)],
         # PYTHONDONTWRITEBYTECODE makes setuptools warn that it does not byte-compile.
         env={k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"},
-        check=False,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
         timeout=300,
     )
     assert proc.returncode == 0, proc.stdout
