@@ -5,7 +5,8 @@
 - :func:`pid_exists`: whether a PID NVML lists is a process of our PID namespace;
 - :func:`per_process_unavailable_reason`: why this platform gives no per-process figures;
 - :func:`cuda_visible_env` and :func:`cuda_ordinal`: the environment that shows a process exactly
-  some GPUs (a worker, a ``gpushare run`` command), and where CUDA numbers one of them there.
+  some GPUs (a worker, a ``gpushare run`` command), and where CUDA numbers one of them there;
+  :func:`one_process_view`: which of some devices one CUDA process can use together (MIG).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ __all__ = [
     "PhysicalGpu",
     "cuda_ordinal",
     "cuda_visible_env",
+    "one_process_view",
     "per_process_unavailable_reason",
     "pid_exists",
     "select_visible",
@@ -153,21 +155,47 @@ def select_visible(spec: str | None, physical: Sequence[PhysicalGpu]) -> list[Gp
     return chosen
 
 
+def _is_mig(uuid: str) -> bool:
+    return uuid.startswith("MIG-")
+
+
+def one_process_view(gpus: Sequence[Gpu]) -> list[Gpu]:
+    """The devices of ``gpus``, listed in this order, that one CUDA process can use together.
+
+    CUDA shows a process at most one MIG instance: a list that starts with a MIG instance gives
+    that instance alone, any other list gives its whole GPUs (MIG instances left out), so a
+    process is never handed two MIG instances, nor a MIG instance it cannot see.
+    """
+    if not gpus:
+        return []
+    if _is_mig(gpus[0].uuid):
+        return [gpus[0]]
+    return [g for g in gpus if not _is_mig(g.uuid)]
+
+
 def cuda_visible_env(gpus: Sequence[Gpu]) -> dict[str, str]:
     """``CUDA_VISIBLE_DEVICES`` listing ``gpus`` by UUID in this order (``cuda:0`` is the first),
     with ``CUDA_DEVICE_ORDER=PCI_BUS_ID``; empty when any of them is simulated.
 
     By UUID, the list means the same GPUs whatever the inherited ``CUDA_VISIBLE_DEVICES`` was and
-    whatever order CUDA would pick. A simulated GPU has no CUDA device behind it: the process keeps
-    the inherited visibility, so a made-up UUID does not hide a real GPU.
+    whatever order CUDA would pick. Only what one process can use is listed
+    (:func:`one_process_view`): a MIG instance first is listed alone. A simulated GPU has no CUDA
+    device behind it: the process keeps the inherited visibility, so a made-up UUID does not hide
+    a real GPU.
     """
     if not gpus or any(g.simulated for g in gpus):
         return {}
-    return {"CUDA_VISIBLE_DEVICES": ",".join(g.uuid for g in gpus), "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
+    shown = one_process_view(gpus)
+    return {"CUDA_VISIBLE_DEVICES": ",".join(g.uuid for g in shown), "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
 
 
 def cuda_ordinal(uuid: str, environ: Mapping[str, str]) -> int | None:
     """``N`` of ``cuda:N`` for ``uuid`` where ``environ``'s ``CUDA_VISIBLE_DEVICES`` lists it by
-    UUID; None where it does not (the caller falls back to the GPU's index in the session)."""
+    UUID; None where it does not (the caller falls back to its own count).
+
+    CUDA counts only what it shows: after a MIG instance in first place nothing else, and MIG
+    instances after a whole GPU not at all (:func:`one_process_view`).
+    """
     listed = [v.strip() for v in environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
-    return listed.index(uuid) if uuid in listed else None
+    shown = listed[:1] if listed and _is_mig(listed[0]) else [v for v in listed if not _is_mig(v)]
+    return shown.index(uuid) if uuid in shown else None
