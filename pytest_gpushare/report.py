@@ -12,7 +12,21 @@ from pytest_gpushare.units import format_size
 if TYPE_CHECKING:
     from pytest_gpushare.ollama import OllamaStatus
 
-__all__ = ["WorkerLine", "header_lines", "json_report", "peak_concurrent", "summarize", "summary_lines"]
+__all__ = [
+    "WorkerLine",
+    "env_text",
+    "header_lines",
+    "json_report",
+    "peak_concurrent",
+    "pin_lines",
+    "summarize",
+    "summary_lines",
+]
+
+#: A wait shorter than this is no wait worth naming ("0.0s" helps nobody).
+NOTABLE_WAIT_S = 0.05
+#: The summary names at most this many GPU tests that did not run on a GPU.
+NOT_RUN_SHOWN = 10
 
 
 @dataclass(frozen=True)
@@ -82,6 +96,24 @@ def header_lines(
     lines += [f"  {x}" for x in extra]
     lines += [f"  note: {n}" for n in plan.notes]
     lines.append(f"  ledger: {ledger}")
+    return lines
+
+
+def env_text(env: dict[str, str]) -> str:
+    """``A=1, B=2``: environment variables the plugin set, as the header lists them."""
+    return ", ".join(f"{k}={v}" for k, v in sorted(env.items()))
+
+
+def pin_lines(pinned: Sequence[tuple[str, str]], env: dict[str, str]) -> list[str]:
+    """What each xdist worker was pinned to (worker id, ``GPU 0 only``), and what else each got."""
+    if not pinned:
+        return []
+    lines = [
+        "gpushare: workers pinned by CUDA_VISIBLE_DEVICES, home GPU first as cuda:0: "
+        + "; ".join(f"{worker} {text}" for worker, text in pinned)
+    ]
+    if env:
+        lines.append(f"gpushare: set in each worker: {env_text(env)}")
     return lines
 
 
@@ -193,7 +225,7 @@ def summarize(collected: Sequence[dict[str, Any]], lost: Sequence[str], now: flo
         uuid: {"index": v["index"], "leases": v["leases"], "peak_bytes": peak_concurrent(v["intervals"])}
         for uuid, v in per_gpu.items()
     }
-    waited = sorted((x for x in leases if x["waited_s"] >= 0.01), key=lambda x: -x["waited_s"])
+    waited = sorted((x for x in leases if x["waited_s"] >= NOTABLE_WAIT_S), key=lambda x: -x["waited_s"])
     return {
         "leases": leases,
         "not_run": not_run,
@@ -215,14 +247,17 @@ def summary_lines(plan: Plan, data: dict[str, Any]) -> list[str]:
             f"GPU {g.gpu.index} {g.gpu.name}: peak leased {format_size(got['peak_bytes'])} of "
             f"{format_size(g.usable_bytes)} usable, {got['leases']} lease(s)"
         )
+    planned = {g.gpu.uuid for g in plan.gpus}
+    lines += [  # leased by workers on another host (SPEC "Past one box"), on their own GPUs
+        f"GPU {got['index']} {uuid} (another host): peak leased {format_size(got['peak_bytes'])}, "
+        f"{got['leases']} lease(s)"
+        for uuid, got in sorted(data["gpus"].items())
+        if uuid not in planned
+    ]
     if data["waited_longest"]:
         lines.append("waited longest for memory:")
         lines += [f"  {w['waited_s']:.1f}s {w['test_id']}" for w in data["waited_longest"]]
-    if data["not_run"]:
-        modes = sorted({x["fallback"] for x in data["not_run"]})
-        lines.append(
-            f"{len(data['not_run'])} GPU tests not run ({', '.join(modes)}: no GPU could serve them)"
-        )
+    lines += not_run_lines(data["not_run"])
     rows = data.get("observed", [])
     if any(g.gpu.simulated for g in plan.gpus):  # nothing to measure on a simulated GPU
         rows = [r for r in rows if r["verdict"] != "not measurable"]
@@ -231,6 +266,18 @@ def summary_lines(plan: Plan, data: dict[str, Any]) -> list[str]:
     lines += [f"note: {x}" for x in data["log"]]
     if not lines:
         lines.append("no GPU tests ran")
+    return lines
+
+
+def not_run_lines(not_run: Sequence[dict[str, Any]], limit: int = NOT_RUN_SHOWN) -> list[str]:
+    """``N GPU tests not run`` and which (the first ``limit``), so a green run hides none."""
+    if not not_run:
+        return []
+    modes = sorted({x["fallback"] for x in not_run})
+    lines = [f"{len(not_run)} GPU tests not run ({', '.join(modes)}: no GPU could serve them):"]
+    lines += [f"  {x['test_id']} ({x['fallback']})" for x in not_run[:limit]]
+    if len(not_run) > limit:
+        lines.append(f"  and {len(not_run) - limit} more (all in the --gpushare-report JSON)")
     return lines
 
 

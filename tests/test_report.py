@@ -74,13 +74,60 @@ def test_summarize_counts_peaks_waits_and_not_run() -> None:
     ]
     data = report.summarize(collected, ["worker gw1 crashed"], now=5)
     assert data["gpus"]["GPU-x"] == {"index": 0, "leases": 2, "peak_bytes": 7 * GiB}  # b held until now
-    assert data["waited_longest"] == [{"test_id": "b", "waited_s": 0.5}]
+    assert data["waited_longest"] == [{"test_id": "b", "waited_s": 0.5}]  # a's 0.0s is no wait
     assert data["not_run"] == [{"test_id": "c", "fallback": "skip"}]
     plan = make_plan(GpuInventory((Gpu(0, "GPU-x", "X", 24 * GiB, 24 * GiB, 0),), "NVML"), BUDGET)
     lines = report.summary_lines(plan, data)
     assert lines[0] == "GPU 0 X: peak leased 7.0GiB of 23.0GiB usable, 2 lease(s)"
-    assert "1 GPU tests not run (skip: no GPU could serve them)" in lines
+    assert lines[1:3] == ["waited longest for memory:", "  0.5s b"]
+    assert lines[3:5] == ["1 GPU tests not run (skip: no GPU could serve them):", "  c (skip)"]
     assert "lost: worker gw1 crashed" in lines
+
+
+def test_waits_too_short_to_print_are_not_listed() -> None:
+    leases = [
+        {"test_id": t, "lease": {**_lease(t, 0, 1, GiB), "waited_s": w}, "outcome": "passed"}
+        for t, w in (("quick", 0.0004), ("rounds_to_zero", 0.049), ("real", 2.0))
+    ]
+    data = report.summarize(leases, [], now=5)
+    assert [w["test_id"] for w in data["waited_longest"]] == ["real"]
+    plan = make_plan(GpuInventory((Gpu(0, "GPU-x", "X", 24 * GiB, 24 * GiB, 0),), "NVML"), BUDGET)
+    assert "0.0s" not in "\n".join(report.summary_lines(plan, data))
+
+
+def test_gpu_tests_not_run_are_named_up_to_ten() -> None:
+    not_run = [{"test_id": f"t.py::test_{i}", "fallback": "cpu" if i % 2 else "skip"} for i in range(13)]
+    lines = report.not_run_lines(not_run)
+    assert lines[0] == "13 GPU tests not run (cpu, skip: no GPU could serve them):"
+    assert lines[1:11] == [f"  t.py::test_{i} ({x['fallback']})" for i, x in enumerate(not_run[:10])]
+    assert lines[11] == "  and 3 more (all in the --gpushare-report JSON)"
+    assert len(lines) == 12
+    assert report.not_run_lines([]) == []
+
+
+def test_leases_on_another_hosts_gpus_are_listed_apart() -> None:
+    # A remote xdist worker plans and leases on its own host's GPUs (SPEC "Past one box").
+    remote = {"test_id": "r", "lease": _lease("r", 0, 1, 2 * GiB, uuid="GPU-remote"), "outcome": "passed"}
+    data = report.summarize([remote], [], now=5)
+    plan = make_plan(GpuInventory((Gpu(0, "GPU-x", "X", 24 * GiB, 24 * GiB, 0),), "NVML"), BUDGET)
+    lines = report.summary_lines(plan, data)
+    assert lines[:2] == [
+        "GPU 0 X: peak leased 0B of 23.0GiB usable, 0 lease(s)",
+        "GPU 0 GPU-remote (another host): peak leased 2.0GiB, 1 lease(s)",
+    ]
+
+
+def test_pin_lines_say_what_each_worker_got() -> None:
+    lines = report.pin_lines(
+        [("gw0", "GPU 0 only"), ("gw1", "GPU 2 (then 3)")],
+        {"CUDA_DEVICE_ORDER": "PCI_BUS_ID", "TF_FORCE_GPU_ALLOW_GROWTH": "true"},
+    )
+    assert lines == [
+        "gpushare: workers pinned by CUDA_VISIBLE_DEVICES, home GPU first as cuda:0: "
+        "gw0 GPU 0 only; gw1 GPU 2 (then 3)",
+        "gpushare: set in each worker: CUDA_DEVICE_ORDER=PCI_BUS_ID, TF_FORCE_GPU_ALLOW_GROWTH=true",
+    ]
+    assert report.pin_lines([], {"A": "1"}) == []
 
 
 def test_foreign_processes_on_a_private_folder_are_pointed_out(monkeypatch: pytest.MonkeyPatch) -> None:
