@@ -3,21 +3,21 @@
 - :mod:`~pytest_gpushare.session`: the settings, the plan, Ollama's answer, the session id.
 - :mod:`~pytest_gpushare.workers`: xdist's worker count, home GPUs, worker environment
   (registered from ``pytest_addhooks``: xdist asks for the count before ``pytest_configure``).
-- :mod:`~pytest_gpushare.testhooks`: the lease around each test, the fixtures, ``lease()``.
+- :mod:`~pytest_gpushare.testhooks`: the lease around each test, ``lease()``;
+  :mod:`~pytest_gpushare.fixtures`: each test's state, which tests are GPU tests, the fixtures.
 - :mod:`~pytest_gpushare.summary`: the header, the waiting lines, the terminal summary, the
   JSON report and the history of observed peaks (controller only).
 
 ``--help``, ``--version`` and ``--markers`` never reach a path that starts NVML or contacts
 Ollama: nothing is computed before it is asked for, and those invocations register no part.
+Neither does a run without GPU tests that does not ask for ``-n auto`` (SPEC "Coexisting").
 """
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
-from pytest_gpushare import hookspecs, session, summary, testhooks, workers
+from pytest_gpushare import fixtures, hookspecs, session, summary, testhooks, workers
 from pytest_gpushare.gpus import Gpu, GpuInventory
 from pytest_gpushare.planner import Reservation
 from pytest_gpushare.settings.pytest_options import add_options
@@ -45,23 +45,21 @@ def pytest_gpushare_reservations(config: pytest.Config, gpus: tuple[Gpu, ...]) -
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_load_initial_conftests(early_config: pytest.Config) -> None:
-    """Before any conftest can touch CUDA: make ``cuda:N`` count GPUs in PCI order, as NVML does.
-
-    Only when the user has not chosen an order; xdist workers get it in their tx spec.
-    """
-    os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
+    """Before any conftest can touch CUDA: this worker's home GPU out of the environment, and
+    ``cuda:N`` counting GPUs in PCI order where the box has several (as NVML does)."""
+    workers.take_home_gpu(early_config)
+    workers.order_devices(early_config)
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", testhooks.MARKER_HELP)
+    config.addinivalue_line("markers", session.MARKER_HELP)
     if session.never_plans(config):
         return
     if not session.is_worker(config):
-        session.prepare_ledger_folder(config)
-        workers.set_framework_defaults(config)
+        session.check_report_path(config)  # resolves the settings: a bad one is exit 4 now
     leases = testhooks.LeaseHooks(config)
-    if not config.pluginmanager.is_registered(testhooks):
-        config.pluginmanager.register(testhooks, "gpushare-fixtures")
+    if not config.pluginmanager.is_registered(fixtures):
+        config.pluginmanager.register(fixtures, "gpushare-fixtures")
     config.pluginmanager.register(leases, "gpushare-leases")
     if not session.is_worker(config):
         config.pluginmanager.register(summary.Collector(config, leases.block_entries), "gpushare-summary")
@@ -71,4 +69,4 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_report_header(config: pytest.Config) -> list[str] | None:
     if session.is_worker(config):
         return None
-    return summary.header(config)
+    return summary.report_header(config)

@@ -5,27 +5,35 @@ One :class:`Runtime` per process (an xdist worker, or the single pytest process)
 per-device :class:`GpuLease` views the ``gpu``/``gpus`` fixtures and :func:`lease` give, and
 the :class:`LeaseRecord` the summary and the JSON report show. When a test's lease is taken
 and given back is testhooks.py's business.
+
+The runtime is shared by every thread of the process (a fixture may call ``lease()`` from
+several threads at once): its ledger, and so the process's one ledger owner, is opened under
+a lock. A test is only ever placed on a device this process can see (:attr:`Runtime.visible`):
+a worker whose home is a MIG instance sees that instance alone, other processes their whole
+GPUs (CUDA shows a process at most one MIG instance).
 """
 
 from __future__ import annotations
 
+import functools
 import os
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, overload
 
 import pytest
 
 from pytest_gpushare import hookcalls
 from pytest_gpushare.credits import nvml_refresh
-from pytest_gpushare.errors import SettingError
-from pytest_gpushare.gpus.visible import cuda_ordinal
+from pytest_gpushare.errors import LedgerError, SettingError
+from pytest_gpushare.gpus.visible import cuda_ordinal, one_process_view
 from pytest_gpushare.ledger import Lease, Ledger, Need, Owner, ledger_dir_for, ledger_gpus, prepare_ledger_dir
 from pytest_gpushare.planner import Plan
 from pytest_gpushare.units import MemRequest, parse_mem
 
-__all__ = ["GpuLease", "GpuNeed", "Grant", "LeaseRecord", "Runtime", "need_from_marker"]
+__all__ = ["GpuLease", "GpuLeases", "GpuNeed", "Grant", "LeaseRecord", "Runtime", "need_from_marker"]
 
 _KNOWN_KWARGS = ("mem", "count", "exclusive")
 
@@ -51,6 +59,78 @@ class GpuLease:
     @classmethod
     def cpu(cls) -> GpuLease:
         return cls(device="cpu", index=None, uuid=None, name="cpu", mem=0, total=0, is_cpu=True)
+
+
+class GpuLeases:
+    """What :func:`pytest_gpushare.lease` yields: the :class:`GpuLease` of each device, in
+    order, like the ``gpus`` fixture (``gpus[0]``, ``len(gpus)``, ``for g in gpus``,
+    ``(gpu,) = gpus``), that also answers :class:`GpuLease`'s attributes with its first
+    device's, like the ``gpu`` fixture: ``with lease(mem="2GiB") as gpu: gpu.device``.
+
+    Not a ``list``: a list's ``index()`` method would hide the device's ``index``.
+    """
+
+    def __init__(self, gpus: Sequence[GpuLease]) -> None:
+        if not gpus:
+            raise ValueError("a lease holds at least one device")
+        self._gpus = tuple(gpus)
+
+    @overload
+    def __getitem__(self, i: int) -> GpuLease: ...
+    @overload
+    def __getitem__(self, i: slice) -> list[GpuLease]: ...
+    def __getitem__(self, i: int | slice) -> GpuLease | list[GpuLease]:
+        return list(self._gpus[i]) if isinstance(i, slice) else self._gpus[i]
+
+    def __len__(self) -> int:
+        return len(self._gpus)
+
+    def __iter__(self) -> Iterator[GpuLease]:
+        return iter(self._gpus)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, GpuLeases):
+            return self._gpus == other._gpus
+        return isinstance(other, (list, tuple)) and self._gpus == tuple(other)
+
+    __hash__ = None  # type: ignore[assignment]  # equal to lists, which are unhashable
+
+    def __repr__(self) -> str:
+        return f"GpuLeases({list(self._gpus)!r})"
+
+    # The first device's attributes, as the ``gpu`` fixture gives them.
+
+    @property
+    def device(self) -> str:
+        return self._gpus[0].device
+
+    @property
+    def index(self) -> int | None:
+        return self._gpus[0].index
+
+    @property
+    def uuid(self) -> str | None:
+        return self._gpus[0].uuid
+
+    @property
+    def name(self) -> str:
+        return self._gpus[0].name
+
+    @property
+    def mem(self) -> int:
+        return self._gpus[0].mem
+
+    @property
+    def total(self) -> int:
+        return self._gpus[0].total
+
+    @property
+    def is_cpu(self) -> bool:
+        return self._gpus[0].is_cpu
+
+    @property
+    def simulated(self) -> bool:
+        return self._gpus[0].simulated
 
 
 @dataclass(frozen=True)
@@ -128,8 +208,11 @@ class Grant:
 class Runtime:
     """This process's part of the session: the plan, the ledger, and what it leased.
 
-    ``ledger_dir`` is the setting (None: the account's own folder); ``log`` collects one-line
-    notes (the ledger's, ignored observer errors) until testhooks.py hands them to a report.
+    ``ledger_dir`` is the setting (None: the account's own folder) and ``ledger_source`` where
+    it came from; ``home`` is the home GPU the controller gave this worker (one the plan does not
+    know, inherited from another session's worker, is ignored); ``log`` collects one-line notes
+    (the ledger's, ignored observer errors, a release that failed) until testhooks.py hands them
+    to a report.
     """
 
     plan: Plan
@@ -142,49 +225,81 @@ class Runtime:
     home: str | None
     default_mem: MemRequest
     pluginmanager: pytest.PytestPluginManager | None = None  # None: no observer hooks
+    ledger_source: str | None = None
     _ledger: Ledger | None = None
+    _opening: threading.Lock = field(default_factory=threading.Lock, repr=False)
     records: list[LeaseRecord] = field(default_factory=list)
     log: list[str] = field(default_factory=list)
 
     @property
     def ledger(self) -> Ledger:
+        """This process's one ledger (and ledger owner), opened on first use, under a lock: threads
+        that lease at once must not each open their own."""
         if self._ledger is None:
-            folder = prepare_ledger_dir(self.ledger_folder())
-            gpus = ledger_gpus(self.plan)
-            owner = Owner.current(self.session, self.worker)
-            self._ledger = Ledger(
-                folder,
-                gpus,
-                owner,
-                context_bytes=self.context_bytes,
-                policy=self.policy,
-                log=self.log.append,
-                refresh=nvml_refresh(self.plan, self.ledger_dir),
-            )
+            with self._opening:
+                if self._ledger is None:
+                    self._ledger = self._open_ledger()
         return self._ledger
+
+    def _open_ledger(self) -> Ledger:
+        try:
+            folder = prepare_ledger_dir(self.ledger_folder())
+        except LedgerError as exc:
+            where = f" ({self.ledger_source})" if self.ledger_source else ""
+            raise LedgerError(f"{exc}{where}") from None
+        return Ledger(
+            folder,
+            ledger_gpus(self.plan),
+            Owner.current(self.session, self.worker),
+            context_bytes=self.context_bytes,
+            policy=self.policy,
+            log=self.log.append,
+            refresh=nvml_refresh(self.plan, self.ledger_dir),
+        )
+
+    @functools.cached_property
+    def visible(self) -> tuple[str, ...]:
+        """The uuids of the planned devices this process can use, in CUDA's order here: its home
+        first when it has one the plan knows, then what one process can see with it."""
+        known = {g.gpu.uuid for g in self.plan.gpus}
+        home = self.home if self.home in known else None
+        order = [g.gpu for g in self.plan.gpus if g.gpu.uuid == home]
+        order += [g.gpu for g in self.plan.gpus if g.gpu.uuid != home]
+        return tuple(g.uuid for g in one_process_view(order))
 
     def ledger_folder(self) -> str:
         """The session's ledger folder: the setting, or the account's private default."""
         return str(ledger_dir_for(self.ledger_dir))
 
-    def close(self) -> None:
-        if self._ledger is not None:
-            self._ledger.close()
-            self._ledger = None
+    def close(self) -> str | None:
+        """Close the ledger; what went wrong, in one line, where the folder refused (the
+        process's bookings then stay until it ends, when the ledger reclaims them)."""
+        ledger, self._ledger = self._ledger, None
+        if ledger is None:
+            return None
+        try:
+            ledger.close()
+        except (LedgerError, OSError) as exc:
+            return f"the ledger could not be closed ({exc}); its bookings stay until this process ends"
+        return None
 
     def device_index(self, uuid: str) -> int:
-        """``N`` of ``cuda:N`` for ``uuid`` in this process."""
+        """``N`` of ``cuda:N`` for ``uuid`` in this process: its place in a ``CUDA_VISIBLE_DEVICES``
+        that lists it by UUID, else its place among the devices this process can see."""
         ordinal = cuda_ordinal(uuid, os.environ)
-        return self.plan.by_uuid(uuid).gpu.index if ordinal is None else ordinal
+        if ordinal is not None:
+            return ordinal
+        return self.visible.index(uuid) if uuid in self.visible else self.plan.by_uuid(uuid).gpu.index
 
     def acquire(self, need: GpuNeed, test_id: str, *, anywhere: bool, block: bool = False) -> Grant:
         """Lease ``need`` for ``test_id``; raises NeverFits or LeaseTimeout.
 
         ``anywhere``: the test takes ``gpu``/``gpus`` and so learns its device; others stay
-        on the home GPU, where their memory really goes.
+        on the home GPU, where their memory really goes. Either way only devices this process
+        can see are candidates (:attr:`visible`).
         """
-        prefer = self.home or (self.plan.gpus[0].gpu.uuid if self.plan.gpus else None)
-        allowed = None if anywhere or need.count > 1 or prefer is None else (prefer,)
+        prefer = self.visible[0] if self.visible else None
+        allowed = self.visible if anywhere or need.count > 1 or prefer is None else (prefer,)
         ledger_need = Need(
             mem=need.mem, count=need.count, exclusive=need.exclusive, prefer=prefer, allowed=allowed
         )
@@ -216,13 +331,23 @@ class Runtime:
         return Grant(lease, gpus, record)
 
     def release(self, grant: Grant) -> None:
+        """Give the lease back. Where the ledger folder refuses (full, read-only), the lease stays
+        booked until this process ends (the safe side: nobody is granted memory that may still be
+        in use), one line in the log says so, and the test's outcome is left alone."""
         if grant.released:
             return
         grant.released = True
         if grant.lease is None or grant.record is None:
             return
         grant.record.released_at = time.time()
-        self.ledger.release(grant.lease)
+        try:
+            self.ledger.release(grant.lease)
+        except (LedgerError, OSError) as exc:
+            if str(exc) not in self.log:  # a ledger that defers the release says so itself
+                self.log.append(
+                    f"could not give back the lease of {grant.record.test_id}: {exc}; "
+                    "it stays booked until this process ends"
+                )
         held = grant.record.released_at - grant.record.taken_at
         self._notify(
             "pytest_gpushare_lease_released", gpus=grant.gpus, test_id=grant.record.test_id, held=held

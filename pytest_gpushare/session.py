@@ -4,9 +4,15 @@ that crosses processes.
 The settings, the plan, what Ollama holds and the session id are made on first use, not in
 ``pytest_configure``: xdist asks for the worker count from its ``pytest_cmdline_main``, before
 ``pytest_configure`` runs. The xdist controller (or a run without xdist) computes them; a
-worker receives the controller's in its ``workerinput`` (:class:`WorkerInput`), so workers ask
-NVML, Ollama and the planning hooks nothing. What flows back (each test's lease on its report,
-the ``lease()`` blocks in ``workeroutput``) is a :class:`LeaseEntry`.
+worker on this box receives the controller's plan in its ``workerinput`` (:class:`WorkerInput`),
+so it asks NVML, Ollama and the planning hooks nothing; a worker on another host (a remote
+gateway) plans on its own host. What flows back (each test's lease on its reports, the
+``lease()`` blocks in ``workeroutput``) is a :class:`LeaseEntry`.
+
+A run that never meets a GPU test does no GPU work (SPEC "Coexisting"): the plan is made when
+something needs it (``-n auto``'s count, the workers' home GPUs, the first GPU test), Ollama is
+asked only where the plan found GPUs, and :func:`begin_gpu_work` marks the moment the session
+starts using the box (the ledger folder is checked then, not before).
 """
 
 from __future__ import annotations
@@ -14,7 +20,8 @@ from __future__ import annotations
 import json
 import os
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any, Literal, TypedDict, TypeVar, cast
 
 import pytest
@@ -31,17 +38,26 @@ from pytest_gpushare.settings import DEFAULT_SOURCE, Settings
 from pytest_gpushare.settings.pytest_options import resolve_settings
 
 __all__ = [
+    "MARKER_HELP",
     "REPORT_ATTR",
     "LeaseEntry",
     "WorkerInput",
     "WorkerOutput",
+    "begin_gpu_work",
+    "check_report_path",
     "compute_plan",
+    "env_set",
     "get_plan",
     "get_settings",
+    "gpu_work_begun",
+    "has_own_tests",
     "is_worker",
     "never_plans",
+    "note_env",
     "ollama_status",
+    "runs_workers",
     "session_id",
+    "suite_gpu_marker",
     "worker_id",
     "worker_input",
 ]
@@ -52,27 +68,43 @@ SETTINGS_KEY = pytest.StashKey[Settings]()
 PLAN_KEY = pytest.StashKey[Plan]()
 OLLAMA_KEY = pytest.StashKey[OllamaStatus]()
 SESSION_KEY = pytest.StashKey[str]()
+GPU_WORK_KEY = pytest.StashKey[bool]()
+OWN_TESTS_KEY = pytest.StashKey[bool]()
+ENV_KEY = pytest.StashKey[dict[str, str]]()
+
+#: The plugin's own line of ``--markers`` (what tells it apart from a suite's own ``gpu`` marker).
+MARKER_HELP = (
+    "gpu(mem=None, count=1, exclusive=False): the test needs `mem` (a size such as '4GiB', or "
+    "'N%' of the device) on each of `count` distinct GPUs; pytest-gpushare leases it for the "
+    "test's duration. exclusive=True holds all usable memory of each GPU."
+)
 
 #: The attribute of a GPU test's teardown report that carries its :class:`LeaseEntry` (xdist
 #: serialises a report's attributes, so it reaches the controller).
 REPORT_ATTR = "gpushare"
 
 
-class WorkerInput(TypedDict):
-    """What the controller puts in each worker's ``workerinput`` (beside xdist's own keys)."""
-
-    gpushare_plan: dict[str, Any]
-    gpushare_ollama: dict[str, Any]
+class _SessionInput(TypedDict):
     gpushare_session: str
 
 
+class WorkerInput(_SessionInput, total=False):
+    """What the controller puts in each worker's ``workerinput`` (beside xdist's own keys).
+
+    ``gpushare_plan`` goes only to workers on this box; a worker on another host plans there.
+    """
+
+    gpushare_plan: dict[str, Any]
+
+
 class LeaseEntry(TypedDict, total=False):
-    """What the controller collects of one lease: a GPU test's (from its teardown report, where
-    the worker leaves ``test_id`` out) or a ``lease()`` block's (outcome ``"lease()"``)."""
+    """What the controller collects of one lease: a GPU test's (from its setup report while it
+    runs, outcome ``"running"``, and its teardown report, where the worker leaves ``test_id``
+    out) or a ``lease()`` block's (outcome ``"lease()"``)."""
 
     test_id: str
     outcome: str
-    fallback: str | None  # how a test no GPU could serve ran: "skip", "cpu" or "fail"
+    fallback: str | None  # how a test (or lease() block) no GPU could serve ran: "skip", "cpu", "fail"
     lease: dict[str, Any]  # LeaseRecord.to_dict(); absent when no memory was leased
     observed: list[dict[str, Any]]  # what the test was seen to use, per device
     log: list[str]  # the plugin's notes on the test (waits, enforcement, ignored hook errors)
@@ -101,10 +133,29 @@ def never_plans(config: pytest.Config) -> bool:
     )
 
 
+def suite_gpu_marker(config: pytest.Config) -> str | None:
+    """The suite's own registration of a ``gpu`` marker (an ini ``markers`` line, or
+    ``config.addinivalue_line`` from a conftest or another plugin), or None.
+
+    Where there is one, a bare ``@pytest.mark.gpu`` is the suite's (SPEC "Coexisting"), unless
+    ``gpushare_adopt_marker`` hands it to the plugin.
+    """
+    for line in config.getini("markers"):
+        text = str(line)
+        if text != MARKER_HELP and text.split(":", 1)[0].split("(", 1)[0].strip() == "gpu":
+            return text
+    return None
+
+
+def runs_workers(config: pytest.Config) -> bool:
+    """True in an xdist controller that starts workers (``-n N``, ``-n auto``, ``--tx``)."""
+    return not is_worker(config) and config.pluginmanager.get_plugin("dsession") is not None
+
+
 def _once(
     config: pytest.Config,
     key: pytest.StashKey[T],
-    name: Literal["gpushare_plan", "gpushare_ollama", "gpushare_session"],
+    name: Literal["gpushare_plan", "gpushare_session"],
     decode: Callable[[Any], T],
     compute: Callable[[], T],
 ) -> T:
@@ -138,14 +189,11 @@ def get_settings(config: pytest.Config) -> Settings:
 
 
 def ollama_status(config: pytest.Config) -> OllamaStatus:
-    """What Ollama holds: asked once per session in the controller, received by workers."""
-    return _once(
-        config,
-        OLLAMA_KEY,
-        "gpushare_ollama",
-        OllamaStatus.from_dict,
-        lambda: query_ollama(get_settings(config).ollama, os.environ),
-    )
+    """What Ollama holds: asked once per session by the process that plans (the controller, or a
+    worker on another host), and only where the plan needs it (a box with GPUs)."""
+    if OLLAMA_KEY not in config.stash:
+        config.stash[OLLAMA_KEY] = query_ollama(get_settings(config).ollama, os.environ)
+    return config.stash[OLLAMA_KEY]
 
 
 def get_plan(config: pytest.Config) -> Plan:
@@ -153,22 +201,87 @@ def get_plan(config: pytest.Config) -> Plan:
     return _once(config, PLAN_KEY, "gpushare_plan", Plan.from_dict, lambda: compute_plan(config))
 
 
-def worker_input(config: pytest.Config) -> WorkerInput:
-    """What a worker receives, so it asks NVML, Ollama and the planning hooks nothing."""
-    return WorkerInput(
-        gpushare_plan=get_plan(config).to_dict(),
-        gpushare_ollama=ollama_status(config).to_dict(),
-        gpushare_session=session_id(config),
-    )
+def worker_input(config: pytest.Config, *, local: bool = True) -> WorkerInput:
+    """What a worker receives: on this box the plan too, so it asks NVML, Ollama and the
+    planning hooks nothing; on another host (``local=False``) only the session id."""
+    received = WorkerInput(gpushare_session=session_id(config))
+    if local:
+        received["gpushare_plan"] = get_plan(config).to_dict()
+    return received
 
 
-def prepare_ledger_folder(config: pytest.Config) -> None:
-    """Refuse an unsafe or unusable ledger folder once, at start (exit 4), not per test."""
-    folder = ledger_dir_for(get_settings(config).ledger_dir)
+def begin_gpu_work(config: pytest.Config, *, own_tests: bool = False) -> Plan:
+    """The session starts using the box (a GPU test is known, or workers are pinned): the plan,
+    and, once per session in the process that plans, on a box with GPUs, the ledger folder
+    checked (an unusable one is a usage error naming its source, exit 4).
+
+    ``own_tests``: the run has GPU tests that are fully the plugin's (not only a suite's own
+    bare ``gpu`` markers, which on a box without a GPU are none of the plugin's business)."""
+    if own_tests:
+        config.stash[OWN_TESTS_KEY] = True
+    plan = get_plan(config)
+    if config.stash.get(GPU_WORK_KEY, False):
+        return plan
+    config.stash[GPU_WORK_KEY] = True
+    if plan.gpus and "gpushare_plan" not in getattr(config, "workerinput", {}):
+        ledger_folder_checked(config)
+    return plan
+
+
+def gpu_work_begun(config: pytest.Config) -> bool:
+    return config.stash.get(GPU_WORK_KEY, False)
+
+
+def has_own_tests(config: pytest.Config) -> bool:
+    """Whether GPU tests that are fully the plugin's were found (:func:`begin_gpu_work`)."""
+    return config.stash.get(OWN_TESTS_KEY, False)
+
+
+def ledger_folder_checked(config: pytest.Config) -> Path:
+    """The session's ledger folder, made and checked; an unsafe or unusable one is a usage
+    error (exit 4) that names the folder and where the setting came from."""
+    s = get_settings(config)
+    folder = ledger_dir_for(s.ledger_dir)
     try:
-        prepare_ledger_dir(folder)
+        return prepare_ledger_dir(folder)
     except (LedgerError, OSError) as exc:
-        raise pytest.UsageError(f"gpushare: ledger folder {folder}: {exc}") from None
+        source = s.sources.get("ledger_dir", DEFAULT_SOURCE)
+        where = "this account's default" if source == DEFAULT_SOURCE else source
+        raise pytest.UsageError(f"gpushare: ledger folder {folder} ({where}): {exc}") from None
+
+
+def check_report_path(config: pytest.Config) -> None:
+    """Refuse a ``--gpushare-report`` path that can never be written, at start (exit 4), rather
+    than after the tests: its folder (or the nearest one that exists) must be a folder."""
+    s = get_settings(config)
+    if not s.report:
+        return
+    target = Path(s.report)
+    problem = None
+    if target.is_dir():
+        problem = f"{target} is a folder"
+    else:
+        parent = target.parent
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
+        if not parent.is_dir():
+            problem = f"{parent} is not a folder"
+        elif not os.access(parent, os.W_OK | os.X_OK):
+            problem = f"this account cannot write in {parent}"
+    if problem:
+        source = s.sources.get("report", "--gpushare-report")
+        raise pytest.UsageError(f"gpushare: {source}: cannot write the report to {target}: {problem}")
+
+
+def note_env(config: pytest.Config, values: Mapping[str, str]) -> None:
+    """Record environment variables the plugin set, for the header to list."""
+    config.stash.setdefault(ENV_KEY, {}).update(values)
+
+
+def env_set(config: pytest.Config) -> dict[str, str]:
+    """The environment variables the plugin set in this session, as :func:`note_env` recorded them."""
+    found: dict[str, str] = config.stash.get(ENV_KEY, {})
+    return found.copy()
 
 
 # --- the plan (controller only) ---------------------------------------------------------------
@@ -180,7 +293,10 @@ def own_inventory(config: pytest.Config) -> GpuInventory:
 
 
 def own_reservations(config: pytest.Config, gpus: tuple[Gpu, ...]) -> list[Reservation]:
-    """The plugin's own reservations: ``--gpushare-reserve`` and the Ollama hold."""
+    """The plugin's own reservations: ``--gpushare-reserve`` and the Ollama hold (Ollama is not
+    asked on a box without GPUs: there is nothing to hold back)."""
+    if not gpus:
+        return []
     s = get_settings(config)
     out = planner.reservations_from_sizes(s.reserve, gpus, "reserve")
     held = attribute_held(ollama_status(config), gpus).by_gpu

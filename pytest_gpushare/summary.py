@@ -5,6 +5,12 @@ wait for memory, the terminal summary, the JSON report, and the history of obser
 pytest's cache (read back at planning by :func:`pytest_gpushare.session.read_history`).
 plugin.py registers one :class:`Collector` per session in ``pytest_configure``, in the
 controller only, unless the invocation never plans.
+
+Where the VRAM analysis goes (SPEC "Coexisting"): in the header for ``-n auto`` (the plan made
+the worker count) and for xdist workers on a box with GPUs (the plan pinned them); in a single
+process right after collection, once GPU tests are known to exist; otherwise nowhere, and the
+header has at most one line (:func:`brief_lines`). The ``gpushare`` summary section appears only
+when GPU tests or ``lease()`` blocks ran.
 """
 
 from __future__ import annotations
@@ -27,15 +33,21 @@ from pytest_gpushare.planner import Plan
 from pytest_gpushare.session import (
     REPORT_ATTR,
     LeaseEntry,
+    env_set,
     get_plan,
     get_settings,
+    gpu_work_begun,
+    has_own_tests,
     never_plans,
     ollama_status,
+    runs_workers,
     session_id,
+    suite_gpu_marker,
 )
-from pytest_gpushare.workers import worker_line, xdist_default_count
+from pytest_gpushare.units import format_size
+from pytest_gpushare.workers import planned_count, worker_line, xdist_default_count
 
-__all__ = ["Collector", "WaitWatcher", "header", "plan_lines"]
+__all__ = ["Collector", "WaitWatcher", "brief_lines", "header", "plan_lines", "report_header"]
 
 #: A test that still waits hears about it again this often at most.
 WAIT_REPEAT_S = 30.0
@@ -48,12 +60,56 @@ def header(config: pytest.Config, workers: report.WorkerLine | None = None) -> l
     """The VRAM analysis block."""
     plan = get_plan(config)
     s = get_settings(config)
-    extra = ollama_lines(config, plan)
+    extra = ollama_lines(config, plan) if plan.gpus else []
     ledger_dir = s.ledger_dir or f"{ledger_dir_for(None)} (this account's private folder)"
     if not s.ledger_dir:
         extra += report.foreign_lines(_foreign_processes(plan))
+    extra += coexist_notes(config)
     line = workers or worker_line(config, plan)
     return report.header_lines(plan, line, ledger=ledger_dir, extra=extra)
+
+
+def marker_note(config: pytest.Config) -> str | None:
+    """The line that says a suite's own ``gpu`` marker is left to the suite (SPEC "Coexisting")."""
+    if get_settings(config).adopt_marker or suite_gpu_marker(config) is None:
+        return None
+    return (
+        "this suite registers its own gpu marker: bare @pytest.mark.gpu tests are leased the default "
+        "memory where a GPU can serve them, never skipped, failed or moved to the CPU "
+        "(gpushare_adopt_marker = true makes them gpushare's)"
+    )
+
+
+def coexist_notes(config: pytest.Config) -> list[str]:
+    """What the plugin set in this process's environment, and whether the suite's own ``gpu``
+    marker is left to it (SPEC "Coexisting")."""
+    env = env_set(config)
+    notes = [f"set {report.env_text(env)}"] if env else []
+    marker = marker_note(config)
+    return [*notes, marker] if marker else notes
+
+
+def brief_lines(config: pytest.Config) -> list[str]:
+    """The header of a run that has not (yet) used the box: at most one line, of
+    :func:`coexist_notes`."""
+    notes = coexist_notes(config)
+    return [f"gpushare: {'; '.join(notes)}"] if notes else []
+
+
+def report_header(config: pytest.Config) -> list[str]:
+    """What ``pytest_report_header`` shows: the VRAM analysis where the plan decided something
+    already (``-n auto``'s count, or xdist workers to pin on a box with GPUs), else
+    :func:`brief_lines`."""
+    if never_plans(config):
+        return []
+    if planned_count(config) or (runs_workers(config) and get_plan(config).gpus):
+        config.stash[SHOWN_KEY] = True
+        return header(config)
+    return brief_lines(config)
+
+
+#: The VRAM analysis was printed (in the header, or after collection).
+SHOWN_KEY = pytest.StashKey[bool]()
 
 
 def plan_lines(config: pytest.Config) -> list[str]:
@@ -104,48 +160,79 @@ class Collector:
         self.config = config
         self._blocks = blocks
         self.collected: list[LeaseEntry] = []
-        self.lost: list[str] = []
+        self.lost: list[str] = []  # tests whose process died holding a lease
+        self.crashed: list[str] = []  # workers that died
+        #: What each running GPU test holds, from its setup report, until its teardown report.
+        self.running: dict[str, LeaseEntry] = {}
         self.started = time.time()
         self._waiter: WaitWatcher | None = None
+        self._watch_checked = False
         self._summary: tuple[int, int, dict[str, Any]] | None = None
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         info = getattr(report, REPORT_ATTR, None)
-        if isinstance(info, dict):
-            entry = cast(LeaseEntry, dict(info))
-            entry["test_id"] = report.nodeid
-            entry.setdefault("outcome", report.outcome)
-            self.collected.append(entry)
+        if not isinstance(info, dict):
+            return
+        entry = cast(LeaseEntry, dict(info))
+        entry["test_id"] = report.nodeid
+        if report.when == "setup":
+            self.running[report.nodeid] = entry
+            return
+        self.running.pop(report.nodeid, None)
+        entry.setdefault("outcome", report.outcome)
+        self.collected.append(entry)
 
     @pytest.hookimpl(optionalhook=True)
     def pytest_testnodedown(self, node: Any, error: object | None) -> None:
         if error is not None:
-            self.lost.append(f"worker {node.gateway.id} crashed: {error}")
+            self.crashed.append(f"worker {node.gateway.id} crashed: {error}")
         output = getattr(node, "workeroutput", None) or {}
         self.collected.extend(output.get("gpushare_blocks", []))
 
     @pytest.hookimpl(optionalhook=True)
     def pytest_handlecrashitem(self, crashitem: str, report: Any, sched: Any) -> None:
-        self.lost.append(f"{crashitem}: its worker crashed; its lease was reclaimed by the ledger")
-
-    def pytest_sessionstart(self, session: pytest.Session) -> None:
-        if not get_plan(self.config).gpus:
+        """A test's worker died under it: only a test that held a lease lost one."""
+        entry = self.running.pop(crashitem, None)
+        if entry is None or "lease" not in entry:
             return
+        lease = dict(entry["lease"])
+        lease["released_at"] = max(time.time(), lease["taken_at"])  # held until its process died
+        self.collected.append(LeaseEntry(test_id=crashitem, outcome="crashed", lease=lease))
+        held = ", ".join(f"{format_size(p['bytes'])} on GPU {p['index']}" for p in lease["gpus"])
+        self.lost.append(f"{crashitem}: its worker crashed holding {held}; the ledger reclaimed it")
+
+    def pytest_runtest_logstart(self, nodeid: str, location: object) -> None:
+        """Once GPU work has begun on a box with GPUs: the thread that prints waiting lines."""
+        if self._watch_checked or not gpu_work_begun(self.config):
+            return
+        self._watch_checked = True
         tr = self.config.pluginmanager.get_plugin("terminalreporter")
-        if tr is not None:
-            s = get_settings(self.config)
-            folder = str(ledger_dir_for(s.ledger_dir))
-            self._waiter = WaitWatcher(tr, folder, session_id(self.config), s.notice_after_s)
-            self._waiter.start()
+        if tr is None or not get_plan(self.config).gpus:
+            return
+        s = get_settings(self.config)
+        folder = str(ledger_dir_for(s.ledger_dir))
+        self._waiter = WaitWatcher(tr, folder, session_id(self.config), s.notice_after_s)
+        self._waiter.start()
+
+    def pytest_report_collectionfinish(self, config: pytest.Config) -> list[str]:
+        """A single process that found GPU tests: the VRAM analysis, after "collected N items"
+        (for a suite's own bare markers only where GPUs were found: elsewhere they are none of
+        the plugin's business)."""
+        if SHOWN_KEY in config.stash or not gpu_work_begun(config) or config.get_verbosity() < 0:
+            return []
+        if not has_own_tests(config) and not get_plan(config).gpus:
+            return []
+        config.stash[SHOWN_KEY] = True
+        return header(config)
 
     def summary_data(self) -> dict[str, Any]:
         """The run's summary; computed once for the terminal summary and the JSON report (both
         run at the end of the session), again only if something was collected in between."""
-        seen = (len(self.collected), len(self.lost))
+        seen = (len(self.collected), len(self.lost) + len(self.crashed))
         if self._summary is not None and self._summary[:2] == seen:
             return self._summary[2]
         collected = cast(list[dict[str, Any]], self.collected)
-        data = report.summarize(collected, self.lost, time.time())
+        data = report.summarize(collected, self.lost + self.crashed, time.time())
         observed = [e for e in collected if e.get("observed")]
         records = [advice.observation_record(e["test_id"], e["observed"]) for e in observed]
         data["observed"] = advice.observed_table(records)
@@ -154,9 +241,14 @@ class Collector:
         return data
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+        """The ``gpushare`` section, in runs where GPU tests or ``lease()`` blocks ran."""
+        if not self.collected and not self.lost:
+            return
         data = self.summary_data()
         plan = get_plan(self.config)
-        lines = report.summary_lines(plan, data) + report.spilling_lines(ollama_status(self.config))
+        lines = report.summary_lines(plan, data)
+        if plan.gpus:
+            lines += report.spilling_lines(ollama_status(self.config))
         terminalreporter.write_sep("-", "gpushare")
         for line in lines:
             terminalreporter.write_line(line)
@@ -169,7 +261,12 @@ class Collector:
         path = get_settings(self.config).report
         if path:
             doc = report.json_report(get_plan(self.config), data, self.started, time.time())
-            _write_json(Path(path), doc)
+            try:
+                _write_json(Path(path), doc)
+            except OSError as exc:  # checked at start; a disk that filled up since is one line
+                tr = self.config.pluginmanager.get_plugin("terminalreporter")
+                if tr is not None:
+                    tr.write_line(f"gpushare: could not write the report to {path}: {exc.strerror or exc}")
 
     def _remember(self, records: list[dict[str, Any]]) -> None:
         """Keep this run's per-test peaks in pytest's cache for the next run's worker budget."""

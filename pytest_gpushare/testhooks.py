@@ -1,62 +1,48 @@
-"""The lease around each GPU test, the ``gpu``/``gpus`` fixtures and :func:`lease`.
+"""The lease around each GPU test, and :func:`lease`.
 
-plugin.py registers this module (its fixtures) and one :class:`LeaseHooks` per session in
-``pytest_configure``, in every process that runs tests, unless the invocation never plans
-(``--help``, ``--markers``, ``--version``). A GPU test's lease is taken in
+plugin.py registers one :class:`LeaseHooks` per session in ``pytest_configure``, in every
+process that runs tests, unless the invocation never plans (``--help``, ``--markers``,
+``--version``). A GPU test (:func:`~pytest_gpushare.fixtures.gpu_role`) has its lease taken in
 ``pytest_runtest_setup``, before any fixture of the test runs, and given back after its
 teardown in every outcome (the ``pytest_runtest_protocol`` wrapper is the safety net for
 interrupts; a crashed process is covered by the ledger's liveness locks). What the plugin
-holds for one test is one :class:`ItemState` under :data:`STATE_KEY`, set and cleared by
-that ``pytest_runtest_protocol`` wrapper; its :class:`~pytest_gpushare.session.LeaseEntry`
-travels to the controller on the test's teardown report.
+holds for one test is one :class:`~pytest_gpushare.fixtures.ItemState` under
+:data:`~pytest_gpushare.fixtures.STATE_KEY`, set and cleared by that
+``pytest_runtest_protocol`` wrapper; its :class:`~pytest_gpushare.session.LeaseEntry` travels
+to the controller on the test's setup report (while it runs) and teardown report.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Generator, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any, NoReturn, cast
 
 import pytest
 
 from pytest_gpushare import observe
-from pytest_gpushare.enforce import Enforcement, annotate_oom, enforce
+from pytest_gpushare.enforce import annotate_oom, enforce
 from pytest_gpushare.errors import GpuShareError, LeaseTimeout, NeverFits, SettingError
-from pytest_gpushare.runtime import GpuLease, GpuNeed, Grant, Runtime, need_from_marker
+from pytest_gpushare.fixtures import STATE_KEY, ItemState, Role, gpu_role, plugin_fixture
+from pytest_gpushare.runtime import GpuLease, GpuLeases, GpuNeed, Grant, Runtime, need_from_marker
 from pytest_gpushare.session import (
     REPORT_ATTR,
     LeaseEntry,
     WorkerOutput,
-    get_plan,
+    begin_gpu_work,
     get_settings,
     is_worker,
+    note_env,
+    runs_workers,
     session_id,
+    suite_gpu_marker,
     worker_id,
 )
-from pytest_gpushare.workers import home_gpu
+from pytest_gpushare.workers import framework_defaults, home_gpu
 
-__all__ = ["MARKER_HELP", "STATE_KEY", "ItemState", "LeaseHooks", "gpu", "gpus", "lease"]
-
-MARKER_HELP = (
-    "gpu(mem=None, count=1, exclusive=False): the test needs `mem` (a size such as '4GiB', or "
-    "'N%' of the device) on each of `count` distinct GPUs; pytest-gpushare leases it for the "
-    "test's duration. exclusive=True holds all usable memory of each GPU."
-)
-
-
-@dataclass
-class ItemState:
-    """What the plugin holds for one test while pytest runs it."""
-
-    grant: Grant | None = None  # None: no GPU test, or not leased (yet)
-    enforcement: Enforcement | None = None  # the cap of --gpushare-enforce, undone at release
-    observed: list[dict[str, Any]] = field(default_factory=list)  # what it used, per device
-    outcome: str | None = None  # the first phase that did not pass: "failed", "skipped", "error"
-
-
-STATE_KEY = pytest.StashKey[ItemState]()
+__all__ = ["LeaseHooks", "active_hooks", "lease"]
 
 
 class LeaseHooks:
@@ -65,31 +51,43 @@ class LeaseHooks:
     def __init__(self, config: pytest.Config) -> None:
         self.config = config
         self._runtime: Runtime | None = None
+        self._making = threading.Lock()
         self._watch: observe.Watch | None = None
         self._enforce_said = False
+        self._suite_marker: bool | None = None
         #: Validated markers by their arguments: a module's ``pytestmark`` is the same for each of
         #: its tests. Only good markers are kept; a bad one fails each test naming it.
         self._needs: dict[tuple[Any, ...], GpuNeed] = {}
+        #: ``lease()`` blocks no GPU could serve (their fallback), for the summary.
+        self._blocks_not_run: list[LeaseEntry] = []
         _ACTIVE.append(self)
 
     @property
     def runtime(self) -> Runtime:
+        """This process's one runtime, made on first use (under a lock: threads that call
+        ``lease()`` at once share it, and so one ledger owner)."""
         if self._runtime is None:
-            config = self.config
-            s = get_settings(config)
-            self._runtime = Runtime(
-                plan=get_plan(config),
-                session=session_id(config),
-                worker=worker_id(config),
-                ledger_dir=s.ledger_dir,
-                context_bytes=s.context_mem_bytes,
-                policy=s.policy,
-                timeout=s.timeout_s,
-                home=home_gpu(),
-                default_mem=s.default_mem,
-                pluginmanager=config.pluginmanager,
-            )
+            with self._making:
+                if self._runtime is None:
+                    self._runtime = self._make_runtime()
         return self._runtime
+
+    def _make_runtime(self) -> Runtime:
+        config = self.config
+        s = get_settings(config)
+        return Runtime(
+            plan=begin_gpu_work(config),
+            session=session_id(config),
+            worker=worker_id(config),
+            ledger_dir=s.ledger_dir,
+            ledger_source=s.sources.get("ledger_dir"),
+            context_bytes=s.context_mem_bytes,
+            policy=s.policy,
+            timeout=s.timeout_s,
+            home=home_gpu(config),
+            default_mem=s.default_mem,
+            pluginmanager=config.pluginmanager,
+        )
 
     @property
     def watch(self) -> observe.Watch:
@@ -100,13 +98,36 @@ class LeaseHooks:
 
     def block_entries(self) -> list[LeaseEntry]:
         """This process's ``lease()`` blocks: they belong to no test report."""
+        entries = list(self._blocks_not_run)
         if self._runtime is None:
-            return []
-        return [
+            return entries
+        return entries + [
             LeaseEntry(test_id=r.test_id, lease=r.to_dict(), outcome="lease()", fallback=None)
             for r in self._runtime.records
             if r.block
         ]
+
+    # -- which tests are GPU tests ------------------------------------------------------------
+
+    def role(self, item: pytest.Item) -> Role | None:
+        if self._suite_marker is None:  # asked once conftests are in: they may register it
+            self._suite_marker = suite_gpu_marker(self.config) is not None
+        return gpu_role(item, self._suite_marker, get_settings(self.config).adopt_marker)
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
+        """Once the run's tests are known (deselection done): GPU work begins only if one of them
+        is a GPU test. The single process then applies the frameworks' defaults (xdist workers
+        got them in their spec environment)."""
+        roles = {self.role(item) for item in items}
+        if roles <= {None}:
+            return
+        plan = begin_gpu_work(self.config, own_tests="ours" in roles)
+        if not is_worker(self.config) and not runs_workers(self.config):
+            defaults = framework_defaults(self.config, plan)
+            for key, value in defaults.items():
+                os.environ.setdefault(key, value)
+            note_env(self.config, defaults)
 
     # -- one test: the state's lifetime -----------------------------------------------------
 
@@ -134,10 +155,6 @@ class LeaseHooks:
     def _need(self, item: pytest.Item) -> tuple[GpuNeed, bool] | None:
         """What ``item`` needs and whether it takes ``gpu``/``gpus``; None for no GPU test."""
         marker = item.get_closest_marker("gpu")
-        names = getattr(item, "fixturenames", ())
-        takes_fixture = "gpu" in names or "gpus" in names
-        if marker is None and not takes_fixture:
-            return None
         default = get_settings(self.config).default_mem
         if marker is None:
             return GpuNeed(mem=default), True
@@ -147,6 +164,7 @@ class LeaseHooks:
             tuple(sorted((k, type(v), v) for k, v in marker.kwargs.items())),
         )
         source = f"the marker on {item.nodeid}"
+        takes_fixture = plugin_fixture(item)
         try:
             need = self._needs.get(key)
         except TypeError:  # an unhashable argument: validated every time
@@ -157,13 +175,18 @@ class LeaseHooks:
 
     def _take(self, item: pytest.Item, state: ItemState) -> str | None:
         """Lease what ``item`` needs; a one-line problem when the test must fail instead."""
+        role = self.role(item)
+        if role is None:
+            return None
         try:
             found = self._need(item)
         except SettingError as exc:
             return str(exc)
-        if found is None:
-            return None
+        assert found is not None
         need, anywhere = found
+        if role == "guest":
+            self._take_as_guest(item, state, need)
+            return None
         rt = self.runtime
         if not rt.plan.gpus:
             self._not_run(state, need, _no_gpu_reason(rt))
@@ -180,6 +203,20 @@ class LeaseHooks:
             state.grant = grant
             self._observe_begin(state, grant)
         return None
+
+    def _take_as_guest(self, item: pytest.Item, state: ItemState, need: GpuNeed) -> None:
+        """A bare marker the suite registered itself: leased where a GPU can serve it; where none
+        can, it runs as the suite intends, without a lease (never skipped, failed or moved)."""
+        state.guest = True
+        rt = self.runtime
+        if not rt.plan.gpus:
+            return
+        try:
+            state.grant = rt.acquire(need, item.nodeid, anywhere=False)
+        except GpuShareError as exc:
+            rt.log.append(f"{item.nodeid}: runs without a lease (the suite's own gpu marker): {exc}")
+        else:
+            self.watch.begin(state.grant.gpus)
 
     def _not_run(self, state: ItemState, need: GpuNeed, why: str) -> None:
         """No GPU can ever serve this test: skip, run on CPU, or fail, per --gpushare-fallback."""
@@ -206,6 +243,32 @@ class LeaseHooks:
                 state.enforcement = result
                 self.runtime.log.extend(result.notes)
         self.watch.begin(grant.gpus)
+
+    # -- lease() blocks -----------------------------------------------------------------------
+
+    def block_grant(self, need: GpuNeed, label: str) -> Grant:
+        """The grant of a ``lease()`` block, following ``--gpushare-fallback`` where no GPU can
+        ever serve it; every other failure is one line (``pytest.fail``), never a raw exception."""
+        try:
+            rt = self.runtime
+            if not rt.plan.gpus:
+                return self._block_not_run(need, label, _no_gpu_reason(rt))
+            return rt.acquire(need, label, anywhere=True, block=True)
+        except NeverFits as exc:
+            return self._block_not_run(need, label, exc.reason)
+        except LeaseTimeout as exc:
+            _fail(str(exc))
+        except (GpuShareError, pytest.UsageError) as exc:  # an unusable ledger folder, a bad setting
+            _fail(f"cannot lease GPU memory: {exc}")
+
+    def _block_not_run(self, need: GpuNeed, label: str, why: str) -> Grant:
+        mode = get_settings(self.config).fallback
+        self._blocks_not_run.append(LeaseEntry(test_id=label, outcome="lease()", fallback=mode))
+        if mode == "skip":
+            pytest.skip(f"gpushare: {why} (--gpushare-fallback=skip)")
+        if mode == "fail":
+            _fail(f"{why} (--gpushare-fallback=fail)")
+        return Grant(None, [GpuLease.cpu()] * need.count, None, fallback=mode)
 
     # -- giving it back -----------------------------------------------------------------------
 
@@ -248,8 +311,13 @@ class LeaseHooks:
                 rep.sections.append(("gpushare", note))
         if state is not None and rep.outcome != "passed" and state.outcome is None:
             state.outcome = "error" if call.when != "call" and rep.failed else rep.outcome
-        if state is not None and grant is not None and call.when == "teardown":
-            setattr(rep, REPORT_ATTR, self._entry(state, grant))
+        if state is not None and grant is not None:
+            if call.when == "setup" and grant.record is not None:
+                # The controller learns what the test holds before it runs: if its worker dies,
+                # the summary knows the lease it lost.
+                setattr(rep, REPORT_ATTR, LeaseEntry(outcome="running", lease=grant.record.to_dict()))
+            elif call.when == "teardown":
+                setattr(rep, REPORT_ATTR, self._entry(state, grant))
         return rep
 
     def _entry(self, state: ItemState, grant: Grant) -> LeaseEntry:
@@ -272,7 +340,11 @@ class LeaseHooks:
 
     def pytest_unconfigure(self) -> None:
         if self._runtime is not None:
-            self._runtime.close()
+            problem = self._runtime.close()
+            if problem:
+                tr = self.config.pluginmanager.get_plugin("terminalreporter")
+                if tr is not None:
+                    tr.write_line(f"gpushare: {problem}")
         if self in _ACTIVE:
             _ACTIVE.remove(self)
 
@@ -284,63 +356,60 @@ def _no_gpu_reason(rt: Runtime) -> str:
     return f"no GPU ({inv.source})"
 
 
-# --- the fixtures and lease() ------------------------------------------------------------------
+def _fail(message: str) -> NoReturn:
+    """Fail the running test (or the fixture that leases) with one line, no traceback."""
+    pytest.fail(f"gpushare: {message}", pytrace=False)
 
 
-def _granted(request: pytest.FixtureRequest) -> list[GpuLease]:
-    state = request.node.stash.get(STATE_KEY, None)
-    if state is None or state.grant is None:
-        raise GpuShareError("gpushare: no lease for this test (is the plugin disabled for it?)")
-    return list(state.grant.gpus)
-
-
-@pytest.fixture
-def gpu(request: pytest.FixtureRequest) -> GpuLease:
-    """The :class:`GpuLease` of the running test (its first device when ``count > 1``)."""
-    return _granted(request)[0]
-
-
-@pytest.fixture
-def gpus(request: pytest.FixtureRequest) -> list[GpuLease]:
-    """One :class:`GpuLease` per device of the running test, in the order it should use them."""
-    return _granted(request)
-
+# --- lease() ------------------------------------------------------------------------------------
 
 #: The lease hooks of the sessions active in this process (pytester can nest one in another).
 _ACTIVE: list[LeaseHooks] = []
 
 
+def active_hooks() -> LeaseHooks:
+    """The lease hooks of this process's (innermost) session."""
+    if not _ACTIVE:
+        raise GpuShareError("pytest_gpushare.lease() needs a pytest session with pytest-gpushare active")
+    return _ACTIVE[-1]
+
+
 def active_runtime() -> Runtime:
     """This process's runtime, made on first use: a ``lease()`` in a fixture may come before
     any GPU test of the session."""
-    if not _ACTIVE:
-        raise GpuShareError("pytest_gpushare.lease() needs a pytest session with pytest-gpushare active")
-    return _ACTIVE[-1].runtime
+    return active_hooks().runtime
 
 
 @contextmanager
 def lease(
     mem: object = None, count: int = 1, exclusive: bool = False, *, name: str | None = None
-) -> Iterator[list[GpuLease]]:
+) -> Iterator[GpuLeases]:
     """Hold GPU memory for as long as the ``with`` block lives (module/session fixtures).
 
-    Yields the list of :class:`GpuLease`, one per device, like the ``gpus`` fixture; ``name``
-    is what ledgers and reports show as the holder (default: the calling test's id or
-    ``lease()``). Waits like a test would; a need that can never be met raises
-    :class:`NeverFits`, a wait past ``--gpushare-timeout`` raises :class:`LeaseTimeout`.
+    Yields a :class:`~pytest_gpushare.runtime.GpuLeases`: the list of :class:`GpuLease`, one
+    per device, like the ``gpus`` fixture, that also answers ``device``, ``index``, ``mem``...
+    with its first device's, like the ``gpu`` fixture (``with lease(mem="2GiB") as gpu:
+    gpu.device``). ``name`` is what ledgers and reports show as the holder (default: the
+    calling test's id or ``lease()``).
+
+    Waits like a test would. Where no GPU can ever serve it, it follows
+    ``--gpushare-fallback`` as a marker does: ``skip`` skips the tests that need it (with the
+    reason), ``cpu`` yields CPU leases, ``fail`` fails them with one line. A wait past
+    ``--gpushare-timeout`` and a bad argument fail with one line too.
     """
-    rt = active_runtime()
+    hooks = active_hooks()
     label = name or os.environ.get("PYTEST_CURRENT_TEST", "").rsplit(" ", 1)[0] or "lease()"
-    need = need_from_marker(
-        (),
-        {"mem": mem, "count": count, "exclusive": exclusive},
-        rt.default_mem,
-        f"pytest_gpushare.lease() of {label}",
-    )
-    if not rt.plan.gpus:
-        raise NeverFits("pytest_gpushare.lease(): no GPU on this box")
-    grant = rt.acquire(need, f"{label} [lease()]", anywhere=True, block=True)
     try:
-        yield grant.gpus
+        need = need_from_marker(
+            (),
+            {"mem": mem, "count": count, "exclusive": exclusive},
+            get_settings(hooks.config).default_mem,
+            f"pytest_gpushare.lease() of {label}",
+        )
+    except SettingError as exc:
+        _fail(str(exc))
+    grant = hooks.block_grant(need, f"{label} [lease()]")
+    try:
+        yield GpuLeases(grant.gpus)
     finally:
-        rt.release(grant)
+        hooks.runtime.release(grant)

@@ -1,15 +1,23 @@
-"""xdist: the worker count, each worker's home GPU and environment, and what it receives.
+"""xdist: the worker count, each worker's home GPU and environment, and what it receives; and the
+environment a process gets before any conftest can touch CUDA.
 
 These hook implementations are ``optionalhook``: the module is registered whether or not
 pytest-xdist is installed, and without it nothing here is called. They must be registered
 before xdist's ``pytest_cmdline_main`` asks for the worker count, so plugin.py registers this
 module (as :data:`PLUGIN_NAME`) from ``pytest_addhooks`` rather than from ``pytest_configure``.
+
+The environment (SPEC "Coexisting"): with no GPU the plugin sets no variable in any process.
+``CUDA_DEVICE_ORDER=PCI_BUS_ID`` is set before the conftests only where the NVIDIA driver lists
+more than one GPU (:func:`order_devices`, a folder listing: neither NVML nor CUDA is started);
+a worker's ``CUDA_VISIBLE_DEVICES`` and the frameworks' defaults go only where the plan found
+real GPUs; everything set is recorded (:func:`~pytest_gpushare.session.note_env`) for the header.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,14 +25,72 @@ import pytest
 from pytest_gpushare import planner, report
 from pytest_gpushare.enforce import framework_env
 from pytest_gpushare.gpus.visible import cuda_visible_env
-from pytest_gpushare.session import get_plan, get_settings, is_worker, never_plans, worker_input
+from pytest_gpushare.session import (
+    begin_gpu_work,
+    get_plan,
+    get_settings,
+    never_plans,
+    note_env,
+    worker_input,
+)
 
-__all__ = ["HOME_ENV", "home_gpu", "worker_env", "worker_line", "xdist_default_count"]
+__all__ = [
+    "HOME_ENV",
+    "framework_defaults",
+    "home_gpu",
+    "is_local",
+    "order_devices",
+    "take_home_gpu",
+    "worker_env",
+    "worker_line",
+    "xdist_default_count",
+]
 
 PLUGIN_NAME = "gpushare-xdist"
 HOME_ENV = "GPUSHARE_HOME_GPU"
 #: The plan's answer to ``-n auto``, kept for the header.
 AUTO_KEY = pytest.StashKey[planner.WorkerCount]()
+#: This process's home GPU, taken out of the environment (:func:`take_home_gpu`).
+HOME_KEY = pytest.StashKey["str | None"]()
+#: Where the NVIDIA driver lists the GPUs it drives, one folder per GPU (Linux).
+DRIVER_GPUS = Path("/proc/driver/nvidia/gpus")
+
+
+# --- before the conftests ----------------------------------------------------------------------
+
+
+def order_devices(config: pytest.Config, driver_gpus: Path = DRIVER_GPUS) -> None:
+    """Make ``cuda:N`` count GPUs in PCI order, as NVML and the header do, where it matters.
+
+    Runs before any conftest can initialise CUDA, when nothing says yet whether the run has GPU
+    tests, so it must be cheap and must not start NVML or CUDA: it reads the driver's folder of
+    GPUs. With one GPU (or none) both orders agree and nothing is set; where the folder does not
+    exist (no driver, WSL2, another system) nothing is set either. A value the user set is kept.
+    """
+    if "CUDA_DEVICE_ORDER" in os.environ:
+        return
+    try:
+        count = sum(1 for _ in driver_gpus.iterdir())
+    except OSError:
+        return
+    if count > 1:
+        os.environ["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
+        note_env(config, {"CUDA_DEVICE_ORDER": "PCI_BUS_ID"})
+
+
+def take_home_gpu(config: pytest.Config) -> None:
+    """Keep this process's home GPU (set in its xdist spec) in ``config.stash`` and take it out of
+    the environment, so that a pytest started by a test (pytester, a subprocess) does not take
+    this worker's home for its own."""
+    config.stash[HOME_KEY] = os.environ.pop(HOME_ENV, None) or None
+
+
+def home_gpu(config: pytest.Config) -> str | None:
+    """This process's home GPU uuid, as the controller assigned it (None outside xdist)."""
+    return config.stash.get(HOME_KEY, None)
+
+
+# --- the worker count --------------------------------------------------------------------------
 
 
 @pytest.hookimpl(tryfirst=True, optionalhook=True)
@@ -61,48 +127,96 @@ def worker_line(config: pytest.Config, plan: planner.Plan) -> report.WorkerLine:
     return report.WorkerLine("single", 1, planned)
 
 
-def worker_env(plan: planner.Plan, home: str) -> dict[str, str]:
+def planned_count(config: pytest.Config) -> bool:
+    """Whether ``-n auto`` asked the plan for the worker count."""
+    return AUTO_KEY in config.stash
+
+
+# --- each worker's environment -----------------------------------------------------------------
+
+
+def framework_defaults(config: pytest.Config, plan: planner.Plan) -> dict[str, str]:
+    """The frameworks' settings that keep them from taking a whole GPU, where unset and enabled,
+    and only where the plan found real GPUs (simulated ones have no device to grab)."""
+    if not get_settings(config).framework_defaults or not any(not g.gpu.simulated for g in plan.gpus):
+        return {}
+    return framework_env(os.environ)
+
+
+def worker_env(plan: planner.Plan, home: str, extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """The environment of a worker whose home GPU is ``home`` (a uuid).
 
     Real GPUs are listed by UUID, home first, so ``cuda:0`` is the home GPU whatever the
     inherited ``CUDA_VISIBLE_DEVICES`` was (the probe already applied it) and whatever order
-    CUDA would pick. Simulated GPUs have no CUDA device behind them: their workers keep the
-    inherited visibility, so a real GPU (if any) is not hidden by a made-up UUID.
+    CUDA would pick; a MIG home is listed alone (CUDA shows a process one MIG instance), and a
+    whole-GPU home lists the whole GPUs only. Simulated GPUs have no CUDA device behind them:
+    their workers keep the inherited visibility, so a real GPU (if any) is not hidden by a
+    made-up UUID. ``extra`` (the frameworks' defaults) is added as given.
     """
     order = [plan.by_uuid(home).gpu] + [g.gpu for g in plan.gpus if g.gpu.uuid != home]
-    return {HOME_ENV: home, **cuda_visible_env(order)}
+    return {HOME_ENV: home, **cuda_visible_env(order), **(extra or {})}
 
 
-def set_framework_defaults(config: pytest.Config) -> None:
-    """In the controller, where unset and enabled: the frameworks' settings that keep them from
-    taking a whole GPU. Workers inherit the controller's environment: one place covers ``-n N``
-    and a run without xdist."""
-    if is_worker(config) or not get_settings(config).framework_defaults:
-        return
-    for key, value in framework_env(os.environ).items():
-        os.environ.setdefault(key, value)
+def is_local(spec: Any) -> bool:
+    """Whether an xdist spec starts its worker on this box: a plain ``popen`` gateway (any
+    ``python=``), not ``ssh=``, ``socket=`` or one reached ``via`` another gateway."""
+    return bool(getattr(spec, "popen", False)) and not getattr(spec, "via", None)
 
 
-@pytest.hookimpl(optionalhook=True)
+def _pin_text(plan: planner.Plan, env: Mapping[str, str]) -> str | None:
+    """What a worker was pinned to, in the header's words; None where nothing was (simulated)."""
+    shown = env.get("CUDA_VISIBLE_DEVICES")
+    if shown is None:
+        return None
+    indices = [plan.by_uuid(u).gpu.index for u in shown.split(",")]
+    rest = f" (then {', '.join(map(str, indices[1:]))})" if len(indices) > 1 else " only"
+    return f"GPU {indices[0]}{rest}"
+
+
+@pytest.hookimpl(tryfirst=True, optionalhook=True)
 def pytest_xdist_setupnodes(config: pytest.Config, specs: Sequence[Any]) -> None:
-    """Give each worker its home GPU in its tx spec environment.
+    """Give each worker on this box its home GPU in its tx spec environment, and say so.
 
     The spec's ``env:`` entries are set by execnet before pytest starts in the worker, so no
     conftest or test can touch CUDA first; xdist reuses the spec for a replacement worker after
-    a crash, which therefore gets the same home GPU (never derived from the worker id).
+    a crash, which therefore gets the same home GPU (never derived from the worker id). Workers
+    on other hosts plan on their own (SPEC "Past one box") and get nothing here. ``tryfirst``:
+    the lines come before xdist's own status line.
     """
-    plan = get_plan(config)
-    homes = planner.assign_homes(plan, len(specs))  # empty without a GPU: nothing to set
-    for spec, home in zip(specs, homes, strict=False):
-        spec.env.update(worker_env(plan, home))
+    if never_plans(config):
+        return
+    local = [spec for spec in specs if is_local(spec)]
+    if not local:
+        return
+    plan = begin_gpu_work(config)
+    homes = planner.assign_homes(plan, len(local))  # empty without a GPU: nothing to set
+    extra = framework_defaults(config, plan) if homes else {}
+    pinned: list[tuple[str, str]] = []
+    for spec, home in zip(local, homes, strict=False):
+        env = worker_env(plan, home, extra)
+        spec.env.update(env)
+        text = _pin_text(plan, env)
+        if text is not None:
+            pinned.append((str(getattr(spec, "id", None) or "?"), text))
+    _announce(config, report.pin_lines(pinned, {**env_set_in_workers(pinned), **extra}))
+
+
+def env_set_in_workers(pinned: Sequence[tuple[str, str]]) -> dict[str, str]:
+    """What pinning itself sets beside each worker's ``CUDA_VISIBLE_DEVICES``."""
+    return {"CUDA_DEVICE_ORDER": "PCI_BUS_ID"} if pinned else {}
+
+
+def _announce(config: pytest.Config, lines: Sequence[str]) -> None:
+    """Lines that belong to the header, written where it was (hidden with ``-q`` like it)."""
+    tr = config.pluginmanager.get_plugin("terminalreporter")
+    if tr is None or config.get_verbosity() < 0:
+        return
+    for line in lines:
+        tr.write_line(line)
 
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_configure_node(node: Any) -> None:
-    """Send the controller's plan and Ollama's answer, so workers ask NVML and Ollama nothing."""
-    node.workerinput.update(worker_input(node.config))
-
-
-def home_gpu() -> str | None:
-    """This process's home GPU uuid, as the controller assigned it (None outside xdist)."""
-    return os.environ.get(HOME_ENV) or None
+    """Send the controller's plan to workers on this box (they ask NVML and Ollama nothing); a
+    worker on another host gets only the session id and plans there."""
+    node.workerinput.update(worker_input(node.config, local=is_local(node.gateway.spec)))

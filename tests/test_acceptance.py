@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from conftest import wait_until
+from edge_support import stranger
 
 from pytest_gpushare.ledger import read_status
 
@@ -289,29 +290,8 @@ def test_need_that_never_fits_is_skipped_or_fails(pytester: pytest.Pytester, env
 
 def test_waiting_line_names_the_holder(pytester: pytest.Pytester, env: dict[str, str]) -> None:
     # A stranger holds the GPU through the ledger (a `gpushare run` stand-in) until its stdin closes.
-    holder = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import os, sys\n"
-            "from pytest_gpushare.gpus import SimulatedProbe\n"
-            "from pytest_gpushare.ledger import Ledger, LedgerGpu, Need, Owner\n"
-            "from pytest_gpushare.units import MemRequest\n"
-            "g = SimulatedProbe('8GiB').probe().gpus[0]\n"
-            "gpu = LedgerGpu(g.uuid, 0, g.name, g.total_bytes, 7*2**30, 7*2**30)\n"
-            "l = Ledger(os.environ['GPUSHARE_LEDGER_DIR'], [gpu], Owner.current('stranger', 'main'),"
-            " context_bytes=0)\n"
-            "l.acquire(Need(MemRequest(6*2**30)), 'stranger::big_job', 5)\n"
-            "print('held', flush=True)\n"
-            "sys.stdin.read()\n",
-        ],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
     out = pytester.path / "session.out"
-    try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+    with stranger("8GiB", 6 * GiB, "stranger::big_job") as holder:
         pytester.makepyfile("import pytest\n@pytest.mark.gpu(mem='4GiB')\ndef test_wait(gpu): pass\n")
         with out.open("w") as sink:
             session = subprocess.Popen(
@@ -330,9 +310,6 @@ def test_waiting_line_names_the_holder(pytester: pytest.Pytester, env: dict[str,
         finally:
             session.kill()
             session.wait()
-    finally:
-        holder.kill()
-        holder.wait()
     result = pytest.LineMatcher(out.read_text().splitlines())
     result.fnmatch_lines(["*::test_wait (gw0) has waited *s for 4.0GiB; held by stranger::big_job*"])
     result.fnmatch_lines(["*1 passed*"])
@@ -445,7 +422,7 @@ def test_unsafe_ledger_folder_is_a_usage_error(pytester: pytest.Pytester, env: d
     folder = pytester.path / "shared"
     folder.mkdir()
     folder.chmod(0o777)
-    pytester.makepyfile("def test_a(): pass\n")
+    pytester.makepyfile("import pytest\n@pytest.mark.gpu(mem='1GiB')\ndef test_a(): pass\n")
     result = run(pytester, f"--gpushare-ledger-dir={folder}", "--gpushare-simulate=24GiB")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(["*gpushare: ledger folder *shared*chmod*"])

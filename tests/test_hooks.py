@@ -123,7 +123,7 @@ def test_a_raising_reservation_hook_is_a_usage_error_naming_it(pytester: pytest.
 
 def test_a_reservation_hook_returning_garbage_is_a_usage_error(pytester: pytest.Pytester) -> None:
     pytester.makeconftest("def pytest_gpushare_reservations(config, gpus):\n    return [12]\n")
-    pytester.makepyfile("def test_a(): pass\n")
+    pytester.makepyfile("import pytest\n@pytest.mark.gpu(mem='1GiB')\ndef test_a(): pass\n")
     result = pytester.runpytest_subprocess("--gpushare-simulate=24GiB", "-p", "no:cacheprovider")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(

@@ -93,7 +93,11 @@ def test_plan_shows_the_same_ollama_lines(suite: pytest.Pytester, ollama: FakeOl
     )
 
 
+GPU_TEST = "import pytest\n@pytest.mark.gpu(mem='1GiB')\ndef test_gpu(): pass\n"
+
+
 def test_loaded_model_without_reservation_is_pointed_out(suite: pytest.Pytester, ollama: FakeOllama) -> None:
+    suite.makepyfile(test_gpu=GPU_TEST)  # the analysis is printed once GPU tests are known to exist
     result = suite.runpytest_subprocess(f"--gpushare-simulate=24GiB:used={2 * GiB + HELD}B")
     result.stdout.fnmatch_lines(["*no reservation protects its next load: set --gpushare-ollama-reserve*"])
 
@@ -101,6 +105,7 @@ def test_loaded_model_without_reservation_is_pointed_out(suite: pytest.Pytester,
 def test_spilling_model_is_warned_in_header_and_summary(
     suite: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    suite.makepyfile(test_gpu=GPU_TEST)
     with FakeOllama([ps_model("llama3:70b", 40 * GiB, 20 * GiB)]) as server:
         monkeypatch.setenv("OLLAMA_HOST", server.url)
         result = suite.runpytest_subprocess(

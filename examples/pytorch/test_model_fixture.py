@@ -3,7 +3,8 @@
 The module-scoped fixture holds the model's memory with ``pytest_gpushare.lease()`` for as
 long as the module's tests use it; each test declares only what it adds on top (activations).
 Run the module's tests on one worker so the model loads once per run, not once per worker:
-``pytest -n auto --dist loadscope examples/pytorch``.
+``pytest -n auto --dist loadscope examples/pytorch``. Where no GPU can serve the lease, it follows
+``--gpushare-fallback`` as the tests' markers do: skipped, on the CPU, or failed with one line.
 """
 
 import pytest
@@ -16,7 +17,7 @@ torch = pytest.importorskip("torch")
 @pytest.fixture(scope="module")
 def model():
     # 384 MiB of weights, rounded up to 512 MiB for the allocator's overhead.
-    with pytest_gpushare.lease(mem="512MiB", name="examples/pytorch model") as (gpu,):
+    with pytest_gpushare.lease(mem="512MiB", name="examples/pytorch model") as gpu:
         layers = [torch.nn.Linear(2048, 2048) for _ in range(24)]  # 24 x 16 MiB of float32
         net = torch.nn.Sequential(*layers).to(gpu.device).eval()
         yield net
