@@ -507,11 +507,6 @@ def test_gpu_lease_fields_are_documented() -> None:
 # --- suites that never asked (docs/howto/adopting.rst) ---------------------------------------
 
 ADOPTING = DOCS / "howto" / "adopting.rst"
-#: Needs the coexistence work of issue 16 (a suite's own ``gpu`` marker is left to the suite on a box
-#: without a GPU); drop the mark once it is in.
-NEEDS_COEXISTENCE = pytest.mark.xfail(
-    strict=True, reason="a suite's own gpu marker is not yet left to the suite (issue 16, coexistence)"
-)
 
 
 def _files_before(page: Path) -> dict[str, str]:
@@ -532,10 +527,10 @@ def _outcomes(args: list[str], cwd: Path, env: dict[str, str]) -> tuple[int, dic
 @pytest.mark.parametrize(
     "suite, args",
     [
-        pytest.param("arrays", [], marks=NEEDS_COEXISTENCE),
-        pytest.param("ransac", []),
-        pytest.param("shade", []),
-        pytest.param("shade", ["--gpu"], marks=NEEDS_COEXISTENCE),
+        ("arrays", []),
+        ("ransac", []),
+        ("shade", []),
+        ("shade", ["--gpu"]),
     ],
 )
 def test_suites_before_migration_mean_the_same_with_the_plugin(
