@@ -119,6 +119,8 @@ class LeaseHooks:
         """Once the run's tests are known (deselection done): GPU work begins only if one of them
         is a GPU test. The single process then applies the frameworks' defaults (xdist workers
         got them in their spec environment)."""
+        if self.config.getoption("collectonly", False):
+            return  # nothing runs: nothing to plan for
         roles = {self.role(item) for item in items}
         if roles <= {None}:
             return

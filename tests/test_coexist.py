@@ -346,6 +346,17 @@ def test_a_run_without_gpu_tests_does_no_gpu_work(
         assert json.loads(env.read_text()) == _no_gpu_vars(), env.name
 
 
+def test_collect_only_plans_nothing(
+    pytester: pytest.Pytester, fake_box: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("BOX_GPUS", "1")
+    pytester.makepyfile(test_gpu="import pytest\n@pytest.mark.gpu(mem='1GiB')\ndef test_on_gpu(gpu): pass\n")
+    result = run(pytester, "--collect-only", "-q")
+    result.stdout.fnmatch_lines(["test_gpu.py::test_on_gpu"])
+    assert json.loads((fake_box / "main.json").read_text()) == {"nvml_init": 0}
+    assert _gpushare_lines(result) == []
+
+
 def test_gpu_tests_bring_the_analysis_after_collection(
     pytester: pytest.Pytester, fake_box: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
