@@ -10,7 +10,9 @@ __all__ = [
     "GpuShareError",
     "LeaseTimeout",
     "LedgerError",
+    "LockTimeout",
     "NeverFits",
+    "ReleaseDeferred",
     "SettingError",
 ]
 
@@ -29,6 +31,38 @@ class SettingError(GpuShareError, ValueError):
 
 class LedgerError(GpuShareError):
     """The ledger folder or a ledger file cannot be used safely (never a silent fallback)."""
+
+
+class LockTimeout(LedgerError, TimeoutError):
+    """A lock of the ledger folder stayed taken until the caller's deadline.
+
+    ``holder`` describes who holds it as the kernel says (its pid, command and whether it is
+    stopped), or says that it cannot be seen from here; the message includes it.
+    """
+
+    def __init__(self, message: str, path: str, holder: str) -> None:
+        super().__init__(message, path, holder)
+        self.message = message
+        self.path = path
+        self.holder = holder
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class ReleaseDeferred(LedgerError):
+    """A lease could not be taken out of the ledger (the folder takes no writes, or its lock
+    stayed taken): it stays booked, on the safe side, until this process's next access to the
+    ledger succeeds or the process ends. The message is one line that says so and why."""
+
+    def __init__(self, message: str, lease_id: str, test_id: str) -> None:
+        super().__init__(message, lease_id, test_id)
+        self.message = message
+        self.lease_id = lease_id
+        self.test_id = test_id
+
+    def __str__(self) -> str:
+        return self.message
 
 
 class NeverFits(GpuShareError):

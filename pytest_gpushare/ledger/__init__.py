@@ -3,29 +3,38 @@
 Any process that wants GPU memory opens a :class:`Ledger` on the shared ledger folder and calls
 :meth:`Ledger.acquire` / :meth:`Ledger.release`. Files in the folder:
 
-* ``gpu-<uuid>.json`` per GPU, guarded by ``gpu-<uuid>.lock`` (kernel flock; filelock takes a
-  free lock, a busy one is waited for in the kernel): the owners that use the GPU with the
-  usable memory their sessions computed, the bookings (test leases and CUDA contexts) and the
-  waiters. Replaced atomically under the lock (a reader never sees half a file), framed with a
-  checksum so that damage reads as damage, and with a generation number that grows with every
-  write.
+* ``gpu-<uuid>.json`` per GPU, guarded by ``gpu-<uuid>.lock`` (kernel flock: a free lock is
+  taken at once, a busy one waited for in the kernel, never past the caller's deadline): the
+  owners that use the GPU with the usable memory their sessions computed, the bookings (test
+  leases and CUDA contexts) and the waiters. Replaced atomically under the lock (a reader never
+  sees half a file), framed with a checksum so that damage reads as damage, and with a
+  generation number that grows with every write.
 * ``live-<key>.lock`` per owning process, flocked for its whole life: a booking or waiter whose
   owner's lock can be taken belongs to a dead process and is reclaimed, with a log line, at the
-  next access of any process. Its content is what the owner holds, written before a grant
-  reaches a ledger: the source of truth for rebuilding a damaged ledger. Each process also
-  re-checks its own bookings in every ledger it touches, and restores what is missing.
+  next access of any process (``gone-<key>.lock``, the file renamed, tells the others so). Its
+  content is what the owner holds, written before a grant reaches a ledger: the source of truth
+  that every access holds the ledgers to, and rebuilds a damaged one from. An owner whose file
+  is missing or cannot be opened is trusted for a bounded time only; a live owner puts a removed
+  file back at once.
+
+What a group member can and cannot do to the others through this folder, and what each failure
+looks like, is in docs/concepts/trust-model.rst.
 
 Everything outside this package uses only the names below, imported on first use (PEP 562), so
 that a caller of the pure rules and records (``evaluate``, ``place``, ``GpuState``...: the
 controller's broker) loads no locks or files.
-Inside, calls go one way, from the bottom up: :mod:`.folder` (where the ledgers live, safe
-opening, atomic I/O) and :mod:`.locks` (the flocks, kernel wait for a busy one);
-:mod:`.records` (what the files record) and :mod:`.codec` (those records as framed bytes);
-:mod:`.liveness` (whether an owner lives, and its holdings file); :mod:`.views` (the status
-document and the lines about it); :mod:`.access` (one locked pass over some ledgers: load,
-repair, reclaim the dead, save); :mod:`.admission` (the pure rules: who may take memory now);
-:mod:`.holder` (what this process holds, pressed on every ledger it touches) and
-:mod:`.handle` (the :class:`Ledger`) on top.
+Inside, calls go one way, from the bottom up: :mod:`.folder` (where the ledgers live, the checked
+folder held open) and :mod:`.files` (its files: opened relative to it, read whole, replaced
+atomically, junk set aside); :mod:`.procfs` (what the kernel says about locks and processes) and
+:mod:`.locks` (the flocks, kernel wait for a busy one); :mod:`.records` (what the files record)
+and :mod:`.codec` (those records as framed bytes); :mod:`.liveness` (this process's own lock and
+its watch) and :mod:`.probe` (whether another owner lives, and its holdings); :mod:`.views` (the
+status document and the lines about it); :mod:`.owners` (a ledger held to the holdings) and
+:mod:`.access` (one locked pass: load, repair, reclaim the dead, save); :mod:`.status` (one such
+pass over every ledger, for ``gpushare status``); :mod:`.admission` (the pure rules: who may
+take memory now); :mod:`.holder` (what this process holds, pressed on every ledger it touches),
+:mod:`.passes` (this process's passes and its presence in the folder) and :mod:`.handle` (the
+:class:`Ledger`) on top.
 """
 
 from __future__ import annotations
@@ -33,7 +42,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from pytest_gpushare.ledger.access import read_status
     from pytest_gpushare.ledger.admission import (
         FAIR_AFTER_S,
         Fit,
@@ -48,7 +56,8 @@ if TYPE_CHECKING:
     from pytest_gpushare.ledger.folder import default_ledger_dir, ledger_dir_for, prepare_ledger_dir
     from pytest_gpushare.ledger.handle import Ledger
     from pytest_gpushare.ledger.records import CONTEXT, TEST, Booking, GpuState, Lease, Owner, Waiter
-    from pytest_gpushare.ledger.views import holders_text, waiting_lines
+    from pytest_gpushare.ledger.status import read_status
+    from pytest_gpushare.ledger.views import holders_text, trust_lines, waiting_lines
 
 #: public name -> the module that defines it
 _HOMES = {
@@ -73,7 +82,8 @@ _HOMES = {
     "never_fits": "pytest_gpushare.ledger.admission",
     "place": "pytest_gpushare.ledger.admission",
     "prepare_ledger_dir": "pytest_gpushare.ledger.folder",
-    "read_status": "pytest_gpushare.ledger.access",
+    "read_status": "pytest_gpushare.ledger.status",
+    "trust_lines": "pytest_gpushare.ledger.views",
     "waiting_lines": "pytest_gpushare.ledger.views",
 }
 
@@ -100,6 +110,7 @@ __all__ = [
     "place",
     "prepare_ledger_dir",
     "read_status",
+    "trust_lines",
     "waiting_lines",
 ]
 

@@ -12,6 +12,10 @@ ledgers under their locks, asks these functions, and writes the outcome.
   live process's CUDA context booking, so an idle sibling's context does not block it.
 * **Placement.** ``prefer`` (the home GPU) when it can serve now; otherwise ``spread`` (most
   memory left after the lease) or ``pack`` (least left: best fit).
+* **Grace.** A ledger made anew while a live owner may have lost its liveness file (the folder
+  or the file was removed) admits no grant until ``grace_until``: its live owners restore their
+  bookings first, as NFS clients reclaim their locks after a server restart
+  (:mod:`pytest_gpushare.ledger.access`).
 * **Never.** A need above what a GPU could give with nothing else running (its capacity less
   this process's CUDA context) on too many candidate GPUs can never be served: the caller says so
   at once instead of waiting.
@@ -165,6 +169,15 @@ def evaluate(
     ``state`` must already hold ``owner``'s record (its usable memory counts in the limit).
     """
     want = need.mem.resolve(gpu.total_bytes)
+    if state.grace_until > now:
+        left_s = state.grace_until - now
+        return Fit(
+            False,
+            want,
+            context_bytes,
+            0,
+            f"made anew, it admits only live owners' restores for {left_s:.1f}s more",
+        )
     limit = state.limit()
     if limit is None:
         return Fit(False, want, context_bytes, 0, "no usable memory recorded")

@@ -333,6 +333,7 @@ def parse_gpu_state(data: bytes, uuid: str) -> GpuState:
         waiters=[_waiter(w) for w in _list(d, "waiters")],
         history=[_history(h) for h in _list(d, "history")][-HISTORY_KEEP:],
         generation=generation or 0,
+        grace_until=_float(d, "grace_until") if "grace_until" in d else 0.0,
     )
     for ref in [b.owner for b in state.bookings] + [w.owner for w in state.waiters]:
         if ref not in owners:
@@ -342,19 +343,20 @@ def parse_gpu_state(data: bytes, uuid: str) -> GpuState:
 
 def dump_gpu_state(state: GpuState) -> bytes:
     """The ledger file's bytes: the state as JSON, framed with its generation."""
-    payload = json.dumps(
-        {
-            "version": VERSION,
-            "uuid": state.uuid,
-            "name": state.name,
-            "total_bytes": state.total_bytes,
-            "owners": [o.to_row() for o in state.owners.values()],
-            "bookings": [b.to_row() for b in state.bookings],
-            "waiters": [w.to_row() for w in state.waiters],
-            "history": state.history,
-        },
-        separators=(",", ":"),
-    ).encode()
+    document = {
+        "version": VERSION,
+        "uuid": state.uuid,
+        "name": state.name,
+        "total_bytes": state.total_bytes,
+        "owners": [o.to_row() for o in state.owners.values()],
+        "bookings": [b.to_row() for b in state.bookings],
+        "waiters": [w.to_row() for w in state.waiters],
+        "history": state.history,
+    }
+    if state.grace_until:
+        # Only while there is one: a reader of an older version ignores the key.
+        document["grace_until"] = state.grace_until
+    payload = json.dumps(document, separators=(",", ":")).encode()
     return frame(LEDGER_FRAME, payload, state.generation)
 
 

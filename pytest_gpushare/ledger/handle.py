@@ -1,11 +1,18 @@
 """The :class:`Ledger` a process opens on the ledger folder: :meth:`Ledger.acquire`, :meth:`Ledger.release`.
 
-Every access locks the ledgers of the GPUs it touches in sorted order (so two processes never
-wait on each other in a cycle), which makes a multi-GPU lease all-or-nothing. A dead owner is
-reclaimed at any access (a process that found an owner alive within :data:`ALIVE_MAX_AGE_S`
-trusts that verdict), and each process re-checks its own records in every ledger it touches
-(:mod:`.holder`). The rules of who may take what are in :mod:`.admission` (fairness and its
-bound included).
+Every access is one locked pass over the ledgers of the GPUs it touches (:mod:`.passes`), which
+makes a multi-GPU lease all-or-nothing. A dead owner is reclaimed at any access (a process that
+found an owner alive within :data:`~pytest_gpushare.ledger.passes.ALIVE_MAX_AGE_S` trusts that
+verdict), every ledger is held to its live owners' holdings, and each process re-checks its own
+records in every ledger it touches (:mod:`.holder`). The rules of who may take what are in
+:mod:`.admission` (fairness and its bound included).
+
+Every wait ends at its caller's deadline, whoever holds a lock: a request's lock waits end with
+the request (:class:`~pytest_gpushare.errors.LeaseTimeout`, naming a lock holder that looks
+frozen), a release's and a close's after :data:`~.passes.RELEASE_LOCK_S`. A release that cannot
+reach the ledger (the folder takes no writes, its lock stays taken) raises
+:class:`~pytest_gpushare.errors.ReleaseDeferred`: the lease stays booked, on the safe side, until
+this process's next access succeeds or the process ends.
 
 Waiting: a request that cannot be served registers as a waiter on each candidate GPU (visible to
 ``gpushare status`` and the controller's "waiting" lines) and sleeps with bounded back-off
@@ -23,12 +30,12 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pytest_gpushare.errors import LeaseTimeout, LedgerError, NeverFits
-from pytest_gpushare.ledger.access import LOCK_TIMEOUT_S, Access, ledger_name, lock_name, read_status
+from pytest_gpushare.errors import LeaseTimeout, LedgerError, LockTimeout, NeverFits
+from pytest_gpushare.ledger.access import GRACE_S, LOCK_TIMEOUT_S, UNVERIFIED_TRUST_S, ledger_name
 from pytest_gpushare.ledger.admission import (
     FAIR_AFTER_S,
     Fit,
@@ -40,11 +47,11 @@ from pytest_gpushare.ledger.admission import (
     never_fits,
     place,
 )
-from pytest_gpushare.ledger.folder import open_ledger_folder, read_head
-from pytest_gpushare.ledger.holder import Holder
-from pytest_gpushare.ledger.locks import locked
+from pytest_gpushare.ledger.files import read_head
+from pytest_gpushare.ledger.passes import OPEN_LOCK_S, RELEASE_LOCK_S, WITHDRAW_LOCK_S, Pass, Passes
 from pytest_gpushare.ledger.records import CONTEXT, TEST, Booking, GpuState, Lease, Owner, Waiter
-from pytest_gpushare.ledger.views import describe, held_by, lease_holders
+from pytest_gpushare.ledger.status import STATUS_LOCK_TIMEOUT_S, read_status
+from pytest_gpushare.ledger.views import describe, held_by, lease_holders, limits_of_others, release_deferred
 
 # ledger_name and read_status are re-exported for the callers that still reach them here
 # (bench/whatif.py, bench/schedule.py) rather than through the facade, :mod:`pytest_gpushare.ledger`.
@@ -56,10 +63,6 @@ FULL_CHECK_S = 0.5
 REFRESH_S = 2.0
 BACKOFF_MIN_S = 0.001
 BACKOFF_MAX_S = 0.025
-#: An owner found alive is probed again after this long at the earliest. Probing every owner in
-#: every access cost more than the rest of the access with many processes; a dead owner's memory
-#: is reclaimed this much later at most (never handed out while it may be in use).
-ALIVE_MAX_AGE_S = 0.2
 CONTEXT_TEST_ID = "CUDA context"
 
 #: What the candidate GPUs looked like when a try failed: each one's ledger and verdict.
@@ -82,22 +85,15 @@ class _Request:
     refreshed: float = 0.0  # when fresh usable memory was last asked for
 
 
-@dataclass
-class _Pass:
-    acc: Access
-    states: dict[str, GpuState]
-    dirty: set[str] = field(default_factory=set)
-    holdings_first: bool = False  # a grant: holdings are written before the ledgers
-    holdings_after: bool = False  # a release: after them
-    lease_id: str | None = None  # the lease this pass grants, if any
-
-
 class Ledger:
     """This process's handle on the shared ledgers of ``gpus``; see the module docstring.
 
     ``log`` receives one line per reclaim, repair or restore. ``refresh`` returns fresh usable
     bytes per GPU uuid; it is called at most every :data:`REFRESH_S` while a request waits
-    (strangers may free memory). Thread-safe; a forked child must open its own ledger.
+    (strangers may free memory). ``lock_timeout`` caps every wait for a lock; ``trust_s``: how
+    long an owner whose liveness cannot be verified is trusted; ``grace_s``: how long a ledger
+    made anew admits only restores, at most (:mod:`.access`). Thread-safe; a forked child must
+    open its own ledger.
     """
 
     def __init__(
@@ -112,6 +108,8 @@ class Ledger:
         refresh: Callable[[], Mapping[str, int]] | None = None,
         fair_after: float = FAIR_AFTER_S,
         lock_timeout: float = LOCK_TIMEOUT_S,
+        trust_s: float = UNVERIFIED_TRUST_S,
+        grace_s: float = GRACE_S,
     ) -> None:
         if policy not in ("spread", "pack"):
             raise ValueError(f"policy must be 'spread' or 'pack', not {policy!r}")
@@ -121,37 +119,58 @@ class Ledger:
         if len(self._gpus) != len(gpus):
             raise ValueError("two GPUs share a uuid")
         self._index = {g.uuid: g.index for g in gpus}
-        self._folder = open_ledger_folder(folder)
         self.owner = owner
         self._context_bytes = context_bytes
         self._policy = policy
         self._log = log if log is not None else (lambda _line: None)
         self._refresh = refresh
         self._fair_after = fair_after
-        self._lock_timeout = lock_timeout
         self._pid = os.getpid()
-        self._mutex = threading.RLock()
         self._ids = itertools.count(1)
         self._closed = False
-        self._holder = Holder(self._folder, owner, self._gpus, self._log, self._label)
+        self._closing = threading.Lock()
+        self._passes = Passes(
+            folder,
+            self._gpus,
+            owner,
+            self._log,
+            self._label,
+            lock_timeout=lock_timeout,
+            trust_s=trust_s,
+            grace_s=grace_s,
+        )
+        self._holder = self._passes.holder
         try:
-            with self._pass(list(self._gpus)) as p:
-                p.acc.sweep()
+            self._first_look()
         except BaseException:
-            self._holder.close()
+            self._passes.close()
             raise
+
+    def _first_look(self) -> None:
+        """Make the ledgers of this ledger's GPUs and sweep the dead owners' files; left to the
+        first lease when a lock stays taken (that lease's own deadline then holds)."""
+        try:
+            with self._pass(list(self._gpus), OPEN_LOCK_S) as p:
+                p.acc.sweep()
+        except LockTimeout as exc:
+            self._log(f"gpushare: {exc}; the first lease of this process will look again")
 
     @property
     def folder(self) -> Path:
-        return self._folder.path
+        return self._passes.folder.path
 
     @property
     def gpus(self) -> tuple[LedgerGpu, ...]:
         return tuple(self._gpus.values())
 
+    def liveness_fd(self) -> int:
+        """The descriptor that holds this owner's liveness lock: a process that keeps a copy
+        (passed over a socket) keeps the owner alive for as long as it does."""
+        return self._holder.liveness_fd
+
     def set_usable(self, usable: Mapping[str, int]) -> None:
         """Record fresh usable bytes per GPU uuid; ledgers see them at this process's next access."""
-        with self._mutex:
+        with self._passes.exclusive(RELEASE_LOCK_S):
             self._holder.set_usable(usable)
 
     # --- the public cycle ------------------------------------------------------------------
@@ -159,9 +178,9 @@ class Ledger:
     def acquire(self, need: Need, test_id: str, timeout: float) -> Lease:
         """Lease ``need`` for ``test_id``, waiting up to ``timeout`` seconds (negative or
         infinite: no limit). Raises :class:`NeverFits` at once when no wait could help, and
-        :class:`LeaseTimeout`, naming who holds the GPUs, when the wait runs out."""
-        with self._mutex:
-            self._check_usable()
+        :class:`LeaseTimeout`, naming who holds the GPUs (or a ledger's lock), when the wait
+        runs out."""
+        self._check_usable()
         uuids = candidates(need, self._gpus)
         reason = never_fits(need, [self._gpus[u] for u in uuids], self._context_bytes, test_id)
         if reason is not None:
@@ -181,43 +200,63 @@ class Ledger:
                 self._withdraw(req, uuids)
 
     def release(self, lease: Lease) -> None:
-        """Give the lease back (idempotent). The process's CUDA context bookings stay."""
+        """Give the lease back (idempotent). The process's CUDA context bookings stay.
+
+        Raises :class:`ReleaseDeferred` when the ledger cannot be reached (see the module
+        docstring); the lease is then this process's no more, and leaves the ledger at its next
+        access that succeeds, or when it ends.
+        """
         if lease.owner.key != self.owner.key:
             raise ValueError(f"lease {lease.lease_id} belongs to another owner ({lease.owner.key})")
-        with self._mutex:
-            self._check_usable()
+        self._check_usable()
+        with self._passes.exclusive(RELEASE_LOCK_S):
             held = self._holder.held
             uuids = [u for u, _ in lease.parts if any(b.lease_id == lease.lease_id for b in held.get(u, ()))]
             if not uuids:
                 return
             self._holder.unhold(lease.lease_id)
-            with self._pass(uuids) as p:
-                p.holdings_after = True
+            try:
+                with self._pass(uuids, RELEASE_LOCK_S) as p:
+                    p.holdings_after = True
+            except LedgerError as exc:
+                labels = [(self._label(GpuState(uuid)), size) for uuid, size in lease.parts]
+                error = release_deferred(lease, labels, exc)
+                self._log(error.message)
+                raise error from None
 
     def snapshot(self) -> dict[str, Any]:
         """The ledgers of this ledger's GPUs after reclaiming the dead: see :func:`read_status`."""
-        with self._pass(list(self._gpus)) as p:
+        self._check_usable()
+        with self._pass(list(self._gpus), STATUS_LOCK_TIMEOUT_S) as p:
             return describe(
-                self._folder.dir,
+                self._passes.folder.dir,
                 [p.states[u] for u in sorted(p.states)],
                 taken_at=time.time(),
                 reclaimed=p.acc.reclaimed,
                 repaired=p.acc.repaired,
+                unverifiable=list(p.acc.unverifiable.values()),
                 index=self._index,
             )
 
     def close(self) -> None:
-        """Drop this process's bookings, waiters and liveness (idempotent)."""
-        with self._mutex:
+        """Drop this process's bookings, waiters and liveness (idempotent). A ledger that cannot
+        be written to is logged, not raised: the liveness lock goes all the same, and with it,
+        at the next access of any process, what this process still held."""
+        with self._closing:
             if self._closed:
                 return
             self._closed = True
-            if os.getpid() != self._pid:
-                return
-            try:
-                self._leave()
-            finally:
-                self._holder.close()
+        if os.getpid() != self._pid:
+            return
+        try:
+            self._passes.leave(RELEASE_LOCK_S)
+        except LedgerError as exc:
+            self._log(
+                f"gpushare: could not take this process's bookings out of the ledgers ({exc}); "
+                "they are reclaimed once it is gone"
+            )
+        finally:
+            self._passes.close()
 
     def __enter__(self) -> Ledger:
         return self
@@ -269,7 +308,7 @@ class Ledger:
         # Reconciling drops waiters whose ticket is gone; a failure here leaves the record
         # to this process's next access, which drops it the same way.
         try:
-            with self._pass(uuids):
+            with self._pass(uuids, WITHDRAW_LOCK_S):
                 pass
         except LedgerError as exc:
             self._log(f"gpushare: could not withdraw the wait of {req.test_id}: {exc}")
@@ -277,7 +316,7 @@ class Ledger:
     def _signature(self, uuids: Sequence[str]) -> tuple[bytes | None, ...]:
         """What tells the ledger files' versions apart: their header lines, whose generation and
         checksum change with every write (a rebuilt file starts over, with another checksum)."""
-        return tuple(read_head(self._folder, ledger_name(uuid)) for uuid in uuids)
+        return tuple(read_head(self._passes.folder, ledger_name(uuid)) for uuid in uuids)
 
     def _do_refresh(self) -> None:
         assert self._refresh is not None
@@ -288,9 +327,13 @@ class Ledger:
             return
         self.set_usable(fresh)
 
-    def _timed_out(self, req: _Request, waited: float, view: View) -> LeaseTimeout:
+    def _timed_out(self, req: _Request, waited: float, view: View, locked_by: str = "") -> LeaseTimeout:
+        states = [state for state, _ in view]
         reasons = [f"{self._label(state)}: {fit.why}" for state, fit in view if fit.why]
-        holders = lease_holders([state for state, _ in view], self._label)
+        reasons += limits_of_others(states, self._label, self.owner, self._holder.usable)
+        if locked_by:
+            reasons.append(locked_by)
+        holders = lease_holders(states, self._label)
         message = f"{req.test_id}: no GPU memory for {req.need.describe()} after waiting {waited:.1f}s"
         if reasons:
             message += " (" + "; ".join(reasons) + ")"
@@ -299,21 +342,32 @@ class Ledger:
     # --- one try ------------------------------------------------------------------------------
 
     def _attempt(self, req: _Request, uuids: list[str], *, register: bool) -> tuple[Lease | None, View]:
-        """One locked try; on failure, what the candidate GPUs looked like."""
-        p: _Pass | None = None
+        """One locked try, its lock waits ending with the request; on failure, what the
+        candidate GPUs looked like."""
+        p: Pass | None = None
         try:
-            with self._pass(uuids) as p:
+            with self._pass(uuids, req.deadline - time.monotonic()) as p:
                 return self._decide(p, req, uuids, register=register)
+        except LockTimeout as exc:
+            self._forget_grant(p)
+            now = time.monotonic()
+            if now < req.deadline:
+                raise  # the cap on every lock wait, before the request's own deadline
+            locked_by = f"a ledger lock is held by {exc.holder}"
+            raise self._timed_out(req, now - req.start, [], locked_by) from None
         except BaseException:
-            if p is not None and p.lease_id is not None:
-                # Nothing of it may count as held; the next access reconciles the ledgers.
-                self._holder.unhold(p.lease_id)
-                with contextlib.suppress(LedgerError):
-                    self._holder.write()
+            self._forget_grant(p)
             raise
 
+    def _forget_grant(self, p: Pass | None) -> None:
+        if p is not None and p.lease_id is not None:
+            # Nothing of it may count as held; the next access reconciles the ledgers.
+            self._holder.unhold(p.lease_id)
+            with contextlib.suppress(LedgerError):
+                self._holder.write()
+
     def _decide(
-        self, p: _Pass, req: _Request, uuids: list[str], *, register: bool
+        self, p: Pass, req: _Request, uuids: list[str], *, register: bool
     ) -> tuple[Lease | None, View]:
         now = time.time()
         fits = {u: self._fit(p.states[u], req, now) for u in uuids}
@@ -337,7 +391,7 @@ class Ledger:
             fair_after=self._fair_after,
         )
 
-    def _register(self, p: _Pass, req: _Request, fits: Mapping[str, Fit]) -> None:
+    def _register(self, p: Pass, req: _Request, fits: Mapping[str, Fit]) -> None:
         """Record the request as a waiter in each candidate's ledger (once; again if it changed)."""
         need, ticket = req.need, req.ticket
         for uuid, fit in fits.items():
@@ -351,11 +405,9 @@ class Ledger:
                 state.waiters = [w for w in state.waiters if w.ticket != req.ticket] + [waiter]
                 p.dirty.add(uuid)
 
-    def _grant(
-        self, p: _Pass, req: _Request, chosen: list[str], fits: Mapping[str, Fit], now: float
-    ) -> Lease:
+    def _grant(self, p: Pass, req: _Request, chosen: list[str], fits: Mapping[str, Fit], now: float) -> Lease:
         """Book the lease on the ``chosen`` GPUs, in this process's records and in the ledgers,
-        and drop the request's waiters; holdings are written first (:meth:`_write_back`)."""
+        and drop the request's waiters; holdings are written first (:mod:`.passes`)."""
         key = self.owner.key
         p.lease_id = lease_id = f"{key}-{next(self._ids)}"
         parts = []
@@ -387,51 +439,9 @@ class Ledger:
         gpu = self._gpus.get(state.uuid)
         return f"GPU {state.uuid}" if gpu is None else gpu_label(gpu)
 
-    def _access(self) -> Access:
-        return Access(self._folder, self._log, self.owner.key, self._label, ALIVE_MAX_AGE_S)
-
     @contextlib.contextmanager
-    def _pass(self, uuids: Sequence[str]) -> Iterator[_Pass]:
-        """Lock ``uuids``' ledgers, load them, reclaim the dead, reconcile this process's own
-        records; the body decides; then write what changed (holdings in the safe order)."""
-        with self._mutex:
-            self._check_usable()
-            self._holder.ensure_live()
-            with locked(self._folder, [lock_name(u) for u in uuids], self._lock_timeout):
-                p = self._load(uuids)
-                yield p
-                self._write_back(p)
-
-    def _load(self, uuids: Sequence[str]) -> _Pass:
-        p = _Pass(self._access(), {})
-        for uuid in sorted(set(uuids)):
-            state, changed = p.acc.load(uuid)
-            changed = p.acc.reclaim(state) or changed
-            changed = p.acc.resolve_unknown(state) or changed
-            changed = self._holder.reconcile(state) or changed
-            p.states[uuid] = state
-            if changed:
-                p.dirty.add(uuid)
-        return p
-
-    def _write_back(self, p: _Pass) -> None:
-        """Save the changed ledgers; this process's holdings before them for a grant (they must
-        never list less than the ledgers), after them for a release."""
-        if p.holdings_first:
-            self._holder.write()
-        for uuid in sorted(p.dirty):
-            p.acc.save(p.states[uuid])
-        self._holder.write_after(release=p.holdings_after)
-
-    def _leave(self) -> None:
-        """Take this process's record, bookings and waiters out of the ledgers of its GPUs."""
-        key = self.owner.key
-        with locked(self._folder, [lock_name(u) for u in self._gpus], self._lock_timeout):
-            acc = self._access()
-            for uuid in sorted(self._gpus):
-                state, _ = acc.load(uuid)
-                acc.reclaim(state)
-                state.owners.pop(key, None)
-                state.bookings = [b for b in state.bookings if b.owner != key]
-                state.waiters = [w for w in state.waiters if w.owner != key]
-                acc.save(state)
+    def _pass(self, uuids: Sequence[str], timeout: float | None = None) -> Iterator[Pass]:
+        """One locked pass (:mod:`.passes`) of this open ledger, its waits ending after ``timeout``."""
+        self._check_usable()
+        with self._passes.run(uuids, timeout) as p:
+            yield p

@@ -2,9 +2,11 @@
 
 A :class:`Holder` keeps the bookings the process holds on each GPU, the tickets of its requests
 that wait, and the usable memory its session computed per GPU. It writes them as the owner's
-holdings into its liveness file (:mod:`.liveness`): before a grant reaches a ledger and after a
-release has left one, so the holdings never list less than the ledgers do. And it makes every
-ledger it touches show exactly that (:meth:`Holder.reconcile`), restoring what is missing.
+holdings into its liveness file (:mod:`.liveness`): before a grant reaches a ledger (and before a
+new usable figure does) and after a release has left one, so the holdings never list less than
+the ledgers do, nor a larger limit; other processes hold every ledger to them
+(:mod:`.owners`). And it makes every ledger it touches show exactly that
+(:meth:`Holder.reconcile`), restoring what is missing.
 """
 
 from __future__ import annotations
@@ -44,12 +46,19 @@ class Holder:
         self.held: dict[str, list[Booking]] = {}
         self.tickets: set[str] = set()
         self._suspect = False  # a rebuild could not read the holdings: write them again
+        self._stale = False  # the usable memory changed since the holdings were written
         self._live = Liveness(folder, owner, self._holdings())
+
+    @property
+    def liveness_fd(self) -> int:
+        """The descriptor that holds this owner's liveness lock."""
+        return self._live.fd
 
     def set_usable(self, usable: Mapping[str, int]) -> None:
         for uuid, value in usable.items():
-            if uuid in self.usable:
+            if uuid in self.usable and self.usable[uuid] != max(0, int(value)):
                 self.usable[uuid] = max(0, int(value))
+                self._stale = True
 
     def hold(self, uuid: str, bookings: Iterable[Booking]) -> None:
         self.held.setdefault(uuid, []).extend(bookings)
@@ -58,14 +67,28 @@ class Holder:
         for uuid in self.held:
             self.held[uuid] = [b for b in self.held[uuid] if b.lease_id != lease_id]
 
-    def ensure_live(self) -> None:
-        """Recreate the liveness file if it was removed (other processes would take us for dead)."""
-        if self._live.ensure():
+    def lost(self) -> bool:
+        """Whether the liveness file was removed (others cannot see this owner alive)."""
+        return self._live.lost()
+
+    def ensure_live(self, folder: LedgerFolder) -> None:
+        """Put the liveness file back in ``folder`` if it is gone from there (other processes
+        would soon take us for dead)."""
+        if self._live.ensure(folder):
             self._log("gpushare: the liveness file of this process had been removed; recreated it")
 
     def write(self) -> None:
         """Write the holdings as they are now."""
         self._live.write(self._holdings())
+        self._stale = False
+
+    def write_first(self) -> bool:
+        """Before the ledgers are saved: write the holdings if the usable memory changed since
+        they were written (a larger limit must never reach a ledger before the holdings)."""
+        if self._stale:
+            self.write()
+            return True
+        return False
 
     def write_after(self, release: bool) -> None:
         """Write the holdings once the ledgers are saved, after a ``release`` or when a rebuild
@@ -79,10 +102,17 @@ class Holder:
             # Stale holdings only err on the safe side (they list more).
             self._log(f"gpushare: could not update this process's holdings: {exc}")
 
-    def close(self) -> None:
-        """Forget what is held, give the liveness lock up and remove the owner's files."""
+    def vacate(self) -> None:
+        """Before leaving the ledgers: turn the liveness file into this owner's tombstone, lock
+        still held, so that nobody puts it back into a ledger it is leaving, and any process
+        that finds what it leaves behind reclaims it at once."""
+        self._live.vacate()
+
+    def close(self, *, tombstone: bool = False) -> None:
+        """Forget what is held, give the liveness lock up and remove the owner's files (keeping
+        the tombstone of :meth:`vacate` when the ledgers may still list this owner)."""
         self.held.clear()
-        self._live.close()
+        self._live.close(tombstone=tombstone)
 
     def _holdings(self) -> bytes:
         return dump_holdings(Holdings(owner=self.record, usable=dict(self.usable), bookings=self.held))
@@ -95,7 +125,7 @@ class Holder:
         if (state.name, state.total_bytes) != (gpu.name, gpu.total_bytes):
             state.name, state.total_bytes = gpu.name, gpu.total_bytes
             changed = True
-        record = dataclasses.replace(self.record, usable_bytes=self.usable[state.uuid])
+        record = dataclasses.replace(self.record, usable_bytes=self.usable.get(state.uuid))
         if state.owners.get(key) != record:
             state.owners[key] = record
             changed = True

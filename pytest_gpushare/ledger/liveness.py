@@ -1,21 +1,25 @@
-"""Whether an owner (:class:`~pytest_gpushare.ledger.records.Owner`) still lives, and what it holds.
+"""This process's liveness: the lock it holds on its own ``live-<key>.lock`` for as long as it
+lives, the holdings written into that file, and the watch that puts the file back when someone
+removes it.
 
-Each owning process holds an exclusive ``flock`` on its own liveness file
-(``live-<key>.lock``) for as long as it lives. The kernel drops the lock when the process dies,
-however it dies (SIGKILL included), so "can the lock be taken?" answers "is the owner dead?"
-without guessing from PIDs: it survives PID reuse and PID namespaces (containers sharing the
-folder), where a PID names another process or none.
+Each owning process holds an exclusive ``flock`` on its own liveness file for its whole life.
+The kernel drops the lock when the process dies, however it dies (SIGKILL included), so other
+processes ask the lock, not the PID, whether the owner lives (:mod:`.probe`): that survives PID
+reuse and PID namespaces (containers sharing the folder). The file is locked before it gets its
+final name, so a probe never finds it unlocked while its owner starts.
 
-Probes take a *shared* lock without waiting: two processes probing one dead owner at the same
-moment both see it dead, and a live owner's exclusive lock refuses both. The file is locked
-before it gets its final name, so a probe never finds it unlocked while its owner starts.
-
-The file's content is the owner's *holdings* (what it holds on every GPU, see
-:mod:`.records`): the source of truth from which a damaged ledger is rebuilt. Only its owner
+The file's content is the owner's *holdings* (what it holds on every GPU, see :mod:`.records`):
+the source of truth from which other processes check and rebuild the ledgers. Only its owner
 writes it, in place (no new inode per change: creating and renaming files is what costs on a
-journalling filesystem), framed with its length and a CRC so that a reader that catches a write
-half-way reads again, and one that cannot get a whole copy treats the holdings as unknown
-(:func:`pytest_gpushare.ledger.codec.frame`).
+journalling filesystem), framed with its length, a CRC and a generation that grows with every
+write, so that a reader that catches a write half-way reads again, and one that has read this
+generation already need not parse it again (:func:`pytest_gpushare.ledger.codec.frame`).
+
+A liveness file that disappears while its owner lives (a temp cleaner, a person, the whole
+folder removed) is put back by the owner: at its next access, and within :data:`WATCH_S` by the
+watch (:func:`watch`), a thread that looks at every live owner of the process and calls the
+owner's ledger back when its file or its folder is gone. Until then other processes cannot
+verify the owner and trust it only for a bounded time (:mod:`.probe`).
 
 Raw ``fcntl.flock`` rather than filelock: this lock lives as long as the process and is probed
 from outside without waiting (:func:`pytest_gpushare.ledger.locks.try_flock`), which filelock's
@@ -25,39 +29,33 @@ acquire/release cycle does not model.
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
-import math
 import os
-import stat
 import threading
 import time
+import weakref
+from collections.abc import Callable
 
 from pytest_gpushare.errors import LedgerError
-from pytest_gpushare.ledger.codec import HOLDINGS_FRAME, BadFrame, frame, unframe
-from pytest_gpushare.ledger.folder import MAX_FILE_BYTES, LedgerFolder, open_nofollow, remove_file
-from pytest_gpushare.ledger.locks import try_flock
+from pytest_gpushare.ledger.codec import HOLDINGS_FRAME, frame
+from pytest_gpushare.ledger.files import MAX_FILE_BYTES, create_new, remove_file
+from pytest_gpushare.ledger.folder import LedgerFolder
 from pytest_gpushare.ledger.records import Owner
 
-__all__ = [
-    "HoldingsUnreadable",
-    "Liveness",
-    "live_name",
-    "probe_alive",
-    "read_holdings",
-    "remove_owner_files",
-]
+__all__ = ["WATCH_S", "Liveness", "gone_name", "is_own", "live_name", "watch"]
 
-#: A reader that catches the owner mid-write tries again this many times before giving up.
-_READ_TRIES = 20
+#: How often the watch looks whether this process's liveness files and folders are still there.
+WATCH_S = 0.5
 
 
 def live_name(key: str) -> str:
     return f"live-{key}.lock"
 
 
-class HoldingsUnreadable(Exception):
-    """An owner's holdings could not be read whole; ``str()`` says why."""
+def gone_name(key: str) -> str:
+    """The name a dead owner's liveness file is renamed to by whoever reclaims it (a tombstone:
+    :mod:`.probe` tells a dead owner from one whose file went missing)."""
+    return f"gone-{key}.lock"
 
 
 class Liveness:
@@ -68,69 +66,109 @@ class Liveness:
         self.folder = folder
         self.key = owner.key
         self._payload = payload
-        self._slot = (str(folder.path), owner.key)
+        self._generation = 0
+        self._slot = (folder.dir, owner.key)
         with _REGISTRY_GUARD:
             if self._slot in _REGISTRY:
                 raise LedgerError(
                     f"this process already has a ledger open for owner {owner.key} in {folder.path}; reuse it"
                 )
-            self._fd: int | None = self._create()
+            self._fd: int | None = self._create(folder)
             _REGISTRY[self._slot] = self
 
-    def _create(self) -> int:
-        tmp = self.folder.path / f".tmp-{self.key}-live"
+    @property
+    def fd(self) -> int:
+        """The descriptor that holds the lock (whoever keeps a copy keeps the owner alive)."""
+        if self._fd is None:
+            raise LedgerError(f"the liveness lock of owner {self.key} was closed")
+        return self._fd
+
+    def _create(self, folder: LedgerFolder) -> int:
+        tmp = f".tmp-{self.key}-live"
         try:
-            fd = open_nofollow(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, self.folder.file_mode)
+            # Others only read it and probe its lock (a shared flock needs no write access): in a
+            # group folder no other member may rewrite what this owner holds.
+            fd = create_new(folder, tmp, os.O_RDWR, 0o640 if folder.shared else 0o600)
         except OSError as exc:
-            raise LedgerError(
-                f"cannot create a liveness file in {self.folder.path}: {exc.strerror}"
-            ) from None
+            raise LedgerError(f"cannot create a liveness file in {folder.path}: {exc.strerror}") from None
         try:
-            if self.folder.shared:
-                os.fchmod(fd, self.folder.file_mode)
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            os.pwrite(fd, frame(HOLDINGS_FRAME, self._payload), 0)
-            os.replace(tmp, self.folder.path / live_name(self.key))
+            os.pwrite(fd, self._framed(), 0)
+            os.replace(tmp, live_name(self.key), src_dir_fd=folder.fd, dst_dir_fd=folder.fd)
         except OSError as exc:
             os.close(fd)
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise LedgerError(f"cannot hold a liveness lock in {self.folder.path}: {exc.strerror}") from None
+            remove_file(folder, tmp)
+            raise LedgerError(f"cannot hold a liveness lock in {folder.path}: {exc.strerror}") from None
         return fd
+
+    def _framed(self) -> bytes:
+        self._generation += 1
+        return frame(HOLDINGS_FRAME, self._payload, self._generation)
 
     def write(self, payload: bytes) -> None:
         """Replace the holdings in place. The file never shrinks: the frame says where they end."""
-        if self._fd is None:
-            raise LedgerError(f"the liveness lock of owner {self.key} was closed")
-        data = frame(HOLDINGS_FRAME, payload)
+        fd = self.fd
+        previous, self._payload = self._payload, payload
+        data = self._framed()
         if len(data) > MAX_FILE_BYTES:
+            self._payload = previous
             raise LedgerError(f"the holdings of owner {self.key} would grow past the ledger size cap")
         try:
-            os.pwrite(self._fd, data, 0)
+            os.pwrite(fd, data, 0)
         except OSError as exc:
             raise LedgerError(f"cannot write the holdings of owner {self.key}: {exc.strerror}") from None
-        self._payload = payload
 
-    def ensure(self) -> bool:
-        """Recreate the liveness file if someone removed it (a temp cleaner, a person); True if so.
-
-        Without it, every other process would take this live owner for dead.
-        """
+    def lost(self) -> bool:
+        """Whether the liveness file is no longer at its name (removed, renamed, replaced, or its
+        folder removed): others cannot see us alive."""
         if self._fd is None:
-            raise LedgerError(f"the liveness lock of owner {self.key} was closed")
-        if os.fstat(self._fd).st_nlink > 0:
+            return False
+        mine = os.fstat(self._fd)
+        if mine.st_nlink == 0:
+            return True
+        try:
+            here = os.stat(live_name(self.key), dir_fd=self.folder.fd, follow_symlinks=False)
+        except OSError:
+            return True
+        return (here.st_dev, here.st_ino) != (mine.st_dev, mine.st_ino)
+
+    def ensure(self, folder: LedgerFolder) -> bool:
+        """Put the liveness file, with the holdings, back in ``folder`` (the folder now at the
+        path, which may be a new one) if it is gone from there; True if it was.
+
+        Without it, every other process would soon take this live owner for dead. The old
+        descriptor is closed only once the new file holds the lock, so the owner never looks
+        dead in between.
+        """
+        fd = self.fd
+        if folder is self.folder and not self.lost():
             return False
         with _REGISTRY_GUARD:
-            old, self._fd = self._fd, self._create()
-            os.close(old)
+            self._fd = self._create(folder)
+            old, self.folder = self.folder, folder
+            os.close(fd)
+            if old is not folder:
+                remove_file(old, live_name(self.key))  # a folder renamed away keeps no dead owner
         return True
 
-    def close(self) -> None:
-        """Give the lock up and remove the owner's files."""
+    def vacate(self) -> None:
+        """Rename the liveness file to the owner's tombstone, keeping its lock: the owner is
+        leaving, and whatever of it a ledger still lists is reclaimed by the next access."""
+        with contextlib.suppress(OSError):
+            os.replace(
+                live_name(self.key), gone_name(self.key), src_dir_fd=self.folder.fd, dst_dir_fd=self.folder.fd
+            )
+
+    def close(self, *, tombstone: bool = False) -> None:
+        """Give the lock up and remove the owner's files; with ``tombstone``, its tombstone stays
+        (see :meth:`vacate`). A folder that takes no writes any more keeps the file: without its
+        lock it is a dead owner's, reclaimed by the next access."""
         with _REGISTRY_GUARD:
             if self._fd is None:
                 return
-            remove_owner_files(self.folder, self.key, names=())
+            remove_file(self.folder, live_name(self.key))
+            if not tombstone:
+                remove_file(self.folder, gone_name(self.key))
             os.close(self._fd)
             self._fd = None
             _REGISTRY.pop(self._slot, None)
@@ -148,155 +186,63 @@ _REGISTRY: dict[tuple[str, str], Liveness] = {}
 _REGISTRY_GUARD = threading.RLock()
 
 
-#: Descriptors of other owners' liveness files, kept open between probes (a probe is then an
-#: fstat and a flock instead of four system calls); dropped when the owner is found dead, when
-#: its file was unlinked, and all at once past :data:`_PROBE_CACHE_MAX`.
-_PROBE_FDS: dict[tuple[str, str], int] = {}
-_PROBE_GUARD = threading.Lock()
-_PROBE_CACHE_MAX = 256
+def is_own(folder: LedgerFolder, key: str) -> bool:
+    """Whether ``key`` is an owner of this process in ``folder``."""
+    return (folder.dir, key) in _REGISTRY
 
 
-def _drop_probe(slot: tuple[str, str]) -> None:
-    fd = _PROBE_FDS.pop(slot, None)
-    if fd is not None:
-        os.close(fd)
+# --- the watch ----------------------------------------------------------------------------------
+
+#: The checks the watch runs, one per open ledger of this process (weakly held: a ledger that is
+#: dropped without being closed stops being watched).
+_WATCHED: weakref.WeakSet[_Check] = weakref.WeakSet()
+_WATCH_GUARD = threading.Lock()
+_watcher: threading.Thread | None = None
 
 
-def _probe_fd(folder: LedgerFolder, key: str, slot: tuple[str, str]) -> int | bool:
-    """A descriptor of the owner's liveness file, or the verdict when there is nothing to lock."""
-    fd = _PROBE_FDS.get(slot)
-    if fd is not None:
-        if os.fstat(fd).st_nlink > 0:
-            return fd
-        _drop_probe(slot)  # removed (the owner closed) or recreated: look again
-    try:
-        fd = open_nofollow(folder.path / live_name(key), os.O_RDONLY)
-    except FileNotFoundError:
-        return False
-    except PermissionError:
-        return True  # another account's file we cannot read: the safe side is "alive"
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            return False  # we never make links: whatever planted it is no live owner
-        raise LedgerError(f"cannot check the liveness of owner {key}: {exc.strerror}") from None
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        return False
-    if len(_PROBE_FDS) >= _PROBE_CACHE_MAX:
-        for old in list(_PROBE_FDS):
-            _drop_probe(old)
-    _PROBE_FDS[slot] = fd
-    return fd
+class _Check:
+    """A callable the watch runs; ``stop`` ends it."""
+
+    def __init__(self, run: Callable[[], None]) -> None:
+        self.run: Callable[[], None] | None = run
+
+    def stop(self) -> None:
+        self.run = None
 
 
-#: When (``time.monotonic()``) each owner was last found alive, for callers that accept an answer
-#: that old (``max_age_s``). Only "alive" is kept: a stale "alive" keeps a dead owner's bookings a
-#: little longer (the safe side); a stale "dead" would hand a live owner's memory to someone else.
-_ALIVE_AT: dict[tuple[str, str], float] = {}
+def watch(run: Callable[[], None]) -> _Check:
+    """Have ``run`` called every :data:`WATCH_S` from the watch thread until the returned check is
+    stopped or dropped; ``run`` must be quick when nothing is wrong, and not raise."""
+    global _watcher
+    check = _Check(run)
+    with _WATCH_GUARD:
+        _WATCHED.add(check)
+        if _watcher is None or not _watcher.is_alive():
+            _watcher = threading.Thread(target=_watch_loop, name="gpushare-liveness-watch", daemon=True)
+            _watcher.start()
+    return check
 
 
-def probe_alive(folder: LedgerFolder, key: str, max_age_s: float = 0.0) -> bool:
-    """Whether the owner ``key`` lives: its liveness lock is held by someone.
-
-    With ``max_age_s``, an owner this process found alive less than that long ago is answered
-    alive without probing again.
-    """
-    slot = (str(folder.path), key)
-    if slot in _REGISTRY:
-        # Our own owners live by definition. Probing them would also be wrong on filesystems
-        # that emulate flock with record locks, which drop when any descriptor closes.
-        return True
-    with _PROBE_GUARD:
-        now = time.monotonic()
-        if max_age_s > 0 and now - _ALIVE_AT.get(slot, -math.inf) < max_age_s:
-            return True
-        alive = _probe(folder, key, slot)
-        if alive:
-            if len(_ALIVE_AT) >= _PROBE_CACHE_MAX:
-                _ALIVE_AT.clear()
-            _ALIVE_AT[slot] = now
-        else:
-            _ALIVE_AT.pop(slot, None)
-        return alive
-
-
-def _probe(folder: LedgerFolder, key: str, slot: tuple[str, str]) -> bool:
-    fd = _probe_fd(folder, key, slot)
-    if isinstance(fd, bool):
-        return fd
-    try:
-        taken = try_flock(fd, shared=True)
-    except OSError as exc:
-        _drop_probe(slot)
-        raise LedgerError(f"cannot check the liveness of owner {key}: {exc.strerror}") from None
-    if not taken:
-        return True
-    _drop_probe(slot)  # closing our only descriptor also lets go of the shared lock
-    return False
-
-
-def read_holdings(folder: LedgerFolder, key: str) -> bytes | None:
-    """The holdings an owner last wrote, or None when its liveness file is gone.
-
-    Raises :class:`HoldingsUnreadable` when no whole copy can be read.
-    """
-    path = folder.path / live_name(key)
-    try:
-        fd = open_nofollow(path, os.O_RDONLY)
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        raise HoldingsUnreadable(f"cannot open {path.name}: {exc.strerror}") from None
-    try:
-        try:
-            folder.check_file(os.fstat(fd), path)
-        except LedgerError as exc:
-            raise HoldingsUnreadable(str(exc)) from None
-        return _read_whole(fd, path.name)
-    finally:
-        os.close(fd)
-
-
-def _read_whole(fd: int, name: str) -> bytes:
-    """The holdings in ``fd``, read again while a write of the owner is caught half-way."""
-    why = "empty"
-    for _ in range(_READ_TRIES):
-        try:
-            return unframe(HOLDINGS_FRAME, os.pread(fd, MAX_FILE_BYTES + 1, 0))[0]
-        except BadFrame as exc:
-            why = str(exc)
-        time.sleep(0.0002)  # the owner may be writing right now
-    raise HoldingsUnreadable(f"{name}: {why}")
-
-
-def remove_owner_files(
-    folder: LedgerFolder, key: str, names: tuple[str, ...] | list[str] | None = None
-) -> None:
-    """Remove a gone owner's liveness file and half-written temporary files.
-
-    ``names`` is a listing of the folder to search for temporary files (None lists it; an empty
-    sequence skips them).
-    """
-    remove_file(folder, live_name(key))
-    listing = os.listdir(folder.path) if names is None else names
-    prefix = f".tmp-{key}-"
-    for name in listing:
-        if name.startswith(prefix):
-            remove_file(folder, name)
+def _watch_loop() -> None:
+    while True:
+        time.sleep(WATCH_S)
+        with _WATCH_GUARD:
+            checks = list(_WATCHED)
+        for check in checks:
+            run = check.run
+            if run is not None:
+                run()
 
 
 def _forget_in_child() -> None:
-    global _REGISTRY_GUARD, _PROBE_GUARD
+    global _REGISTRY_GUARD, _WATCH_GUARD, _watcher
     for live in _REGISTRY.values():
         live._forget_in_child()
     _REGISTRY.clear()
     _REGISTRY_GUARD = threading.RLock()
-    for fd in _PROBE_FDS.values():
-        with contextlib.suppress(OSError):
-            os.close(fd)
-    _PROBE_FDS.clear()
-    _ALIVE_AT.clear()
-    _PROBE_GUARD = threading.Lock()
+    _WATCHED.clear()
+    _WATCH_GUARD = threading.Lock()
+    _watcher = None
 
 
 os.register_at_fork(after_in_child=_forget_in_child)

@@ -16,7 +16,7 @@ import os
 import re
 import secrets
 import socket
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 __all__ = [
@@ -171,7 +171,12 @@ class Waiter:
 
 @dataclass
 class GpuState:
-    """One GPU's ledger; ``generation`` counts its writes (it is in the file's header line)."""
+    """One GPU's ledger; ``generation`` counts its writes (it is in the file's header line).
+
+    ``grace_until`` (wall clock, 0: none) ends the grace period of a ledger that was made anew
+    while a live owner may have lost its liveness file: until then it admits only the restores
+    of live owners, no new grant (:mod:`.admission`).
+    """
 
     uuid: str
     name: str = ""
@@ -181,6 +186,7 @@ class GpuState:
     waiters: list[Waiter] = field(default_factory=list)
     history: list[dict[str, Any]] = field(default_factory=list)
     generation: int = 0
+    grace_until: float = 0.0
 
     def limit(self) -> int | None:
         """The admission limit: the least usable memory any live owner's session computed."""
@@ -205,6 +211,15 @@ class Holdings:
     owner: Owner
     usable: dict[str, int]
     bookings: dict[str, list[Booking]]
+    _records: dict[str, Owner] = field(default_factory=dict, repr=False, compare=False)
+
+    def record_on(self, uuid: str) -> Owner:
+        """The owner as the ledger of GPU ``uuid`` records it: with its usable memory there.
+        Made once per GPU (holdings are parsed once and read at every access)."""
+        record = self._records.get(uuid)
+        if record is None:
+            record = self._records[uuid] = replace(self.owner, usable_bytes=self.usable.get(uuid))
+        return record
 
 
 @dataclass(frozen=True)

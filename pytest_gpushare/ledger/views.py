@@ -9,10 +9,22 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-from pytest_gpushare.ledger.records import CONTEXT, Booking, GpuState, Owner, Waiter
+from pytest_gpushare.errors import ReleaseDeferred
+from pytest_gpushare.ledger.records import CONTEXT, Booking, GpuState, Lease, Owner, Waiter
 from pytest_gpushare.units import format_size
 
-__all__ = ["describe", "held_by", "holders_text", "lease_holders", "owner_summary", "waiting_lines"]
+__all__ = [
+    "describe",
+    "held_by",
+    "holders_text",
+    "lease_holders",
+    "limit_setter",
+    "limits_of_others",
+    "owner_summary",
+    "release_deferred",
+    "trust_lines",
+    "waiting_lines",
+]
 
 #: The fields of a booking and of a waiter that status shows, in its order.
 _LEASE_KEYS = ("lease_id", "kind", "test_id", "bytes", "taken_at")
@@ -33,14 +45,55 @@ def _entry(
     return entry
 
 
+def limit_setter(state: GpuState) -> Owner | None:
+    """The owner whose usable memory is the GPU's limit (the most conservative live session)."""
+    recorded = [o for o in state.owners.values() if o.usable_bytes is not None]
+    return min(recorded, key=lambda o: (o.usable_bytes, o.joined_at)) if recorded else None
+
+
+def limits_of_others(
+    states: Iterable[GpuState], label: Callable[[GpuState], str], me: Owner, usable: Mapping[str, int]
+) -> list[str]:
+    """Which other session's reservations cap a GPU below ``me``'s own figure (``usable``, per
+    GPU uuid): for the message of a wait that timed out (issue 15)."""
+    lines = []
+    for state in states:
+        setter = limit_setter(state)
+        mine = usable.get(state.uuid)
+        if setter is None or setter.session_id == me.session_id or setter.usable_bytes is None:
+            continue
+        if mine is None or setter.usable_bytes >= mine:
+            continue
+        lines.append(
+            f"{label(state)}'s limit {format_size(setter.usable_bytes)} is set by session "
+            f"{setter.session_id} ({setter.describe()}), which keeps more for its reservations "
+            f"than this session's {format_size(mine)}"
+        )
+    return lines
+
+
+def release_deferred(lease: Lease, parts: Sequence[tuple[str, int]], why: Exception) -> ReleaseDeferred:
+    """The one-line error of a release that could not reach the ledger; ``parts`` are the
+    lease's GPUs (as labels) and sizes."""
+    where = ", ".join(f"{format_size(size)} on {gpu}" for gpu, size in parts)
+    message = (
+        f"gpushare: could not give back the lease of {lease.test_id} ({where}): {why}; it stays "
+        "booked until this process reaches the ledger again or ends"
+    )
+    return ReleaseDeferred(message, lease.lease_id, lease.test_id)
+
+
 def _gpu(state: GpuState, index: int | None, now: float) -> dict[str, Any]:
     owners = state.owners
+    setter = limit_setter(state)
     return {
         "uuid": state.uuid,
         "index": index,
         "name": state.name,
         "total_bytes": state.total_bytes,
         "limit_bytes": state.limit(),
+        "limit_owner": None if setter is None else setter.summary(),
+        "grace_s": round(max(0.0, state.grace_until - now), 1),
         "booked_bytes": state.booked(),
         "leased_bytes": sum(b.bytes for b in state.bookings if b.kind != CONTEXT),
         "context_bytes": sum(b.bytes for b in state.bookings if b.kind == CONTEXT),
@@ -58,16 +111,36 @@ def describe(
     taken_at: float,
     reclaimed: list[dict[str, Any]],
     repaired: list[dict[str, Any]],
+    unverifiable: list[dict[str, Any]],
     index: Mapping[str, int],
 ) -> dict[str, Any]:
-    """The status document (its keys: :func:`pytest_gpushare.ledger.access.read_status`)."""
+    """The status document (its keys: :func:`pytest_gpushare.ledger.status.read_status`)."""
     return {
         "folder": folder,
         "taken_at": taken_at,
         "gpus": [_gpu(state, index.get(state.uuid), taken_at) for state in states],
         "reclaimed": reclaimed,
         "repaired": repaired,
+        "unverifiable": unverifiable,
     }
+
+
+def trust_lines(snapshot: Mapping[str, Any]) -> list[str]:
+    """The lines ``gpushare status`` shows about what cannot be verified now: owners whose
+    liveness cannot be checked (trusted a bounded time more) and ledgers in their grace period."""
+    lines = []
+    for entry in snapshot.get("unverifiable", []):
+        lines.append(
+            f"gpushare: owner {entry['key']} is unverifiable ({entry['why']}); its bookings count "
+            f"for at most {entry['trusted_for_s']:.0f}s more"
+        )
+    for gpu in snapshot.get("gpus", []):
+        if gpu.get("grace_s"):
+            lines.append(
+                f"gpushare: the ledger of GPU {gpu['uuid']} was made anew; it admits only live "
+                f"owners' restores for {gpu['grace_s']:.0f}s more"
+            )
+    return lines
 
 
 def held_by(holders: Sequence[str], *, long: bool = False) -> str:

@@ -25,7 +25,8 @@ from pytest_gpushare.errors import LedgerError
 from pytest_gpushare.ledger.access import ledger_name
 from pytest_gpushare.ledger.admission import LedgerGpu, Need
 from pytest_gpushare.ledger.codec import parse_gpu_state
-from pytest_gpushare.ledger.folder import open_ledger_folder, read_file
+from pytest_gpushare.ledger.files import read_file
+from pytest_gpushare.ledger.folder import open_ledger_folder
 from pytest_gpushare.ledger.handle import Ledger
 from pytest_gpushare.ledger.records import TEST, Booking, GpuState, Owner
 from pytest_gpushare.units import GiB, MemRequest

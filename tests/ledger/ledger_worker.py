@@ -15,10 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from pytest_gpushare.errors import LeaseTimeout
-from pytest_gpushare.ledger.access import ledger_name, lock_name
+from pytest_gpushare.ledger import read_status
+from pytest_gpushare.ledger.access import UNVERIFIED_TRUST_S, ledger_name, lock_name
 from pytest_gpushare.ledger.admission import LedgerGpu, Need
 from pytest_gpushare.ledger.codec import Damaged, parse_gpu_state
-from pytest_gpushare.ledger.folder import open_ledger_folder, read_file
+from pytest_gpushare.ledger.files import read_file
+from pytest_gpushare.ledger.folder import open_ledger_folder
 from pytest_gpushare.ledger.handle import Ledger
 from pytest_gpushare.ledger.locks import locked
 from pytest_gpushare.ledger.records import UNKNOWN, Owner
@@ -50,6 +52,7 @@ def open_ledger(cfg: dict[str, Any], log: list[str]) -> Ledger:
         policy=cfg.get("policy", "spread"),
         log=record,
         fair_after=cfg.get("fair_after", 2.0),
+        trust_s=cfg.get("trust_s", UNVERIFIED_TRUST_S),
     )
 
 
@@ -70,7 +73,10 @@ def wait_for_file(path: str | None) -> None:
 
 
 def role_hold(cfg: dict[str, Any]) -> None:
-    """Take one lease, report it, hold it until stdin closes (or until killed)."""
+    """Take one lease, report it, hold it until stdin closes (or until killed). With
+    ``status_first``, report what ``read_status`` says first."""
+    if cfg.get("status_first"):
+        say(event="status", doc=read_status(cfg["folder"]))
     log: list[str] = []
     ledger = open_ledger(cfg, log)
     try:
@@ -104,6 +110,33 @@ def role_hold(cfg: dict[str, Any]) -> None:
     ledger.release(lease)
     ledger.close()
     say(event="released", log=log)
+
+
+def role_owners(cfg: dict[str, Any]) -> None:
+    """Open ``count`` ledgers, one owner each, and keep them open until stdin closes."""
+    ledgers = [open_ledger(dict(cfg, worker=f"owner{n}"), []) for n in range(cfg["count"])]
+    say(event="ready", keys=[ledger.owner.key for ledger in ledgers])
+    sys.stdin.read()
+    for ledger in ledgers:
+        ledger.close()
+
+
+def role_few_descriptors(cfg: dict[str, Any]) -> None:
+    """With at most ``nofile`` descriptors, open a ledger and cycle leases; report errors."""
+    import resource
+
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (cfg["nofile"], hard))
+    errors = []
+    try:
+        ledger = open_ledger(cfg, [])
+        for n in range(cfg["cycles"]):
+            ledger.release(ledger.acquire(need_of(cfg["need"]), f"cycle{n}", 10))
+        read_status(cfg["folder"])
+        ledger.close()
+    except Exception as exc:
+        errors.append(f"{type(exc).__name__}: {exc}")
+    say(event="done", errors=errors)
 
 
 def role_stress(cfg: dict[str, Any]) -> None:
@@ -235,6 +268,8 @@ ROLES = {
     "audit": role_audit,
     "stream": role_stream,
     "drop": role_drop_privileges,
+    "owners": role_owners,
+    "few_descriptors": role_few_descriptors,
 }
 
 if __name__ == "__main__":

@@ -17,9 +17,11 @@ from pytest_gpushare.errors import LeaseTimeout
 from pytest_gpushare.ledger import read_status
 from pytest_gpushare.ledger.access import ledger_name
 from pytest_gpushare.ledger.codec import BOOKING_FIELDS, LEDGER_FRAME, frame, unframe
-from pytest_gpushare.ledger.folder import KEEP_DAMAGED, MAX_FILE_BYTES, open_ledger_folder
+from pytest_gpushare.ledger.files import KEEP_DAMAGED, MAX_FILE_BYTES
+from pytest_gpushare.ledger.folder import open_ledger_folder
 from pytest_gpushare.ledger.handle import Ledger
-from pytest_gpushare.ledger.liveness import live_name, read_holdings
+from pytest_gpushare.ledger.liveness import live_name
+from pytest_gpushare.ledger.probe import read_holdings
 from pytest_gpushare.ledger.records import TEST
 from pytest_gpushare.units import GiB
 

@@ -16,6 +16,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -299,9 +300,19 @@ def second_account() -> Iterator[tuple[int, int]]:
         subprocess.run(["groupdel", TEST_GROUP], capture_output=True, check=False)
 
 
-def test_two_accounts_share_a_group_folder(
-    second_account: tuple[int, int], procs: Callable[[str, dict[str, Any]], Worker]
-) -> None:
+@dataclass
+class Group:
+    """A group folder shared by root and the second account; ``user`` is the configuration of a
+    worker that runs as that account (role ``drop``), without its GPUs and need."""
+
+    folder: Path
+    uid: int
+    gid: int
+    user: dict[str, Any]
+
+
+@pytest.fixture
+def group(second_account: tuple[int, int]) -> Iterator[Group]:
     uid, gid = second_account
     base = Path(tempfile.mkdtemp(prefix="gpushare-group-"))
     try:
@@ -310,40 +321,47 @@ def test_two_accounts_share_a_group_folder(
         shared.mkdir()
         os.chown(shared, 0, gid)
         shared.chmod(0o2770)
-        gpus = [gpu_dict(0, 16 * GiB, 8 * GiB)]
-        mine = Ledger(shared, [LedgerGpu(**gpus[0])], Owner.current("root-session", "main"), context_bytes=0)
-        try:
-            held = mine.acquire(Need(MemRequest(bytes=5 * GiB)), "root::test", 1)
-            cfg = {
-                "folder": str(shared),
-                "gpus": gpus,
-                "session": "user-session",
-                "worker": "main",
-                "uid": uid,
-                "gid": gid,
-                "warmup": str(base / "warmup"),
-                "timeout": 0.3,
-            }
-            # Root holds 5 of 8GiB: the other account's 4GiB must wait, its 2GiB fits.
-            too_big = procs("drop", dict(cfg, need={"bytes": 4 * GiB}, test_id="user::big"))
-            event = too_big.wait_event("timeout")
-            assert any("root::test (5.0GiB" in h and "root-session" in h for h in event["holders"])
-            fits = procs("drop", dict(cfg, need={"bytes": 2 * GiB}, test_id="user::small", timeout=10))
-            event = fits.wait_event("held")
-            status = mine.snapshot()["gpus"][0]
-            owners = {(x["test_id"], x["owner"]["session_id"]) for x in status["leases"]}
-            assert owners == {("root::test", "root-session"), ("user::small", "user-session")}
-            files = {n: os.stat(shared / n) for n in os.listdir(shared) if not n.startswith(".")}
-            assert any(st.st_uid == uid for st in files.values())  # the other account wrote here
-            for name, st in files.items():
-                assert st.st_gid == gid and st.st_mode & 0o060 == 0o060, name
-            # The other account gives its lease back; root sees the GPU free again.
-            fits.let_go()
-            fits.wait_event("released")
-            assert mine.acquire(Need(MemRequest(bytes=3 * GiB)), "root::more", 1)
-            mine.release(held)
-        finally:
-            mine.close()
-        assert not [b for b in state_of(shared, "GPU-0").bookings if b.kind == TEST]
+        user = {
+            "folder": str(shared),
+            "session": "user-session",
+            "worker": "main",
+            "uid": uid,
+            "gid": gid,
+            "warmup": str(base / "warmup"),
+        }
+        yield Group(shared, uid, gid, user)
     finally:
         shutil.rmtree(base)
+
+
+def test_two_accounts_share_a_group_folder(
+    group: Group, procs: Callable[[str, dict[str, Any]], Worker]
+) -> None:
+    shared = group.folder
+    gpus = [gpu_dict(0, 16 * GiB, 8 * GiB)]
+    mine = Ledger(shared, [LedgerGpu(**gpus[0])], Owner.current("root-session", "main"), context_bytes=0)
+    try:
+        held = mine.acquire(Need(MemRequest(bytes=5 * GiB)), "root::test", 1)
+        cfg = dict(group.user, gpus=gpus, timeout=0.3)
+        # Root holds 5 of 8GiB: the other account's 4GiB must wait, its 2GiB fits.
+        too_big = procs("drop", dict(cfg, need={"bytes": 4 * GiB}, test_id="user::big"))
+        event = too_big.wait_event("timeout")
+        assert any("root::test (5.0GiB" in h and "root-session" in h for h in event["holders"])
+        fits = procs("drop", dict(cfg, need={"bytes": 2 * GiB}, test_id="user::small", timeout=10))
+        event = fits.wait_event("held")
+        status = mine.snapshot()["gpus"][0]
+        owners = {(x["test_id"], x["owner"]["session_id"]) for x in status["leases"]}
+        assert owners == {("root::test", "root-session"), ("user::small", "user-session")}
+        files = {n: os.stat(shared / n) for n in os.listdir(shared) if not n.startswith(".")}
+        assert any(st.st_uid == group.uid for st in files.values())  # the other account wrote here
+        for name, st in files.items():
+            shared_bits = 0o040 if name.startswith(("live-", "gone-")) else 0o060
+            assert st.st_gid == group.gid and st.st_mode & 0o060 == shared_bits, name
+        # The other account gives its lease back; root sees the GPU free again.
+        fits.let_go()
+        fits.wait_event("released")
+        assert mine.acquire(Need(MemRequest(bytes=3 * GiB)), "root::more", 1)
+        mine.release(held)
+    finally:
+        mine.close()
+    assert not [b for b in state_of(shared, "GPU-0").bookings if b.kind == TEST]
