@@ -232,3 +232,24 @@ def test_status_sets_an_unreadable_ledger_aside(folder: Path, make: Callable[...
     assert status["gpus"] == []
     assert status["repaired"][0]["moved_to"].startswith(ledger_name("GPU-0") + ".damaged-")
     assert "unreadable" in lines[0]
+
+
+# --- junk named like an owner's file (issue 15, 5) ------------------------------------------
+
+
+@pytest.mark.parametrize("junk", ["directory", "fifo"])
+def test_junk_named_like_a_liveness_file_is_set_aside(
+    folder: Path, make: Callable[..., Ledger], junk: str
+) -> None:
+    make().close()
+    path = folder / "live-1-deadbeefdeadbeef.lock"
+    if junk == "directory":
+        path.mkdir()
+    else:
+        os.mkfifo(path)
+    lines: list[str] = []
+    ledger = make(log=lines.append)
+    assert ledger.acquire(need(1), "t", 5).parts
+    assert read_status(folder)["gpus"][0]["leases"]
+    assert not path.exists()
+    assert any("live-1-deadbeefdeadbeef.lock was not a regular file" in line for line in lines), lines

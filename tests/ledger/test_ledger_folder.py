@@ -13,8 +13,9 @@ import ledger_support
 import pytest
 from ledger_support import need
 
-from pytest_gpushare.errors import LedgerError
+from pytest_gpushare.errors import LeaseTimeout, LedgerError
 from pytest_gpushare.ledger import default_ledger_dir, prepare_ledger_dir
+from pytest_gpushare.ledger.access import ledger_name, lock_name
 from pytest_gpushare.ledger.codec import frame
 from pytest_gpushare.ledger.files import MAX_FILE_BYTES, read_file, read_head, write_file
 from pytest_gpushare.ledger.folder import open_ledger_folder
@@ -110,6 +111,61 @@ def test_private_folder_files_are_private(folder: Path, make: Callable[..., Ledg
     make().acquire(need(1), "t", 1)
     for name in os.listdir(folder):
         assert stat.S_IMODE((folder / name).stat().st_mode) & 0o077 == 0, name
+
+
+JUNK: dict[str, Callable[[Path], None]] = {
+    "symlink": lambda path: path.symlink_to(path.parent.parent / "elsewhere"),
+    "directory": lambda path: path.mkdir(),
+    "fifo": os.mkfifo,
+}
+
+
+@pytest.mark.parametrize("which", ["json", "lock"])
+@pytest.mark.parametrize("junk", JUNK)
+def test_junk_in_place_of_a_ledger_file_is_set_aside(
+    folder: Path, make: Callable[..., Ledger], which: str, junk: str
+) -> None:
+    """A link, directory or FIFO where a ledger or lock file belongs is renamed aside with a log
+    line, never followed, opened for reading or refused (every GPU test would error until a
+    person acts, issue 15)."""
+    prepare_ledger_dir(folder)
+    target = folder.parent / "elsewhere"
+    target.write_text("{}")
+    name = ledger_name("GPU-0") if which == "json" else lock_name("GPU-0")
+    JUNK[junk](folder / name)
+    lines: list[str] = []
+    ledger = make(log=lines.append)
+    assert ledger.acquire(need(1), "t", 5).parts
+    assert target.read_text() == "{}"
+    assert (folder / name).is_file() and not (folder / name).is_symlink()
+    (aside,) = [n for n in os.listdir(folder) if n.startswith(name + ".damaged-")]
+    assert any(aside in line and "moved it to" in line for line in lines), lines
+
+
+def test_a_ledger_file_others_can_write_is_set_aside_and_rebuilt(
+    folder: Path, make: Callable[..., Ledger]
+) -> None:
+    make().acquire(need(6), "kept", 1)
+    (folder / ledger_name("GPU-0")).chmod(0o666)
+    lines: list[str] = []
+    other = make(worker="gw1", log=lines.append)
+    (repaired,) = [line for line in lines if "unreadable (writable by every account)" in line]
+    assert "rebuilt it from the" in repaired
+    with pytest.raises(LeaseTimeout):  # the live holder's 6GiB came back from its holdings
+        other.acquire(need(5), "t", 0.1)
+    assert stat.S_IMODE((folder / ledger_name("GPU-0")).stat().st_mode) == 0o600
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="needs root to give a file to another account")
+def test_a_file_of_another_account_in_a_private_folder_is_set_aside(
+    folder: Path, make: Callable[..., Ledger]
+) -> None:
+    make().acquire(need(1), "t", 1)
+    os.chown(folder / ledger_name("GPU-0"), 65534, 65534)
+    lines: list[str] = []
+    make(worker="gw1", log=lines.append)
+    assert any("owned by" in line and "uid 65534" in line and "moved it to" in line for line in lines), lines
+    assert (folder / ledger_name("GPU-0")).stat().st_uid == os.geteuid()
 
 
 def test_writes_past_the_size_cap_are_refused(folder: Path) -> None:
