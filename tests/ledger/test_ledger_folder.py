@@ -184,3 +184,35 @@ def test_files_are_replaced_whole_and_read_without_the_lock(folder: Path) -> Non
     assert read_head(checked, "x.json") == whole[:80]
     assert read_file(checked, "x.json") == whole
     assert os.listdir(folder) == ["x.json"]  # no temporary file is left behind
+
+
+def test_a_folder_swapped_for_a_symlink_after_opening_cannot_redirect_writes(
+    tmp_path: Path, folder: Path, make: Callable[..., Ledger]
+) -> None:
+    """Issue 15: the folder was checked only when opened; a symlink put in its place afterwards
+    redirected every write. Files are opened relative to the folder held open, and the swap is
+    noticed and refused."""
+    ledger = make()
+    lease = ledger.acquire(need(2), "t", 1)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir(mode=0o700)
+    folder.rename(tmp_path / "moved")
+    folder.symlink_to(elsewhere)
+    with pytest.raises(LedgerError, match="symbolic link"):
+        ledger.acquire(need(1), "t2", 1)
+    with pytest.raises(LedgerError):
+        ledger.release(lease)
+    assert os.listdir(elsewhere) == []
+
+
+def test_a_folder_under_a_world_writable_parent_without_sticky_bit_is_refused(tmp_path: Path) -> None:
+    """Any account could rename the folder away and put its own in its place."""
+    parent = tmp_path / "open"
+    parent.mkdir()
+    parent.chmod(0o777)
+    with pytest.raises(
+        LedgerError, match=rf"{parent} is world-writable without the sticky bit; fix it: chmod \+t"
+    ):
+        prepare_ledger_dir(parent / "ledgers")
+    parent.chmod(0o1777)  # like /tmp: only an entry's owner may rename it
+    assert prepare_ledger_dir(parent / "ledgers") == parent / "ledgers"
