@@ -5,11 +5,12 @@ contexts, multi-GPU and exclusive leases, placement, refresh, release, close, th
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,8 @@ import pytest
 from conftest import wait_until
 from ledger_support import Worker, gpu, hold_cfg, leases_in, need, state_of
 
-from pytest_gpushare.errors import LeaseTimeout, LedgerError, NeverFits
+from pytest_gpushare.errors import LeaseTimeout, LedgerError, LockTimeout, NeverFits
+from pytest_gpushare.ledger import read_status
 from pytest_gpushare.ledger.access import lock_name
 from pytest_gpushare.ledger.admission import Need
 from pytest_gpushare.ledger.handle import Ledger
@@ -335,3 +337,54 @@ def test_a_hung_lock_holder_fails_loudly(folder: Path, make: Callable[..., Ledge
         holder.kill()
         holder.wait()
     assert ledger.acquire(need(1), "t", 5)
+
+
+@pytest.fixture
+def frozen_lock_holder(folder: Path, make: Callable[..., Ledger]) -> Iterator[int]:
+    """Another process that holds GPU-0's ledger lock and is then frozen with SIGSTOP; its pid."""
+    make().close()  # the folder and its lock file exist
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import fcntl, os, sys\n"
+            "fd = os.open(sys.argv[1], os.O_RDWR)\n"
+            "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+            "print('locked', flush=True)\n"
+            "sys.stdin.read()",
+            str(folder / lock_name("GPU-0")),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        os.kill(holder.pid, signal.SIGSTOP)
+        yield holder.pid
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_frozen_lock_holder_cannot_stretch_a_requests_timeout(
+    make: Callable[..., Ledger], frozen_lock_holder: int
+) -> None:
+    """Issue 15 (4): the request's own deadline holds, whoever holds the lock, and the failure
+    names the frozen process."""
+    start = time.monotonic()
+    with pytest.raises(LeaseTimeout) as info:
+        make(worker="gw1", lock_timeout=60).acquire(need(1), "t", 1.0)
+    assert time.monotonic() - start < 5
+    message = str(info.value)
+    assert f"a ledger lock is held by pid {frozen_lock_holder} (python" in message
+    assert "which is stopped: it looks frozen" in message and f"kill -CONT {frozen_lock_holder}" in message
+
+
+def test_a_frozen_lock_holder_cannot_hang_status(folder: Path, frozen_lock_holder: int) -> None:
+    start = time.monotonic()
+    with pytest.raises(LockTimeout) as info:
+        read_status(folder)
+    assert time.monotonic() - start < 15  # STATUS_LOCK_TIMEOUT_S, not the 60s cap
+    assert info.value.holder.startswith(f"pid {frozen_lock_holder} (python")
+    assert "looks frozen" in str(info.value)
