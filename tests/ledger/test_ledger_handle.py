@@ -4,7 +4,9 @@ contexts, multi-GPU and exclusive leases, placement, refresh, release, close, th
 
 from __future__ import annotations
 
+import contextlib
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -19,7 +21,7 @@ import pytest
 from conftest import wait_until
 from ledger_support import Worker, gpu, hold_cfg, leases_in, need, state_of
 
-from pytest_gpushare.errors import LeaseTimeout, LedgerError, LockTimeout, NeverFits
+from pytest_gpushare.errors import LeaseTimeout, LedgerError, LockTimeout, NeverFits, ReleaseDeferred
 from pytest_gpushare.ledger import read_status
 from pytest_gpushare.ledger.access import lock_name
 from pytest_gpushare.ledger.admission import Need
@@ -388,3 +390,51 @@ def test_a_frozen_lock_holder_cannot_hang_status(folder: Path, frozen_lock_holde
     assert time.monotonic() - start < 15  # STATUS_LOCK_TIMEOUT_S, not the 60s cap
     assert info.value.holder.startswith(f"pid {frozen_lock_holder} (python")
     assert "looks frozen" in str(info.value)
+
+
+def test_a_release_the_folder_cannot_take_keeps_the_lease_booked_and_says_so(
+    make: Callable[..., Ledger],
+) -> None:
+    """Issue 15 (6): the folder takes no writes (here: EFBIG) while a lease is held. The release
+    fails with one clear error, the lease stays booked (the safe side), and leaves at this
+    process's next access that succeeds; close then neither raises nor loses anything."""
+    lines: list[str] = []
+    ledger = make(log=lines.append)
+    lease = ledger.acquire(need(6), "tests/test_a.py::test_big", 1)
+    with file_size_limit(64), pytest.raises(ReleaseDeferred) as info:
+        ledger.release(lease)
+    message = str(info.value)
+    assert message.startswith(
+        "gpushare: could not give back the lease of tests/test_a.py::test_big (6.0GiB on GPU 0"
+    )
+    assert (
+        "File too large" in message
+        and "it stays booked until this process reaches the ledger again" in message
+    )
+    assert "\n" not in message and message in lines
+    assert [b.test_id for b in leases_in(ledger.folder)] == ["tests/test_a.py::test_big"]
+    ledger.release(lease)  # idempotent: it is no longer this process's
+    ledger.acquire(need(1), "next", 1)  # the next access that succeeds takes it out
+    assert [b.test_id for b in leases_in(ledger.folder)] == ["next"]
+
+
+def test_close_in_a_folder_that_takes_no_writes_does_not_raise(make: Callable[..., Ledger]) -> None:
+    lines: list[str] = []
+    ledger = make(log=lines.append)
+    ledger.acquire(need(6), "held", 1)
+    with file_size_limit(64):
+        ledger.close()
+    assert any("could not take this process's bookings out of the ledgers" in line for line in lines)
+    # Its tombstone tells the next access that the owner is gone: the memory is free at once.
+    assert make(worker="gw1").acquire(need(8), "after", 1).parts
+
+
+@contextlib.contextmanager
+def file_size_limit(size: int) -> Iterator[None]:
+    """Writes past ``size`` bytes fail with EFBIG in this process (Python ignores SIGXFSZ)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
