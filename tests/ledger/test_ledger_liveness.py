@@ -4,15 +4,20 @@ holdings, read whole or not at all; and what a dead owner leaves is reclaimed.""
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import ledger_support
 import pytest
+from conftest import wait_until
 from ledger_support import Worker, gpu, hold_cfg, leases_in, need, state_of
 
 from pytest_gpushare.errors import LeaseTimeout, LedgerError
+from pytest_gpushare.ledger import read_status, trust_lines
 from pytest_gpushare.ledger.access import ledger_name
 from pytest_gpushare.ledger.codec import dump_gpu_state
 from pytest_gpushare.ledger.folder import LedgerFolder, open_ledger_folder
@@ -82,6 +87,70 @@ def test_pid_reuse_does_not_keep_a_dead_owner_alive(folder: Path, make: Callable
         "reclaimed 9.0GiB" in line and "old::test" in line and f"pid {me.pid}" in line for line in lines
     )
     assert not (folder / live_name(ghost.key)).exists()
+
+
+def test_a_live_holder_whose_liveness_file_is_removed_is_not_taken_for_dead(
+    folder: Path, make: Callable[..., Ledger], spawn: Callable[..., Worker]
+) -> None:
+    """Issue 15 (2): a temp cleaner removes a live holder's liveness file. The next access must
+    not grant its memory to another session: a missing file is no evidence of death."""
+    other = spawn("hold", hold_cfg(folder, 8, test_id="tests/test_x.py::test_big"))
+    held = other.wait_event("held", timeout=30)
+    os.kill(held["pid"], signal.SIGSTOP)  # it cannot put its file back while we look
+    try:
+        (folder / live_name(held["key"])).unlink()
+        ledger = make()
+        with pytest.raises(LeaseTimeout, match=r"tests/test_x\.py::test_big"):
+            ledger.acquire(need(4), "mine", 0.3)
+        status = read_status(folder)
+        assert [x["test_id"] for x in status["gpus"][0]["leases"]] == ["tests/test_x.py::test_big"]
+        (unverifiable,) = status["unverifiable"]
+        assert unverifiable["key"] == held["key"] and "missing" in unverifiable["why"]
+        assert any("unverifiable" in line for line in trust_lines(status))
+    finally:
+        os.kill(held["pid"], signal.SIGCONT)
+    # Resumed, the holder puts its file back within the watch's period, with its holdings.
+    wait_until((folder / live_name(held["key"])).exists, "the holder's file is back", timeout=10)
+    assert read_status(folder)["unverifiable"] == []
+    assert [b.test_id for b in leases_in(folder)] == ["tests/test_x.py::test_big"]
+
+
+def test_an_owner_that_cannot_be_verified_is_trusted_only_for_a_while(
+    folder: Path, make: Callable[..., Ledger], spawn: Callable[..., Worker]
+) -> None:
+    other = spawn("hold", hold_cfg(folder, 8, test_id="tests/test_x.py::test_big"))
+    held = other.wait_event("held", timeout=30)
+    os.kill(held["pid"], signal.SIGSTOP)
+    try:
+        (folder / live_name(held["key"])).unlink()
+        lines: list[str] = []
+        ledger = make(log=lines.append, trust_s=1.0)
+        start = time.monotonic()
+        assert ledger.acquire(need(4), "mine", 10).parts == (("GPU-0", 4 * GiB),)
+        assert 1.0 <= time.monotonic() - start < 8
+        (reclaimed,) = [line for line in lines if "reclaimed 8.0GiB" in line]
+        assert reclaimed.endswith("its liveness could not be verified for 1s (its liveness file is missing)")
+    finally:
+        os.kill(held["pid"], signal.SIGCONT)
+
+
+def test_this_process_puts_its_removed_liveness_file_back_promptly(
+    folder: Path, make: Callable[..., Ledger]
+) -> None:
+    lines: list[str] = []
+    mine = make(log=lines.append)
+    lease = mine.acquire(need(6), "held", 1)
+    (folder / live_name(mine.owner.key)).unlink()  # a temp cleaner, say
+    # Another process looks before this one is back: the lease stays booked.
+    code = "import sys; from pytest_gpushare.ledger import read_status; read_status(sys.argv[1])"
+    subprocess.run([sys.executable, "-c", code, str(folder)], check=True)
+    assert [b.test_id for b in leases_in(folder)] == ["held"]
+    # The watch puts the file back, with the holdings, without an access of this process.
+    wait_until((folder / live_name(mine.owner.key)).exists, "the file is back", timeout=10)
+    holdings = read_holdings(open_ledger_folder(folder), mine.owner.key)
+    assert holdings is not None and b'"held"' in holdings
+    assert any("recreated" in line for line in lines)
+    mine.release(lease)
 
 
 def test_a_planted_link_cannot_fake_a_live_owner(folder: Path, make: Callable[..., Ledger]) -> None:

@@ -26,9 +26,12 @@ from conftest import wait_until
 from ledger_support import Worker, assert_owner_gone, gpu_dict, state_of
 
 from pytest_gpushare.ledger import read_status
+from pytest_gpushare.ledger.access import ledger_name
 from pytest_gpushare.ledger.admission import LedgerGpu, Need
+from pytest_gpushare.ledger.codec import dump_gpu_state
 from pytest_gpushare.ledger.handle import FULL_CHECK_S, Ledger
-from pytest_gpushare.ledger.records import TEST, Owner
+from pytest_gpushare.ledger.liveness import live_name
+from pytest_gpushare.ledger.records import TEST, Booking, Owner
 from pytest_gpushare.units import GiB, MemRequest, MiB
 
 folder = pytest.fixture(ledger_support.folder)
@@ -365,3 +368,31 @@ def test_two_accounts_share_a_group_folder(
     finally:
         mine.close()
     assert not [b for b in state_of(shared, "GPU-0").bookings if b.kind == TEST]
+
+
+def test_a_planted_unverifiable_owner_denies_service_for_a_bounded_time_only(
+    group: Group, procs: Callable[[str, dict[str, Any]], Worker]
+) -> None:
+    """Issue 15: a group member plants a mode-000 liveness file and a booking that claims pid 1;
+    an unreadable liveness file counted as alive, so everyone else waited until their timeout,
+    for ever after. Now the owner is trusted a bounded time, and status lists it meanwhile."""
+    shared = group.folder
+    gpus = [gpu_dict(0, 16 * GiB, 8 * GiB)]
+    Ledger(shared, [LedgerGpu(**gpus[0])], Owner.current("setup", "t"), context_bytes=0).close()
+    key = "1-0123456789abcdef"
+    state = state_of(shared, "GPU-0")
+    state.owners[key] = Owner(key, 1, os.uname().nodename, "x", "planted", "gw0", None, 8 * GiB, 1.0)
+    state.bookings.append(Booking(f"{key}-1", key, "planted::test", 8 * GiB, TEST, 1.0))
+    (shared / ledger_name("GPU-0")).write_bytes(dump_gpu_state(state))
+    planted = shared / live_name(key)
+    planted.write_text("")
+    planted.chmod(0o000)  # root could still open it; the second account cannot
+    cfg = dict(group.user, gpus=gpus, need={"bytes": 4 * GiB}, timeout=30, trust_s=2.0, status_first=True)
+    user = procs("drop", cfg)
+    doc = user.wait_event("status")["doc"]
+    (seen,) = doc["unverifiable"]
+    assert seen["key"] == key and "Permission denied" in seen["why"]
+    held = user.wait_event("held", timeout=40)
+    assert 1.0 <= held["waited"] < 20
+    lines = [e["line"] for e in user.events if e["event"] == "log"]
+    assert any("planted::test" in line and "could not be verified for 2s" in line for line in lines), lines
