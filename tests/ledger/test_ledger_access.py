@@ -5,16 +5,20 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import signal
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import ledger_support
 import pytest
-from ledger_support import Worker, hold_cfg, leases_in, need
+from conftest import wait_until
+from ledger_support import Worker, hold_cfg, leases_in, need, state_of
 
 from pytest_gpushare.errors import LeaseTimeout
-from pytest_gpushare.ledger import read_status
+from pytest_gpushare.ledger import read_status, trust_lines
 from pytest_gpushare.ledger.access import ledger_name
 from pytest_gpushare.ledger.codec import BOOKING_FIELDS, LEDGER_FRAME, frame, unframe
 from pytest_gpushare.ledger.files import KEEP_DAMAGED, MAX_FILE_BYTES
@@ -232,6 +236,74 @@ def test_status_sets_an_unreadable_ledger_aside(folder: Path, make: Callable[...
     assert status["gpus"] == []
     assert status["repaired"][0]["moved_to"].startswith(ledger_name("GPU-0") + ".damaged-")
     assert "unreadable" in lines[0]
+
+
+# --- the whole folder removed (issue 15, 3) ---------------------------------------------------
+
+
+def test_a_removed_folder_comes_back_with_the_live_holders_booking(
+    folder: Path, make: Callable[..., Ledger], spawn: Callable[..., Worker]
+) -> None:
+    """The folder is removed while another process holds 8GiB; a session that comes 3s later
+    must not be granted that memory: the holder is back, with its booking, by then."""
+    other = spawn("hold", hold_cfg(folder, 8, test_id="tests/test_x.py::test_big"))
+    held = other.wait_event("held", timeout=30)
+    shutil.rmtree(folder)
+    wait_until((folder / live_name(held["key"])).exists, "the holder is back", timeout=10)
+    ledger = make()
+    with pytest.raises(LeaseTimeout, match=r"tests/test_x\.py::test_big"):
+        ledger.acquire(need(4), "late", 0.3)
+    assert [b.test_id for b in leases_in(folder)] == ["tests/test_x.py::test_big"]
+    assert any("had been removed or replaced" in e.get("line", "") for e in other.events)
+
+
+def test_a_fresh_ledger_admits_only_restores_while_a_live_owner_is_missing(
+    folder: Path, make: Callable[..., Ledger], spawn: Callable[..., Worker]
+) -> None:
+    """The grace period: the holder is stopped and cannot come back yet, so the rebuilt ledger
+    lacks its booking; no new grant until it is back, and at most grace_s."""
+    other = spawn("hold", hold_cfg(folder, 8, test_id="tests/test_x.py::test_big"))
+    held = other.wait_event("held", timeout=30)
+    os.kill(held["pid"], signal.SIGSTOP)
+    try:
+        shutil.rmtree(folder)
+        lines: list[str] = []
+        ledger = make(log=lines.append)
+        with pytest.raises(LeaseTimeout, match="admits only live owners' restores"):
+            ledger.acquire(need(1), "late", 0.3)
+        status = read_status(folder)
+        assert status["gpus"][0]["grace_s"] > 0
+        assert any("made anew" in line for line in trust_lines(status))
+        assert any("admits only restores for up to 10s" in line for line in lines)
+    finally:
+        os.kill(held["pid"], signal.SIGCONT)
+    # Back, its booking is restored and the grace period ends at once.
+    assert ledger.acquire(need(2), "late", 10).parts == (("GPU-0", 2 * GiB),)
+    assert sorted(b.test_id for b in leases_in(folder)) == ["late", "tests/test_x.py::test_big"]
+    assert state_of(folder).grace_until == 0
+
+
+def test_the_grace_period_is_bounded(
+    folder: Path, make: Callable[..., Ledger], spawn: Callable[..., Worker]
+) -> None:
+    other = spawn("hold", hold_cfg(folder, 8))
+    held = other.wait_event("held", timeout=30)
+    os.kill(held["pid"], signal.SIGSTOP)
+    try:
+        shutil.rmtree(folder)
+        ledger = make(grace_s=1.0)
+        start = time.monotonic()
+        assert ledger.acquire(need(4), "late", 10).parts
+        assert 0.5 <= time.monotonic() - start < 8
+    finally:
+        os.kill(held["pid"], signal.SIGCONT)
+
+
+def test_a_fresh_folder_without_lost_owners_has_no_grace_period(make: Callable[..., Ledger]) -> None:
+    ledger = make()
+    start = time.monotonic()
+    assert ledger.acquire(need(1), "first", 5).parts
+    assert time.monotonic() - start < 1
 
 
 # --- junk named like an owner's file (issue 15, 5) ------------------------------------------
