@@ -3,6 +3,7 @@ live owners' holdings, and ``read_status`` reclaims, repairs and reports every l
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -15,18 +16,18 @@ from typing import Any
 import ledger_support
 import pytest
 from conftest import wait_until
-from ledger_support import Worker, hold_cfg, leases_in, need, state_of
+from ledger_support import Worker, gpu, hold_cfg, leases_in, need, state_of
 
 from pytest_gpushare.errors import LeaseTimeout
 from pytest_gpushare.ledger import read_status, trust_lines
 from pytest_gpushare.ledger.access import ledger_name
-from pytest_gpushare.ledger.codec import BOOKING_FIELDS, LEDGER_FRAME, frame, unframe
+from pytest_gpushare.ledger.codec import BOOKING_FIELDS, LEDGER_FRAME, dump_gpu_state, frame, unframe
 from pytest_gpushare.ledger.files import KEEP_DAMAGED, MAX_FILE_BYTES
 from pytest_gpushare.ledger.folder import open_ledger_folder
 from pytest_gpushare.ledger.handle import Ledger
 from pytest_gpushare.ledger.liveness import live_name
 from pytest_gpushare.ledger.probe import read_holdings
-from pytest_gpushare.ledger.records import TEST
+from pytest_gpushare.ledger.records import TEST, GpuState
 from pytest_gpushare.units import GiB
 
 folder = pytest.fixture(ledger_support.folder)
@@ -304,6 +305,68 @@ def test_a_fresh_folder_without_lost_owners_has_no_grace_period(make: Callable[.
     start = time.monotonic()
     assert ledger.acquire(need(1), "first", 5).parts
     assert time.monotonic() - start < 1
+
+
+# --- the ledger held to the live owners' holdings (issue 15, also found) -----------------------
+
+
+def rewrite(folder: Path, change: Callable[[GpuState], None]) -> None:
+    """Replace GPU-0's ledger with a well-formed one that ``change`` made (as a buggy or hostile
+    writer would)."""
+    state = state_of(folder)
+    change(state)
+    (folder / ledger_name("GPU-0")).write_bytes(dump_gpu_state(state))
+
+
+def test_a_ledger_that_leaves_out_a_live_holders_booking_is_corrected(
+    folder: Path, make: Callable[..., Ledger]
+) -> None:
+    holder = make(worker="gw1")
+    holder.acquire(need(6), "kept::test", 1)
+    rewrite(folder, lambda s: setattr(s, "bookings", []))
+    lines: list[str] = []
+    ledger = make(log=lines.append)
+    with pytest.raises(LeaseTimeout):  # 6 + 5 > 10: the holder's booking is back
+        ledger.acquire(need(5), "t", 0.1)
+    assert [b.test_id for b in leases_in(folder)] == ["kept::test"]
+    assert any(
+        "lacked 1 booking(s)" in line and "that its holdings list (kept::test)" in line for line in lines
+    )
+
+
+def test_a_ledger_that_raises_a_cautious_sessions_limit_is_corrected(
+    folder: Path, make: Callable[..., Ledger]
+) -> None:
+    lines: list[str] = []
+    generous = make(session="A", log=lines.append)
+    careful = make([gpu(usable=6 * GiB)], session="B")
+    key = careful.owner.key
+
+    def raise_limit(state: GpuState) -> None:
+        state.owners[key] = dataclasses.replace(state.owners[key], usable_bytes=10 * GiB)
+
+    rewrite(folder, raise_limit)
+    with pytest.raises(LeaseTimeout):
+        generous.acquire(need(7), "a", 0.1)
+    assert state_of(folder).limit() == 6 * GiB
+    assert any("recorded 10.0GiB usable" in line and "holdings say 6.0GiB" in line for line in lines)
+
+
+def test_a_ledger_that_drops_a_live_owner_entirely_is_corrected(
+    folder: Path, make: Callable[..., Ledger]
+) -> None:
+    careful = make([gpu(usable=6 * GiB)], session="B")
+    careful.acquire(need(2), "kept", 1)
+
+    def drop(state: GpuState) -> None:
+        state.owners.pop(careful.owner.key)
+        state.bookings = [b for b in state.bookings if b.owner != careful.owner.key]
+
+    rewrite(folder, drop)
+    generous = make(session="A")
+    with pytest.raises(LeaseTimeout):  # limit 6GiB, 2GiB booked: 5GiB does not fit
+        generous.acquire(need(5), "a", 0.1)
+    assert generous.acquire(need(4), "a", 1)
 
 
 # --- junk named like an owner's file (issue 15, 5) ------------------------------------------
