@@ -438,3 +438,17 @@ def file_size_limit(size: int) -> Iterator[None]:
         yield
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+
+
+def test_a_timeout_names_the_session_whose_reservations_cap_the_gpu(make: Callable[..., Ledger]) -> None:
+    generous = make(session="A", worker="gw0")  # usable 10GiB
+    careful = make([gpu(usable=6 * GiB)], session="B", worker="gw3")
+    generous.acquire(need(5), "a", 1)
+    with pytest.raises(LeaseTimeout) as info:
+        generous.acquire(need(2), "tests/test_a.py::test_more", 0.1)
+    assert (
+        f"GPU 0 (Sim 0, GPU-0)'s limit 6.0GiB is set by session B (pid {os.getpid()} on "
+        f"{os.uname().nodename}, session B, worker gw3), which keeps more for its reservations than "
+        "this session's 10.0GiB"
+    ) in str(info.value)
+    careful.close()
