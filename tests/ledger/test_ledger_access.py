@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 import signal
 import time
@@ -17,6 +18,7 @@ import ledger_support
 import pytest
 from conftest import wait_until
 from ledger_support import Worker, gpu, hold_cfg, leases_in, need, state_of
+from test_ledger_folder import JUNK
 
 from pytest_gpushare.errors import LeaseTimeout
 from pytest_gpushare.ledger import read_status, trust_lines
@@ -388,3 +390,14 @@ def test_junk_named_like_a_liveness_file_is_set_aside(
     assert read_status(folder)["gpus"][0]["leases"]
     assert not path.exists()
     assert any("live-1-deadbeefdeadbeef.lock was not a regular file" in line for line in lines), lines
+
+
+def test_the_docs_list_every_kind_of_damage_that_is_rebuilt() -> None:
+    """docs/concepts/trust-model.rst names the kinds of damage that are rebuilt rather than
+    refused, and how many: exactly those these tests make."""
+    page = (Path(__file__).parents[2] / "docs" / "concepts" / "trust-model.rst").read_text()
+    section = page.split("What is rebuilt rather than refused")[1].split("What an admin must do")[0]
+    listed = re.findall(r"``([a-z ]+)``", section.split(".. The names below")[1])
+    tested = [*DAMAGE, *JUNK, "writable by every account", "owned by another account", "missing"]
+    assert sorted(listed) == sorted(tested)
+    assert f"These {len(tested)} kinds are tested one" in " ".join(section.split())
