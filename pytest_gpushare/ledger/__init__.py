@@ -39,7 +39,9 @@ take memory now); :mod:`.holder` (what this process holds, pressed on every ledg
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from pytest_gpushare.lazy import lazy_exports
 
 if TYPE_CHECKING:
     from pytest_gpushare.ledger.admission import (
@@ -114,17 +116,4 @@ __all__ = [
     "waiting_lines",
 ]
 
-
-def __getattr__(name: str) -> Any:
-    home = _HOMES.get(name)
-    if home is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    import importlib
-
-    value = getattr(importlib.import_module(home), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_HOMES})
+__getattr__, __dir__ = lazy_exports(globals(), _HOMES)
