@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import subprocess
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from fake_pynvml import FakeNvml, install_fake_pynvml
+
+if TYPE_CHECKING:
+    from cli_support import CliBox
 
 
 def wait_until(
@@ -42,3 +46,13 @@ def fake_nvml(monkeypatch: pytest.MonkeyPatch) -> Callable[..., FakeNvml]:
         return install_fake_pynvml(monkeypatch, gpus, **config)
 
     return install
+
+
+@pytest.fixture
+def cli(tmp_path: Path) -> Iterator[CliBox]:
+    """A ledger folder and a simulated box for the ``gpushare`` commands (tests/cli_support.py)."""
+    from cli_support import CliBox  # it imports wait_until from here
+
+    box = CliBox(tmp_path)
+    yield box
+    box.cleanup()

@@ -2,20 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
 import pytest
 from cli_support import SIM, CliBox
 
 from pytest_gpushare.settings import OPTION_NAMES
-
-
-@pytest.fixture
-def cli(tmp_path: Path) -> Iterator[CliBox]:
-    box = CliBox(tmp_path)
-    yield box
-    box.cleanup()
 
 
 def test_plan_help_lists_every_setting_by_its_short_spelling(cli: CliBox) -> None:

@@ -12,8 +12,6 @@ import sys
 import termios
 import textwrap
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from cli_support import SIM, SIM_UUID, CliBox, run_leases
@@ -25,14 +23,6 @@ from pytest_gpushare.gpus import Gpu, GpuInventory
 from pytest_gpushare.ledger import Lease, Owner
 from pytest_gpushare.planner import Budget, make_plan
 from pytest_gpushare.units import GiB
-
-
-@pytest.fixture
-def cli(tmp_path: Path) -> Iterator[CliBox]:
-    box = CliBox(tmp_path)
-    yield box
-    box.cleanup()
-
 
 # --- gpushare run ------------------------------------------------------------------------------
 

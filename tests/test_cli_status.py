@@ -8,23 +8,13 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 from cli_support import SIM, SIM_UUID, CliBox, alive, run_leases
 
 from pytest_gpushare.commands.status import status_document, status_lines
 from pytest_gpushare.gpus import GpuInventory, SimulatedProbe
 from pytest_gpushare.units import GiB
-
-
-@pytest.fixture
-def cli(tmp_path: Path) -> Iterator[CliBox]:
-    box = CliBox(tmp_path)
-    yield box
-    box.cleanup()
-
 
 # --- gpushare status ---------------------------------------------------------------------------
 
