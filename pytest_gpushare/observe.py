@@ -26,6 +26,7 @@ from typing import Final, NamedTuple, Protocol
 from pytest_gpushare.errors import SettingError
 from pytest_gpushare.gpus import nvml, visible
 from pytest_gpushare.observations import NOT_MEASURABLE, GpuObservation
+from pytest_gpushare.threads import daemon_thread
 from pytest_gpushare.torch_cuda import initialised_cuda, release_cached, torch_peak_start, torch_peak_stop
 
 __all__ = [
@@ -191,7 +192,7 @@ class Sampler:
             return
         # Each run has its own thread, stop event and tracks: a thread stuck in NVML past
         # stop() can never write into the next test's figures.
-        run.thread = threading.Thread(target=self._loop, args=(run,), name="gpushare-observe", daemon=True)
+        run.thread = daemon_thread(self._loop, "gpushare-observe", run)
         run.thread.start()
 
     def stop(self) -> dict[str, NvmlPeak]:

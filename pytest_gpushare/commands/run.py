@@ -75,6 +75,7 @@ from pytest_gpushare.ledger import (
 )
 from pytest_gpushare.planner import Plan
 from pytest_gpushare.settings import Settings
+from pytest_gpushare.threads import daemon_thread
 from pytest_gpushare.units import parse_mem
 
 __all__ = [
@@ -163,7 +164,7 @@ class _WaitNotice:
         self._need = need
         self._stop = threading.Event()
         self._start = time.monotonic()
-        self._thread = threading.Thread(target=self._run, name="gpushare-run-wait", daemon=True)
+        self._thread = daemon_thread(self._run, "gpushare-run-wait")
 
     def __enter__(self) -> _WaitNotice:
         self._thread.start()

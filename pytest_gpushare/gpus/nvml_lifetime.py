@@ -19,6 +19,7 @@ from types import ModuleType
 from typing import Any, Final, TypeVar
 
 from pytest_gpushare.errors import GpuShareError
+from pytest_gpushare.threads import daemon_thread
 
 __all__ = ["NVML_INIT_TIMEOUT_S", "forget", "handles", "shutdown", "start", "with_nvml"]
 
@@ -70,7 +71,7 @@ def _init_within(nvml: ModuleType, timeout_s: float) -> None:
         except BaseException as exc:  # handed to the waiting thread, which raises it
             failure.append(exc)
 
-    thread = threading.Thread(target=call, name="gpushare-nvml-init", daemon=True)
+    thread = daemon_thread(call, "gpushare-nvml-init")
     thread.start()
     thread.join(timeout_s)
     if thread.is_alive():

@@ -41,6 +41,7 @@ from pytest_gpushare.ledger.codec import HOLDINGS_FRAME, frame
 from pytest_gpushare.ledger.files import MAX_FILE_BYTES, create_new, remove_file
 from pytest_gpushare.ledger.folder import LedgerFolder
 from pytest_gpushare.ledger.records import Owner
+from pytest_gpushare.threads import daemon_thread
 
 __all__ = ["WATCH_S", "Liveness", "gone_name", "is_own", "live_name", "watch"]
 
@@ -218,7 +219,7 @@ def watch(run: Callable[[], None]) -> _Check:
     with _WATCH_GUARD:
         _WATCHED.add(check)
         if _watcher is None or not _watcher.is_alive():
-            _watcher = threading.Thread(target=_watch_loop, name="gpushare-liveness-watch", daemon=True)
+            _watcher = daemon_thread(_watch_loop, "gpushare-liveness-watch")
             _watcher.start()
     return check
 

@@ -56,6 +56,7 @@ from pytest_gpushare.ledger.files import (
 )
 from pytest_gpushare.ledger.folder import LedgerFolder
 from pytest_gpushare.ledger.procfs import lock_holder
+from pytest_gpushare.threads import daemon_thread
 
 __all__ = ["locked", "try_flock"]
 
@@ -248,7 +249,7 @@ def _wait_in_kernel(folder: LedgerFolder, name: str, deadline: float, log: Calla
             granted.set()
 
     try:
-        threading.Thread(target=wait, name="gpushare-lock-wait", daemon=True).start()
+        daemon_thread(wait, "gpushare-lock-wait").start()
     except BaseException:
         _close_wait_fd(fd)
         raise

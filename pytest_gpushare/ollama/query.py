@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-import threading
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -35,6 +34,7 @@ from pytest_gpushare.errors import SettingError
 from pytest_gpushare.ollama.address import is_loopback, resolve_address
 from pytest_gpushare.ollama.attribution import find_ollama_pids
 from pytest_gpushare.ollama.model import OllamaModel, OllamaStatus
+from pytest_gpushare.threads import daemon_thread
 from pytest_gpushare.units import MiB, TiB, format_size
 
 __all__ = ["DEFAULT_TIMEOUT", "query_ollama"]
@@ -150,9 +150,7 @@ def _fetch_within(url: str, timeout: float) -> bytes | str:
     """
     deadline = time.monotonic() + timeout
     box: list[bytes | str] = []
-    thread = threading.Thread(
-        target=lambda: box.append(_fetch(url, timeout, deadline)), name="gpushare-ollama", daemon=True
-    )
+    thread = daemon_thread(lambda: box.append(_fetch(url, timeout, deadline)), "gpushare-ollama")
     thread.start()
     # A short grace lets the exchange report its own, more precise problem at the deadline.
     thread.join(timeout + 0.1)
