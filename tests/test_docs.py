@@ -593,52 +593,13 @@ def test_example_ollama(tmp_path: Path) -> None:
 
 # --- output that needs a GPU: checked against a stand-in NVML ---------------------------------
 
-#: A box of one RTX 4090 (tests/fake_pynvml.py). A test "uses" memory by writing its figure to a
-#: file named after its PID, which the fake's per-process list reads; PID_OFFSET stands in for
-#: another PID namespace (NVML lists host PIDs this process cannot see).
+#: A box of one RTX 4090 whose processes "use" what they say (tests/usage_box.py).
 OBSERVED_CONFTEST = """
-import os, sys, tempfile, time
+import sys
 sys.path.insert(0, {tests!r})
-from fake_pynvml import FakeGpu, FakeNvml
+from usage_box import GiB, install, peak
 
-GiB = 2**30
-CONTEXT = 300 * 2**20
-USAGE = os.environ["USAGE_DIR"]
-
-
-def usage():
-    out = []
-    for name in os.listdir(USAGE):
-        if not name.startswith("."):
-            with open(os.path.join(USAGE, name)) as f:
-                out.append((int(name), int(f.read())))
-    return out
-
-
-box = FakeNvml(gpus=[FakeGpu(uuid="GPU-0f0f0f0f-1111-2222-3333-444455556666", used=2 * GiB, usage=usage)])
-sys.modules["pynvml"] = box.module
-
-
-def use(n_bytes):
-    pid = os.getpid() + int(os.environ.get("PID_OFFSET", "0"))
-    fd, tmp = tempfile.mkstemp(dir=USAGE, prefix=".")
-    with os.fdopen(fd, "w") as f:
-        f.write(str(n_bytes))
-    os.replace(tmp, os.path.join(USAGE, str(pid)))
-
-
-def peak(n_bytes, deadline_s=30.0):
-    # Hold the memory until the sampler has read the process list a few times.
-    use(CONTEXT + n_bytes)
-    start, end = box.process_reads, time.monotonic() + deadline_s
-    while box.process_reads < start + 3:
-        assert time.monotonic() < end, "the sampler never read the process list"
-        time.sleep(0.005)
-    use(CONTEXT)
-
-
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    use(CONTEXT)  # the worker's CUDA context, there before its first test
+install("GPU-0f0f0f0f-1111-2222-3333-444455556666", used=2 * GiB)
 """
 OBSERVED_SUITE = {
     "tests/test_train.py": (

@@ -25,43 +25,11 @@ TESTS = Path(__file__).parent
 UUID = "GPU-0f0f0f0f-1111-2222-3333-444455556666"
 
 CONFTEST = f"""
-import os, sys, tempfile, time
+import sys
 sys.path.insert(0, {str(TESTS)!r})
-from fake_pynvml import FakeGpu, FakeNvml
+from usage_box import GiB, install, use, wait_for_samples
 
-GiB = 2**30
-USAGE = os.environ["USAGE_DIR"]
-
-def usage():
-    out = []
-    for name in os.listdir(USAGE):
-        if name.startswith("."):
-            continue
-        with open(os.path.join(USAGE, name)) as f:
-            out.append((int(name), int(f.read())))
-    return out
-
-box = FakeNvml(gpus=[FakeGpu(uuid={UUID!r}, total=24 * GiB, used=2 * GiB, usage=usage)])
-sys.modules["pynvml"] = box.module
-
-def use(n_bytes):
-    # Atomic, as the other worker's sampler may read the folder at any moment.
-    # PID_OFFSET stands in for another PID namespace: NVML lists host PIDs, not ours.
-    pid = os.getpid() + int(os.environ.get("PID_OFFSET", "0"))
-    fd, tmp = tempfile.mkstemp(dir=USAGE, prefix=".")
-    with os.fdopen(fd, "w") as f:
-        f.write(str(n_bytes))
-    os.replace(tmp, os.path.join(USAGE, str(pid)))
-
-def wait_for_samples(n=3, deadline_s=10.0):
-    start = box.process_reads
-    end = time.monotonic() + deadline_s
-    while box.process_reads < start + n:
-        assert time.monotonic() < end, "the sampler did not read the process list"
-        time.sleep(0.005)
-
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    use(300 * 2**20)  # this worker's CUDA context, there before any test
+box = install({UUID!r}, total=24 * GiB, used=2 * GiB)
 """
 
 SUITE = f"""
