@@ -64,21 +64,11 @@ def need_for(home: str) -> Need:
     return Need(MemRequest(bytes=LEASE), prefer=home, allowed=(home,))
 
 
-def liveness_descriptor(ledger: Ledger) -> int | None:
-    """STOPGAP until the ledger's facade offers ``Ledger.liveness_fd()`` (see
-    tests/broker_workers/stopgap.py): the descriptor through the ledger's private attributes."""
-    method = getattr(ledger, "liveness_fd", None)
-    if method is not None:
-        return int(method())
-    fd = getattr(getattr(getattr(ledger, "_holder", None), "_live", None), "_fd", None)
-    return fd if isinstance(fd, int) else None
-
-
 def start_broker(folder: Path, boxes: list[LedgerGpu]) -> Broker:
     def open_ledger(owner: Owner, context_bytes: int) -> Ledger:
         return Ledger(folder, boxes, owner, context_bytes=context_bytes)
 
-    return Broker(open_ledger, session_id="bench", context_bytes=CONTEXT, descriptor_of=liveness_descriptor)
+    return Broker(open_ledger, session_id="bench", context_bytes=CONTEXT)
 
 
 # --- the clients (child processes) ---------------------------------------------------------------

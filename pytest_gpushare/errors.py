@@ -7,7 +7,9 @@ so every class keeps the arguments it was built with in ``args``.
 from __future__ import annotations
 
 __all__ = [
+    "BrokerError",
     "GpuShareError",
+    "LeaseCancelled",
     "LeaseTimeout",
     "LedgerError",
     "LockTimeout",
@@ -88,3 +90,19 @@ class LeaseTimeout(GpuShareError, TimeoutError):
 
     def __str__(self) -> str:
         return self.message
+
+
+class BrokerError(GpuShareError):
+    """The session's broker cannot be reached, refused this worker, or broke the protocol."""
+
+
+class LeaseCancelled(GpuShareError):
+    """The session is stopping (``-x``, ``--maxfail``, Ctrl-C): a waiting request was answered
+    at once instead of being served. ``test_id`` is the request's test."""
+
+    def __init__(self, test_id: str) -> None:
+        super().__init__(test_id)
+        self.test_id = test_id
+
+    def __str__(self) -> str:
+        return f"{self.test_id}: the session is stopping; its wait for GPU memory was cancelled"

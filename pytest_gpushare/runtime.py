@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, overload
+from typing import TYPE_CHECKING, Any, Protocol, overload
 
 import pytest
 
@@ -33,9 +33,21 @@ from pytest_gpushare.ledger import Lease, Ledger, Need, Owner, ledger_dir_for, l
 from pytest_gpushare.planner import Plan
 from pytest_gpushare.units import MemRequest, parse_mem
 
+if TYPE_CHECKING:
+    from pytest_gpushare.broker import BrokerInput
+
 __all__ = ["GpuLease", "GpuLeases", "GpuNeed", "Grant", "LeaseRecord", "Runtime", "need_from_marker"]
 
 _KNOWN_KWARGS = ("mem", "count", "exclusive")
+
+
+class Lessor(Protocol):
+    """Where this process's leases come from: the box :class:`Ledger`, or in an xdist worker
+    the session's broker (:class:`pytest_gpushare.broker.BrokerClient`), which lease alike."""
+
+    def acquire(self, need: Need, test_id: str, timeout: float) -> Lease: ...
+    def release(self, lease: Lease) -> None: ...
+    def close(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -210,7 +222,8 @@ class Runtime:
 
     ``ledger_dir`` is the setting (None: the account's own folder) and ``ledger_source`` where
     it came from; ``home`` is the home GPU the controller gave this worker (one the plan does not
-    know, inherited from another session's worker, is ignored); ``log`` collects one-line notes
+    know, inherited from another session's worker, is ignored); ``broker`` is how an xdist worker
+    reaches its session's broker (None: lease from the box ledger directly); ``log`` collects one-line notes
     (the ledger's, ignored observer errors, a release that failed) until testhooks.py hands them
     to a report.
     """
@@ -226,22 +239,27 @@ class Runtime:
     default_mem: MemRequest
     pluginmanager: pytest.PytestPluginManager | None = None  # None: no observer hooks
     ledger_source: str | None = None
-    _ledger: Ledger | None = None
+    broker: BrokerInput | None = None
+    _ledger: Lessor | None = None
     _opening: threading.Lock = field(default_factory=threading.Lock, repr=False)
     records: list[LeaseRecord] = field(default_factory=list)
     log: list[str] = field(default_factory=list)
 
     @property
-    def ledger(self) -> Ledger:
-        """This process's one ledger (and ledger owner), opened on first use, under a lock: threads
-        that lease at once must not each open their own."""
+    def ledger(self) -> Lessor:
+        """This process's one ledger (and ledger owner) or broker connection, opened on first
+        use, under a lock: threads that lease at once must not each open their own."""
         if self._ledger is None:
             with self._opening:
                 if self._ledger is None:
                     self._ledger = self._open_ledger()
         return self._ledger
 
-    def _open_ledger(self) -> Ledger:
+    def _open_ledger(self) -> Lessor:
+        if self.broker is not None:
+            from pytest_gpushare.broker import BrokerClient  # only workers of a broker session
+
+            return BrokerClient(self.broker, self.worker)
         try:
             folder = prepare_ledger_dir(self.ledger_folder())
         except LedgerError as exc:

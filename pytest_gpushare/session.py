@@ -22,7 +22,7 @@ import os
 import uuid
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Literal, TypedDict, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Literal, TypedDict, TypeVar, cast
 
 import pytest
 
@@ -37,6 +37,9 @@ from pytest_gpushare.planner import Budget, Plan, Reservation
 from pytest_gpushare.settings import DEFAULT_SOURCE, Settings
 from pytest_gpushare.settings.pytest_options import resolve_settings
 
+if TYPE_CHECKING:  # the broker is imported only by sessions that start one
+    from pytest_gpushare.broker import BrokerInput
+
 __all__ = [
     "MARKER_HELP",
     "REPORT_ATTR",
@@ -44,6 +47,7 @@ __all__ = [
     "WorkerInput",
     "WorkerOutput",
     "begin_gpu_work",
+    "broker_input",
     "check_report_path",
     "compute_plan",
     "env_set",
@@ -92,9 +96,12 @@ class WorkerInput(_SessionInput, total=False):
     """What the controller puts in each worker's ``workerinput`` (beside xdist's own keys).
 
     ``gpushare_plan`` goes only to workers on this box; a worker on another host plans there.
+    ``gpushare_broker`` says how to reach the session's broker, where the controller runs one
+    (workers on this box, on a box with GPUs): such a worker leases through it, not the ledger.
     """
 
     gpushare_plan: dict[str, Any]
+    gpushare_broker: BrokerInput
 
 
 class LeaseEntry(TypedDict, total=False):
@@ -208,6 +215,13 @@ def worker_input(config: pytest.Config, *, local: bool = True) -> WorkerInput:
     if local:
         received["gpushare_plan"] = get_plan(config).to_dict()
     return received
+
+
+def broker_input(config: pytest.Config) -> BrokerInput | None:
+    """How this worker reaches its session's broker; None outside xdist workers or where the
+    controller runs none (the process then leases from the box ledger directly)."""
+    received = cast(WorkerInput, getattr(config, "workerinput", {}))
+    return received.get("gpushare_broker")
 
 
 def begin_gpu_work(config: pytest.Config, *, own_tests: bool = False) -> Plan:

@@ -24,7 +24,7 @@ import pytest
 
 from pytest_gpushare import observe
 from pytest_gpushare.enforce import annotate_oom, enforce
-from pytest_gpushare.errors import GpuShareError, LeaseTimeout, NeverFits, SettingError
+from pytest_gpushare.errors import GpuShareError, LeaseCancelled, LeaseTimeout, NeverFits, SettingError
 from pytest_gpushare.fixtures import STATE_KEY, ItemState, Role, gpu_role, plugin_fixture
 from pytest_gpushare.runtime import GpuLease, GpuLeases, GpuNeed, Grant, Runtime, need_from_marker
 from pytest_gpushare.session import (
@@ -32,6 +32,7 @@ from pytest_gpushare.session import (
     LeaseEntry,
     WorkerOutput,
     begin_gpu_work,
+    broker_input,
     get_settings,
     is_worker,
     note_env,
@@ -87,6 +88,7 @@ class LeaseHooks:
             home=home_gpu(config),
             default_mem=s.default_mem,
             pluginmanager=config.pluginmanager,
+            broker=broker_input(config),
         )
 
     @property
@@ -197,6 +199,9 @@ class LeaseHooks:
             grant = rt.acquire(need, item.nodeid, anywhere=anywhere)
         except NeverFits as exc:
             self._not_run(state, need, exc.reason)
+        except LeaseCancelled as exc:
+            # -x, --maxfail or Ctrl-C stopped the session while the test waited: it did not run.
+            raise pytest.skip.Exception(f"gpushare: {exc}", _use_item_location=True) from None
         except LeaseTimeout as exc:
             return str(exc)
         except GpuShareError as exc:
@@ -258,6 +263,8 @@ class LeaseHooks:
             return rt.acquire(need, label, anywhere=True, block=True)
         except NeverFits as exc:
             return self._block_not_run(need, label, exc.reason)
+        except LeaseCancelled as exc:
+            pytest.skip(f"gpushare: {exc}")
         except LeaseTimeout as exc:
             _fail(str(exc))
         except (GpuShareError, pytest.UsageError) as exc:  # an unusable ledger folder, a bad setting

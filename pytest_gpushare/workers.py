@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 
 from pytest_gpushare import planner, report
+from pytest_gpushare.brokerhooks import broker_for_workers
 from pytest_gpushare.enforce import framework_env
 from pytest_gpushare.gpus.visible import cuda_visible_env
 from pytest_gpushare.session import (
@@ -217,6 +218,12 @@ def _announce(config: pytest.Config, lines: Sequence[str]) -> None:
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_configure_node(node: Any) -> None:
-    """Send the controller's plan to workers on this box (they ask NVML and Ollama nothing); a
-    worker on another host gets only the session id and plans there."""
-    node.workerinput.update(worker_input(node.config, local=is_local(node.gateway.spec)))
+    """Send the controller's plan to workers on this box (they ask NVML and Ollama nothing), and
+    the way to the session's broker where it runs one; a worker on another host gets only the
+    session id and plans there."""
+    local = is_local(node.gateway.spec)
+    received = worker_input(node.config, local=local)
+    broker = broker_for_workers(node.config) if local else None
+    if broker is not None:
+        received["gpushare_broker"] = broker
+    node.workerinput.update(received)

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from broker_workers.stopgap import liveness_descriptor
 from conftest import wait_until
 
 from pytest_gpushare.broker import (
@@ -218,7 +217,6 @@ class Session:
             self.open_ledger,
             session_id="broker-test",
             context_bytes=kw.pop("context", 0),
-            descriptor_of=liveness_descriptor,
             log=self.log.append,
             fair_after=kw.pop("fair_after", 2.0),
             **kw,

@@ -25,9 +25,10 @@ from __future__ import annotations
 
 from pytest_gpushare.broker.client import GRACE_S, BrokerClient
 from pytest_gpushare.broker.giveback import LINGER_S
-from pytest_gpushare.broker.protocol import BrokerError, BrokerInput, LeaseCancelled
+from pytest_gpushare.broker.protocol import BrokerInput
 from pytest_gpushare.broker.server import Broker
 from pytest_gpushare.broker.status import RunningDoc, live_owner_keys, read_running
+from pytest_gpushare.errors import BrokerError, LeaseCancelled
 
 __all__ = [
     "GRACE_S",

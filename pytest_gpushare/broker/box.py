@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pytest_gpushare.broker.status import RunningDoc, remove_running, write_running
-from pytest_gpushare.errors import LedgerError
+from pytest_gpushare.errors import LedgerError, ReleaseDeferred
 from pytest_gpushare.ledger import Lease, Ledger, LedgerGpu, Need, Owner
 
 __all__ = ["DescriptorOf", "Done", "OpenLedger", "Watched", "facade_descriptor"]
@@ -42,9 +42,8 @@ DescriptorOf = Callable[[Ledger], "int | None"]
 
 
 def facade_descriptor(ledger: Ledger) -> int | None:
-    """``ledger.liveness_fd()`` where the ledger's facade offers it (requested for phase B)."""
-    method = getattr(ledger, "liveness_fd", None)
-    return None if method is None else int(method())
+    """``ledger.liveness_fd()``: the descriptor that keeps the ledger's owner live."""
+    return ledger.liveness_fd()
 
 
 @dataclass(frozen=True)
@@ -243,6 +242,8 @@ class Box:
     def _try(self, release: Callable[[Lease], None], lease: Lease, what: str) -> None:
         try:
             release(lease)
+        except ReleaseDeferred:
+            pass  # the ledger said so itself, in one line
         except LedgerError as exc:
             self._log(f"gpushare: the session broker could not {what}: {exc}")
 

@@ -59,8 +59,12 @@ class BrokerClient:
         self.owner = Owner.current(info["session_id"], worker_id)
         self._grace_s = grace_s
         self._reader = FrameReader()
-        self._inbox: list[Message] = []
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the request ids, answers and whose turn it is to read
+        self._turn = threading.Condition(self._lock)
+        self._send_lock = threading.Lock()
+        self._pending: set[int] = set()
+        self._answers: dict[int, Granted | Refused] = {}
+        self._reading = False
         self._ids = iter(range(1, 2**62))
         self._pid = os.getpid()
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -68,7 +72,7 @@ class BrokerClient:
             self._sock.settimeout(connect_timeout)
             self._sock.connect(info["address"])
             self._sock.sendall(encode(Hello(VERSION, info["token"], worker_id)))
-            answer = self._receive(time.monotonic() + connect_timeout)
+            answer = self._welcome(time.monotonic() + connect_timeout)
         except OSError as exc:
             self._sock.close()
             raise BrokerError(f"cannot reach the session broker at {info['address']}: {exc}") from None
@@ -80,31 +84,44 @@ class BrokerClient:
             reason = answer.reason if isinstance(answer, Rejected) else f"it answered {kind_of(answer)}"
             raise BrokerError(f"the session broker refused this worker: {reason}")
 
+    def _welcome(self, deadline: float) -> Message:
+        """The broker's first answer (a welcome or a rejection)."""
+        messages: list[Message] = []
+        while not messages:
+            messages = self._receive(deadline)
+        return messages[0]
+
     def acquire(self, need: Need, test_id: str, timeout: float) -> Lease:
         """Lease ``need`` for ``test_id``, waiting up to ``timeout`` seconds (negative or infinite:
         no limit). Raises :class:`NeverFits`, :class:`LeaseTimeout` (also when the broker does
         not answer within ``grace_s``, default :data:`GRACE_S`, past the timeout), :class:`LeaseCancelled`, or
-        :class:`BrokerError`."""
+        :class:`BrokerError`.
+
+        Threads of one worker may wait at once (a fixture's ``lease()`` threads): each request
+        has its own id, one thread at a time reads the connection and hands the others their
+        answers, and a release never waits for another thread's request."""
+        self._check_usable()
         with self._lock:
-            self._check_usable()
             request = next(self._ids)
-            wire_timeout = timeout if timeout >= 0 and math.isfinite(timeout) else -1.0
-            start = time.monotonic()
-            deadline = math.inf if wire_timeout < 0 else start + wire_timeout + self._grace_s
+            self._pending.add(request)
+        wire_timeout = timeout if timeout >= 0 and math.isfinite(timeout) else -1.0
+        start = time.monotonic()
+        deadline = math.inf if wire_timeout < 0 else start + wire_timeout + self._grace_s
+        try:
             self._send(Acquire(request, test_id, need_to_wire(need), wire_timeout))
-            try:
-                answer = self._answer_to(request, deadline)
-            except TimeoutError:
-                self._withdraw(request)
-                waited = time.monotonic() - start
-                raise LeaseTimeout(
-                    f"{test_id}: the session broker did not answer within {waited:.1f}s", waited
-                ) from None
-            except BrokerError:
-                raise
-            except BaseException:
-                self._withdraw(request)  # interrupted (Ctrl-C): the broker forgets the wait
-                raise
+            answer = self._answer_to(request, deadline)
+        except TimeoutError:
+            self._withdraw(request)
+            waited = time.monotonic() - start
+            raise LeaseTimeout(
+                f"{test_id}: the session broker did not answer within {waited:.1f}s", waited
+            ) from None
+        except BrokerError:
+            self._forget(request)
+            raise
+        except BaseException:
+            self._withdraw(request)  # interrupted (Ctrl-C): the broker forgets the wait
+            raise
         if isinstance(answer, Granted):
             parts = tuple((str(u), int(n)) for u, n in answer.parts)
             return Lease(
@@ -127,13 +144,12 @@ class BrokerClient:
     def release(self, lease: Lease) -> None:
         """Give the lease back. No answer is awaited: the broker reads this connection in order,
         so the memory is free for this worker's next request."""
-        with self._lock:
-            self._check_usable()
-            self._send(Release(lease.lease_id))
+        self._check_usable()
+        self._send(Release(lease.lease_id))
 
     def close(self) -> None:
         """Disconnect: the broker returns whatever this worker still holds."""
-        with self._lock:
+        with self._send_lock:
             self._sock.close()
 
     def __enter__(self) -> BrokerClient:
@@ -153,47 +169,83 @@ class BrokerClient:
             raise BrokerError("this broker connection is closed")
 
     def _send(self, message: Message) -> None:
-        try:
-            self._sock.sendall(encode(message))
-        except OSError as exc:
-            raise BrokerError(f"the session broker is gone: {exc}") from None
-
-    def _withdraw(self, request: int) -> None:
-        with contextlib.suppress(BrokerError):
-            self._send(Withdraw(request))
-
-    def _answer_to(self, request: int, deadline: float) -> Granted | Refused:
-        """The broker's answer to ``request``. A late answer to an earlier request that this
-        worker gave up on is dropped, its lease given back."""
-        while True:
-            message = self._receive(deadline)
-            if not isinstance(message, (Granted, Refused)):
-                raise BrokerError(f"the session broker sent {kind_of(message)} out of turn")
-            if message.request == request:
-                return message
-            if isinstance(message, Granted):
-                self._send(Release(message.lease_id))
-
-    def _receive(self, deadline: float) -> Message:
-        """The next message; raises TimeoutError at ``deadline`` and BrokerError when the
-        connection ends."""
-        while not self._inbox:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError
-            self._sock.settimeout(None if math.isinf(left) else left)
+        with self._send_lock:
             try:
-                data, fds, _flags, _addr = socket.recv_fds(self._sock, 65536, _MAX_FDS)
-            except (TimeoutError, BlockingIOError):
-                raise TimeoutError from None
+                self._sock.sendall(encode(message))
             except OSError as exc:
                 raise BrokerError(f"the session broker is gone: {exc}") from None
-            _keep(fds)
-            if not data:
-                raise BrokerError("the session broker is gone: it closed the connection")
-            for payload in self._reader.feed(data):
-                self._inbox.append(decode(payload))
-        return self._inbox.pop(0)
+
+    def _forget(self, request: int) -> None:
+        with self._lock:
+            self._pending.discard(request)
+            self._answers.pop(request, None)
+
+    def _withdraw(self, request: int) -> None:
+        """Give up on ``request``: the broker forgets the wait; a grant that was already on its
+        way is given back when it arrives (or here, if it has)."""
+        with self._lock:
+            self._pending.discard(request)
+            late = self._answers.pop(request, None)
+        with contextlib.suppress(BrokerError):
+            self._send(Withdraw(request))
+            if isinstance(late, Granted):
+                self._send(Release(late.lease_id))
+
+    def _answer_to(self, request: int, deadline: float) -> Granted | Refused:
+        """The broker's answer to ``request``: one waiting thread at a time reads the
+        connection, files every answer under its request, and wakes the others."""
+        while True:
+            with self._lock:
+                while request not in self._answers and self._reading:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise TimeoutError
+                    self._turn.wait(None if math.isinf(left) else left)
+                if request in self._answers:
+                    self._pending.discard(request)
+                    return self._answers.pop(request)
+                self._reading = True
+            try:
+                messages = self._receive(deadline)
+            finally:
+                with self._lock:
+                    self._reading = False
+                    self._turn.notify_all()
+            self._file(messages)
+
+    def _file(self, messages: list[Message]) -> None:
+        """File answers under their requests; a late grant of a request no thread waits for any
+        more is given back."""
+        stale: list[Granted] = []
+        with self._lock:
+            for message in messages:
+                if not isinstance(message, (Granted, Refused)):
+                    raise BrokerError(f"the session broker sent {kind_of(message)} out of turn")
+                if message.request in self._pending:
+                    self._answers[message.request] = message
+                elif isinstance(message, Granted):
+                    stale.append(message)
+            self._turn.notify_all()
+        for granted in stale:
+            self._send(Release(granted.lease_id))
+
+    def _receive(self, deadline: float) -> list[Message]:
+        """The messages of one read; raises TimeoutError at ``deadline`` and BrokerError when
+        the connection ends."""
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError
+        self._sock.settimeout(None if math.isinf(left) else left)
+        try:
+            data, fds, _flags, _addr = socket.recv_fds(self._sock, 65536, _MAX_FDS)
+        except (TimeoutError, BlockingIOError):
+            raise TimeoutError from None
+        except OSError as exc:
+            raise BrokerError(f"the session broker is gone: {exc}") from None
+        _keep(fds)
+        if not data:
+            raise BrokerError("the session broker is gone: it closed the connection")
+        return [decode(payload) for payload in self._reader.feed(data)]
 
 
 _KEPT: list[int] = []

@@ -23,7 +23,7 @@ import struct
 from collections.abc import Iterator
 from typing import Any, ForwardRef, NamedTuple, TypedDict
 
-from pytest_gpushare.errors import GpuShareError
+from pytest_gpushare.errors import BrokerError, LeaseCancelled
 from pytest_gpushare.ledger import Need
 from pytest_gpushare.units import MemRequest
 
@@ -59,22 +59,6 @@ _LENGTH = struct.Struct("!I")
 _ENCODER = json.JSONEncoder(separators=(",", ":"))
 _DECODER = json.JSONDecoder()
 _CRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
-
-
-class BrokerError(GpuShareError):
-    """The session's broker cannot be reached, refused this worker, or broke the protocol."""
-
-
-class LeaseCancelled(GpuShareError):
-    """The session is stopping (``-x``, ``--maxfail``, Ctrl-C): a waiting request was answered
-    at once instead of being served. ``test_id`` is the request's test."""
-
-    def __init__(self, test_id: str) -> None:
-        super().__init__(test_id)
-        self.test_id = test_id
-
-    def __str__(self) -> str:
-        return f"{self.test_id}: the session is stopping; its wait for GPU memory was cancelled"
 
 
 class ProtocolError(BrokerError):

@@ -72,9 +72,20 @@ def device_view(simulate: str | None, source: str = "--simulate") -> GpuInventor
 
 
 def status_document(
-    snapshot: Mapping[str, Any], devices: GpuInventory, *, folder_source: str, log: Sequence[str] = ()
+    snapshot: Mapping[str, Any],
+    devices: GpuInventory,
+    *,
+    folder_source: str,
+    log: Sequence[str] = (),
+    sessions: Sequence[Mapping[str, Any]] = (),
 ) -> dict[str, Any]:
     """``read_status``'s answer with the devices' view added.
+
+    ``sessions`` are the running files of live broker sessions
+    (:func:`pytest_gpushare.broker.read_running`): each running test's lease (test id, worker,
+    parts, age) and waiting request. The box ledger books a broker session's pooled tests as its
+    controller's chunks, so these say which test holds what; a lease routed ``"direct"`` is also
+    a ledger lease of its worker (its bytes are in the ledger's figures once).
 
     Adds ``folder_source`` (which setting named the folder), ``log`` (the lines this access
     logged), ``devices`` (``source``, ``error``, ``unusable``, ``notes``, ``gpus``: every device
@@ -104,6 +115,7 @@ def status_document(
     document["idle_ledgers"] = sorted(idle)
     document["folder_source"] = folder_source
     document["log"] = list(log)
+    document["sessions"] = [dict(doc) for doc in sessions]
     document["devices"] = {
         "source": devices.source,
         "error": devices.error,
@@ -218,6 +230,27 @@ def _device_lines(devices: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def _session_lines(document: Mapping[str, Any]) -> list[str]:
+    """Each running test and waiting request of the live broker sessions."""
+    index = {g["uuid"]: g["device"]["index"] for g in document["gpus"] if g["device"] is not None}
+    now = float(document.get("taken_at", 0.0))
+    lines: list[str] = []
+    for doc in document.get("sessions", []):
+        if not doc["leases"] and not doc["waiting"]:
+            continue
+        lines.append(f"running tests of session {doc['session_id']} (controller pid {doc['pid']}):")
+        for lease in doc["leases"]:
+            where = ", ".join(f"{format_size(int(n))} on GPU {index.get(u, u)}" for u, n in lease["parts"])
+            age = _age(max(0.0, now - float(lease["taken_at"])))
+            lines.append(f"  test     {where}  {lease['test_id']}  ({lease['worker_id']}, {age})")
+        for wait in doc["waiting"]:
+            waited = _age(max(0.0, now - float(wait["since"])))
+            lines.append(
+                f"  waiting  {wait['need']}  {wait['test_id']}  ({wait['worker_id']}, waited {waited})"
+            )
+    return lines
+
+
 def status_lines(document: Mapping[str, Any]) -> list[str]:
     """The text ``gpushare status`` prints for a :func:`status_document`."""
     lines = [f"gpushare status: ledger folder {document['folder']} ({document['folder_source']})"]
@@ -225,6 +258,7 @@ def status_lines(document: Mapping[str, Any]) -> list[str]:
         lines.append("no leases")
     for gpu in document["gpus"]:
         lines += _ledger_gpu_lines(gpu, document["devices"])
+    lines += _session_lines(document)
     if document["idle_ledgers"]:
         lines.append(
             f"not shown: {len(document['idle_ledgers'])} ledger(s) that nobody books, of GPUs not seen here "
@@ -264,7 +298,10 @@ def cmd_status(args: Sequence[str]) -> int:
     except LedgerError as exc:
         print(f"gpushare status: {exc}", file=sys.stderr)
         return 2
-    document = status_document(snapshot, devices, folder_source=folder_source, log=log)
+    from pytest_gpushare.broker.status import live_owner_keys, read_running
+
+    sessions = read_running(folder, live_owner_keys(snapshot), snapshot["taken_at"])
+    document = status_document(snapshot, devices, folder_source=folder_source, log=log, sessions=sessions)
     if opts.json:
         for line in log:
             print(line, file=sys.stderr)

@@ -19,8 +19,6 @@ import sys
 import time
 from typing import Any
 
-from stopgap import liveness_descriptor
-
 from pytest_gpushare.broker import Broker, BrokerClient
 from pytest_gpushare.ledger import Lease, Ledger, LedgerGpu, Need, Owner
 from pytest_gpushare.units import MemRequest
@@ -56,7 +54,6 @@ def controller(cfg: dict[str, Any]) -> None:
         session_id=cfg.get("session", "broker-session"),
         context_bytes=cfg.get("context", 0),
         linger_s=cfg.get("linger", 60.0),
-        descriptor_of=liveness_descriptor,
         log=lambda line: say(event="log", line=line),
     )
     say(event="ready", input=broker.worker_input(), key=broker.box.key)

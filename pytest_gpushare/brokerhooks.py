@@ -1,0 +1,144 @@
+"""The session's broker at the pytest edge: the xdist controller runs it, its workers lease
+through it (SPEC "Within one session").
+
+The controller starts the broker when it configures its first worker on this box, and only
+where GPU work has begun on a box with GPUs (xdist pins workers then; a run without GPUs starts
+none). Each such worker finds how to reach it in its ``workerinput``
+(:func:`pytest_gpushare.session.broker_input`) and leases through a
+:class:`~pytest_gpushare.broker.BrokerClient`; single-process runs, workers on other hosts and
+``gpushare run`` lease from the box ledger directly. Where the broker cannot start (an unusable
+ledger folder, no folder for its socket), one line says so and the workers lease from the box
+ledger as before.
+
+:class:`SessionBroker` holds the broker and its hooks: ``-x``/``--maxfail`` (the controller's
+session sets ``shouldfail`` when it counts the failure) and Ctrl-C cancel every waiting request;
+the broker is closed at ``pytest_unconfigure``, after xdist has taken its workers down (its
+``pytest_sessionfinish``): closing gives back everything the session still holds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from pytest_gpushare.credits import nvml_refresh
+from pytest_gpushare.errors import LedgerError
+from pytest_gpushare.ledger import Ledger, Owner, ledger_gpus
+from pytest_gpushare.session import get_plan, get_settings, gpu_work_begun, ledger_folder_checked, session_id
+
+if TYPE_CHECKING:
+    from pytest_gpushare.broker import Broker, BrokerInput
+
+__all__ = ["PLUGIN_NAME", "SessionBroker", "broker_for_workers"]
+
+PLUGIN_NAME = "gpushare-broker"
+_KEY = pytest.StashKey["SessionBroker | None"]()
+
+
+def broker_for_workers(config: pytest.Config) -> BrokerInput | None:
+    """How this session's workers on this box reach its broker, started on the first call;
+    None where the session runs none (no GPU work, no GPU, or it could not start)."""
+    if _KEY not in config.stash:
+        config.stash[_KEY] = _start(config)
+    found = config.stash[_KEY]
+    return None if found is None else found.worker_input
+
+
+def _start(config: pytest.Config) -> SessionBroker | None:
+    if not gpu_work_begun(config) or not get_plan(config).gpus:
+        return None
+    from pytest_gpushare.broker import Broker  # only sessions that run one pay for the import
+
+    plan = get_plan(config)
+    s = get_settings(config)
+    folder = ledger_folder_checked(config)
+    log: list[str] = []
+    opened: weakref.WeakSet[Ledger] = weakref.WeakSet()
+    probe = nvml_refresh(plan, s.ledger_dir)
+
+    def refresh() -> Mapping[str, int]:
+        """Fresh usable memory for every owner the broker holds, not only the one that waits:
+        the ledger's limit is the lowest of its live owners', so one stale owner would cap it."""
+        assert probe is not None
+        fresh = probe()
+        for ledger in list(opened):
+            # A closed ledger refuses (LedgerError); the one that waits records it itself.
+            with contextlib.suppress(LedgerError, OSError):
+                ledger.set_usable(fresh)
+                ledger.snapshot()  # an access: its owner's record shows the fresh figure now
+        return fresh
+
+    def open_ledger(owner: Owner, context_bytes: int) -> Ledger:
+        ledger = Ledger(
+            folder,
+            ledger_gpus(plan),
+            owner,
+            context_bytes=context_bytes,
+            policy=s.policy,
+            log=log.append,
+            refresh=None if probe is None else refresh,
+        )
+        opened.add(ledger)
+        return ledger
+
+    try:
+        broker = Broker(
+            open_ledger,
+            session_id=session_id(config),
+            context_bytes=s.context_mem_bytes,
+            policy=s.policy,
+            log=log.append,
+        )
+    except (LedgerError, OSError) as exc:
+        _say(config, f"gpushare: the session broker did not start ({exc}); workers lease from the ledger")
+        return None
+    hooks = SessionBroker(config, broker, log)
+    config.pluginmanager.register(hooks, PLUGIN_NAME)
+    return hooks
+
+
+def _say(config: pytest.Config, line: str) -> None:
+    tr = config.pluginmanager.get_plugin("terminalreporter")
+    if tr is not None:
+        tr.write_line(line)
+
+
+class SessionBroker:
+    """The controller's running broker, and the hooks that cancel waits and close it."""
+
+    def __init__(self, config: pytest.Config, broker: Broker, log: list[str]) -> None:
+        self.config = config
+        self.broker = broker
+        self.worker_input = broker.worker_input()
+        self.log = log
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        """Answer every waiting request "cancelled", now and from now on (once)."""
+        if not self.cancelled:
+            self.cancelled = True
+            self.broker.cancel()
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        """After the session counted the report: ``-x``/``--maxfail`` reached stops the run, and
+        no worker may go on waiting for memory (trylast: pytest's session counts first)."""
+        session: Any = self.config.pluginmanager.get_plugin("session")
+        if session is not None and (session.shouldfail or session.shouldstop):
+            self.cancel()
+
+    def pytest_keyboard_interrupt(self, excinfo: object) -> None:
+        self.cancel()
+
+    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+        """What the broker had to say (a ledger that refused, a failed thread), once each."""
+        for line in dict.fromkeys(self.log):
+            terminalreporter.write_line(line if line.startswith("gpushare") else f"gpushare: {line}")
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_unconfigure(self) -> None:
+        self.broker.close()
