@@ -29,8 +29,10 @@ from pathlib import Path
 from pytest_gpushare.errors import LedgerError
 
 __all__ = [
+    "SHM",
     "LedgerFolder",
     "default_ledger_dir",
+    "is_tmpfs",
     "ledger_dir_for",
     "open_ledger_folder",
     "prepare_ledger_dir",
@@ -153,10 +155,20 @@ def _owner_in_group(uid: int, gid: int) -> bool:
 # --- where the folder is ------------------------------------------------------------------
 
 
+#: The usual memory file system of Linux, for every account (sticky, like /tmp).
+SHM = Path("/dev/shm")
+_MOUNTS = Path("/proc/self/mounts")
+
+
 def default_ledger_dir() -> Path:
-    """The account's own ledger folder: under ``$XDG_RUNTIME_DIR`` when that is a private folder
-    of this account, else under the system's temporary directory (named for the uid, so accounts
-    never collide there). It is created 0700 by :func:`prepare_ledger_dir`."""
+    """The account's own ledger folder, on a memory file system where there is one (SPEC "Ledger
+    folder"): every ledger write is a file replaced under a lock, and on a disk file system each
+    costs a journal commit, on tmpfs only a page-cache copy.
+
+    Under ``$XDG_RUNTIME_DIR`` when that is a private folder of this account (a tmpfs on systemd
+    boxes), else under :data:`SHM` when it is a tmpfs, else under the system's temporary directory
+    (the last two named for the uid, so accounts never collide there). It is created 0700 by
+    :func:`prepare_ledger_dir`."""
     runtime = os.environ.get("XDG_RUNTIME_DIR")
     if runtime:
         try:
@@ -170,7 +182,29 @@ def default_ledger_dir() -> Path:
             and not stat.S_IMODE(st.st_mode) & 0o077
         ):
             return Path(runtime) / "pytest-gpushare"
-    return Path(tempfile.gettempdir()) / f"pytest-gpushare-{os.geteuid()}"
+    name = f"pytest-gpushare-{os.geteuid()}"
+    if SHM.is_dir() and is_tmpfs(SHM):
+        return SHM / name
+    return Path(tempfile.gettempdir()) / name
+
+
+def is_tmpfs(path: Path, mounts: Path = _MOUNTS) -> bool:
+    """Whether ``path`` lies on a tmpfs, by the mount table (the longest mount point above it)."""
+    try:
+        table = mounts.read_text()
+        target = os.path.realpath(path)
+    except OSError:
+        return False
+    best, kind = "", ""
+    for line in table.splitlines():
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        point = fields[1].replace("\\040", " ")
+        inside = target == point or target.startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= len(best):
+            best, kind = point, fields[2]
+    return kind == "tmpfs"
 
 
 def ledger_dir_for(configured: str | os.PathLike[str] | None) -> Path:

@@ -15,6 +15,7 @@ from ledger_support import need
 
 from pytest_gpushare.errors import LeaseTimeout, LedgerError
 from pytest_gpushare.ledger import default_ledger_dir, prepare_ledger_dir
+from pytest_gpushare.ledger import folder as ledger_folder
 from pytest_gpushare.ledger.access import ledger_name, lock_name
 from pytest_gpushare.ledger.codec import frame
 from pytest_gpushare.ledger.files import MAX_FILE_BYTES, read_file, read_head, write_file
@@ -46,7 +47,33 @@ def test_default_folder_falls_back_to_the_temp_dir(tmp_path: Path, monkeypatch: 
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(shared_runtime))
     monkeypatch.setenv("TMPDIR", str(tmp_path))
     monkeypatch.setattr(tempfile, "tempdir", None)
+    monkeypatch.setattr(ledger_folder, "SHM", tmp_path / "no-shm")  # no memory file system either
     assert default_ledger_dir() == tmp_path / f"pytest-gpushare-{os.geteuid()}"
+
+
+def test_default_folder_is_on_dev_shm_without_a_private_runtime_dir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
+    if not (ledger_folder.SHM.is_dir() and ledger_folder.is_tmpfs(ledger_folder.SHM)):
+        pytest.skip("no tmpfs at /dev/shm on this box")
+    assert default_ledger_dir() == ledger_folder.SHM / f"pytest-gpushare-{os.geteuid()}"
+    not_tmpfs = tmp_path / "shm"
+    not_tmpfs.mkdir()
+    monkeypatch.setattr(ledger_folder, "SHM", not_tmpfs)  # a disk folder at that place is not used
+    assert default_ledger_dir().parent == Path(tempfile.gettempdir())
+
+
+def test_tmpfs_is_told_by_the_longest_mount_point(tmp_path: Path) -> None:
+    mounts = tmp_path / "mounts"
+    mounts.write_text(
+        "/dev/sda1 / ext4 rw 0 0\ntmpfs /dev/shm tmpfs rw 0 0\ntmpfs /mnt/my\\040disk tmpfs rw 0 0\n"
+    )
+    assert ledger_folder.is_tmpfs(Path("/dev/shm/x"), mounts)
+    assert not ledger_folder.is_tmpfs(Path("/dev/shmother"), mounts)
+    assert ledger_folder.is_tmpfs(Path("/mnt/my disk/y"), mounts)
+    assert not ledger_folder.is_tmpfs(Path("/home"), mounts)
+    assert not ledger_folder.is_tmpfs(Path("/home"), tmp_path / "missing")
 
 
 def test_a_missing_folder_is_created_private(folder: Path) -> None:
