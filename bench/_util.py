@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -48,6 +49,33 @@ def machine() -> str:
         f"machine: {os.cpu_count()} cores (nproc {len(os.sched_getaffinity(0))}), {model}, "
         f"Python {platform.python_version()}, " + ", ".join(versions)
     )
+
+
+def load() -> str:
+    """The load average now (1, 5 and 15 minutes), printed beside every figure: on a shared box a
+    figure means little without it."""
+    return "load " + " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+_HEAD = re.compile(rb"^GPUSHARE-LEDGER [0-9]+ [0-9a-f]{8} ([0-9]+)\n")
+
+
+def generation(path: Path) -> int:
+    """The write count in a ledger file's header line, which every write increments (0 before
+    the first write)."""
+    try:
+        with open(path, "rb") as f:
+            match = _HEAD.match(f.readline())
+    except FileNotFoundError:
+        return 0
+    if match is None:
+        raise SystemExit(f"cannot read the generation of the ledger {path}")
+    return int(match.group(1))
+
+
+def ledger_writes(folder: Path) -> int:
+    """Writes so far to every GPU ledger in ``folder`` (the sum of their generations)."""
+    return sum(generation(p) for p in folder.glob("gpu-*.json"))
 
 
 def quantile(values: Sequence[float], q: float) -> float:

@@ -30,7 +30,6 @@ import argparse
 import multiprocessing
 import os
 import random
-import re
 import selectors
 import socket
 import sys
@@ -42,7 +41,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from _util import Ratio, machine, median, print_ratios, quantile, table
+from _util import Ratio, generation, machine, median, print_ratios, quantile, table
 
 from pytest_gpushare.broker import Broker, BrokerClient, BrokerInput
 from pytest_gpushare.broker.protocol import Acquire, Granted, Release, encode, need_to_wire
@@ -51,7 +50,6 @@ from pytest_gpushare.units import GiB, MemRequest, MiB
 
 LEASE = 64 * MiB
 CONTEXT = 256 * MiB
-_HEAD = re.compile(rb"^GPUSHARE-LEDGER [0-9]+ [0-9a-f]{8} ([0-9]+)\n")
 
 
 def gpus(count: int) -> list[LedgerGpu]:
@@ -253,38 +251,26 @@ def round_trips(
     return rows
 
 
-def generation(folder: Path, uuid: str) -> int:
-    """The write count in a ledger file's header line (0 before the first write)."""
-    try:
-        with open(folder / f"gpu-{uuid}.json", "rb") as f:
-            match = _HEAD.match(f.readline())
-    except FileNotFoundError:
-        return 0
-    if match is None:
-        raise SystemExit(f"cannot read the generation of the ledger of {uuid}")
-    return int(match.group(1))
-
-
 def box_writes(work: Path, tests: int) -> dict[str, tuple[int, float]]:
     """Box-ledger writes and wall time of ``tests`` leases from 2 processes: broker and direct."""
     boxes = gpus(1)
     uuid = boxes[0].uuid
     out = {}
     folder = work / "writes-broker"
-    before = generation(folder, uuid)
+    before = generation(folder / f"gpu-{uuid}.json")
     start = time.perf_counter()
     with start_broker(folder, boxes) as broker:
         info = broker.worker_input()
         args = [(info, f"gw{i}", uuid, tests // 2, 0, 0.0) for i in range(2)]
         run_clients(broker_client, args)
     wall = time.perf_counter() - start
-    out["broker"] = (generation(folder, uuid) - before, wall)
+    out["broker"] = (generation(folder / f"gpu-{uuid}.json") - before, wall)
     folder = work / "writes-direct"
     Ledger(folder, boxes, Owner.current("setup", "setup"), context_bytes=0).close()
-    before = generation(folder, uuid)
+    before = generation(folder / f"gpu-{uuid}.json")
     start = time.perf_counter()
     run_clients(ledger_client, [(str(folder), boxes, f"gw{i}", tests // 2) for i in range(2)])
-    out["direct"] = (generation(folder, uuid) - before, time.perf_counter() - start)
+    out["direct"] = (generation(folder / f"gpu-{uuid}.json") - before, time.perf_counter() - start)
     return out
 
 

@@ -43,42 +43,53 @@ def ratio_lines(lines: list[str]) -> list[str]:
 
 
 def test_lease_cost_prints_rows_and_ratios() -> None:
-    lines = run_bench("lease_cost.py", "--what-if", "handover")
+    lines = run_bench("lease_cost.py")
     text = "\n".join(lines)
     assert lines[1].startswith("machine: ")
+    assert lines[2].startswith("before: load ")
     assert re.search(r"^ledger folder: .+ \(\w+\)$", text, re.M)
     rows = (
-        "flock",
+        "raw flock + page-cache write",
         "flock + JSON RMW",
         "flock + JSON RMW in place",
         "ledger lock + JSON RMW",
         "lease cycle",
-        "lease cycle, what-if handover",
     )
     for row in rows:
         # Once for one process, once for the contending processes.
         assert len(re.findall(rf"^  {re.escape(row)}  +\d", text, re.M)) == 2, row
-    assert re.search(r"^lease cycle / flock \+ JSON RMW in place: \d+\.\d\dx ", text, re.M)
+    assert "what-if" not in text  # rows that measure nothing are gone (issue 13)
     ratios = ratio_lines(lines)
-    assert len(ratios) == 4
+    assert len(ratios) == 2
     assert all(RATIO_RE.match(r) for r in ratios), ratios
-    assert ratios[0].startswith("ratio lease cycle / flock + JSON RMW floor (median, one process) ")
-    assert ratios[2].startswith("ratio lease cycle p99 with 4 contending processes ")
+    assert ratios[0].startswith("ratio lease cycle / physical floor (median, one process) ")
+    assert ratios[1].startswith("ratio lease cycle p99 with 4 contending processes ")
 
 
 def test_overhead_prints_rows_and_ratios() -> None:
-    lines = run_bench("overhead.py", "--what-if", "handover")
+    lines = run_bench("overhead.py")
     text = "\n".join(lines)
     assert "100 trivial tests" in text
-    assert re.search(r"^  with plugin +\d+\.\d\d s", text, re.M)
-    assert re.search(r"^  what-if handover +\d+\.\d\d s", text, re.M)
+    for layout in ("-n 2", "-n 8", "one process"):
+        assert re.search(rf"^  {layout}, with plugin +\d+\.\d\d s .* \d\.\d{{3}} +load \d", text, re.M), (
+            layout
+        )
+        assert re.search(rf"^  {layout}, -p no:gpushare +\d+\.\d\d s .* - +load \d", text, re.M), layout
     assert re.search(r"^  -p no:gpushare +\d+ ms", text, re.M)
     ratios = ratio_lines(lines)
-    assert len(ratios) == 3
-    assert ratios[0].startswith("ratio wall what-if handover / without plugin ")
-    assert ratios[1].startswith("ratio wall with plugin / without (median) ")
-    assert ratios[2].startswith("ratio start-up delta of --collect-only (median) ")
     assert all(RATIO_RE.match(r) for r in ratios), ratios
+    assert ratios[0].startswith("ratio wall with plugin / without, -n 2 (median) ")
+    assert ratios[3].startswith("ratio box-ledger writes per test under xdist ")
+    assert ratios[4].startswith("ratio start-up delta of --collect-only (median) ")
+    assert len(ratios) == 5
+
+
+def test_broker_prints_rows_and_ratios() -> None:
+    lines = run_bench("broker.py")
+    text = "\n".join(lines)
+    assert "load average before: " in text and "load average after: " in text
+    ratios = ratio_lines(lines)
+    assert ratios and all(RATIO_RE.match(r) for r in ratios), ratios
 
 
 def test_schedule_prints_rows_and_never_exceeds_usable() -> None:

@@ -54,7 +54,7 @@ from pytest_gpushare.ledger.status import STATUS_LOCK_TIMEOUT_S, read_status
 from pytest_gpushare.ledger.views import describe, held_by, lease_holders, limits_of_others, release_deferred
 
 # ledger_name and read_status are re-exported for the callers that still reach them here
-# (bench/whatif.py, bench/schedule.py) rather than through the facade, :mod:`pytest_gpushare.ledger`.
+# (bench/schedule.py) rather than through the facade, :mod:`pytest_gpushare.ledger`.
 __all__ = ["Ledger", "ledger_name", "read_status"]
 
 #: A waiter retries at least this often even when no ledger changed (dead owners, aging).
