@@ -242,3 +242,24 @@ def test_status_lists_each_running_test_of_a_broker_session(
     assert lease["parts"][0][1] == 4 * GiB
     (Path(env["MARK_DIR"]) / "go").touch()
     assert controller.wait(timeout=120) == 0
+
+
+def test_ctrl_c_ends_a_session_whose_test_waits_for_another_sessions_memory(
+    suite: Path, env: dict[str, str], started: list[subprocess.Popen[str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("GPUSHARE_LEDGER_DIR", env["GPUSHARE_LEDGER_DIR"])  # the stranger's folder
+    (suite / "conftest.py").write_text(ANNOUNCE_WAIT)
+    (suite / "test_wait.py").write_text(
+        "import pytest\n@pytest.mark.gpu(mem='4GiB')\ndef test_wait(gpu): pass\n"
+    )
+    with stranger("8GiB", 6 * GiB, "stranger::big_job"):
+        proc = start(started, suite, env, "-n", "2", "--gpushare-simulate=8GiB")
+        wait_until((Path(env["MARK_DIR"]) / "waiting").exists, "the test waits", timeout=120, proc=proc)
+        time.sleep(0.3)  # its request has reached the broker
+        began = time.monotonic()
+        os.kill(proc.pid, signal.SIGINT)  # the controller only, as a terminal's Ctrl-C reaches it first
+        output, _ = proc.communicate(timeout=60)
+        took = time.monotonic() - began
+    # Without the cancel, xdist takes its workers down only after its own grace (about 5 s).
+    assert took < 3, f"the session took {took:.1f}s to stop:\n{output}"
+    assert "KeyboardInterrupt" in output or "Interrupted" in output, output
