@@ -1,14 +1,14 @@
 """The session's broker at the pytest edge: the xdist controller runs it, its workers lease
 through it (SPEC "Within one session").
 
-The controller starts the broker when it configures its first worker on this box, and only
-where GPU work has begun on a box with GPUs (xdist pins workers then; a run without GPUs starts
-none). Each such worker finds how to reach it in its ``workerinput``
-(:func:`pytest_gpushare.session.broker_input`) and leases through a
-:class:`~pytest_gpushare.broker.BrokerClient`; single-process runs, workers on other hosts and
-``gpushare run`` lease from the box ledger directly. Where the broker cannot start (an unusable
-ledger folder, no folder for its socket), one line says so and the workers lease from the box
-ledger as before.
+When the controller configures its first worker on this box, where GPU work has begun on a box
+with GPUs (xdist pins workers then; a run without GPUs gets nothing), it opens the broker's
+listening socket only (no ledger is touched) and puts its address in every such worker's
+``workerinput`` (:func:`pytest_gpushare.session.broker_input`). A worker connects at its first
+lease, so the broker itself starts when the first worker connects: a run with no GPU tests starts
+none. Workers lease through a :class:`~pytest_gpushare.broker.BrokerClient`; single-process
+runs, workers on other hosts and ``gpushare run`` lease from the box ledger directly. Where no
+socket can be made, one line says so and the workers lease from the box ledger as before.
 
 :class:`SessionBroker` holds the broker and its hooks: ``-x``/``--maxfail`` (the controller's
 session sets ``shouldfail`` when it counts the failure) and Ctrl-C cancel every waiting request;
@@ -19,6 +19,9 @@ the broker is closed at ``pytest_unconfigure``, after xdist has taken its worker
 from __future__ import annotations
 
 import contextlib
+import os
+import select
+import threading
 import weakref
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -31,7 +34,7 @@ from pytest_gpushare.ledger import Ledger, Owner, ledger_gpus
 from pytest_gpushare.session import get_plan, get_settings, gpu_work_begun, ledger_folder_checked, session_id
 
 if TYPE_CHECKING:
-    from pytest_gpushare.broker import Broker, BrokerInput
+    from pytest_gpushare.broker import Broker, BrokerInput, Listener
 
 __all__ = ["PLUGIN_NAME", "SessionBroker", "broker_for_workers"]
 
@@ -40,23 +43,36 @@ _KEY = pytest.StashKey["SessionBroker | None"]()
 
 
 def broker_for_workers(config: pytest.Config) -> BrokerInput | None:
-    """How this session's workers on this box reach its broker, started on the first call;
-    None where the session runs none (no GPU work, no GPU, or it could not start)."""
+    """How this session's workers on this box reach its broker (its socket opened on the first
+    call); None where the session runs none (no GPU work, no GPU, or no socket)."""
     if _KEY not in config.stash:
-        config.stash[_KEY] = _start(config)
+        config.stash[_KEY] = _listen(config)
     found = config.stash[_KEY]
     return None if found is None else found.worker_input
 
 
-def _start(config: pytest.Config) -> SessionBroker | None:
+def _listen(config: pytest.Config) -> SessionBroker | None:
     if not gpu_work_begun(config) or not get_plan(config).gpus:
         return None
-    from pytest_gpushare.broker import Broker  # only sessions that run one pay for the import
+    from pytest_gpushare.broker import Listener  # only sessions that may run one pay for the import
+
+    try:
+        listener = Listener.open()
+    except OSError as exc:
+        _say(config, f"gpushare: the session broker cannot listen ({exc}); workers lease from the ledger")
+        return None
+    hooks = SessionBroker(config, listener)
+    config.pluginmanager.register(hooks, PLUGIN_NAME)
+    return hooks
+
+
+def _start(config: pytest.Config, listener: Listener, log: list[str]) -> Broker:
+    """The broker on ``listener``, its owners opened in the session's ledger folder."""
+    from pytest_gpushare.broker import Broker
 
     plan = get_plan(config)
     s = get_settings(config)
     folder = ledger_folder_checked(config)
-    log: list[str] = []
     opened: weakref.WeakSet[Ledger] = weakref.WeakSet()
     probe = nvml_refresh(plan, s.ledger_dir)
 
@@ -85,20 +101,14 @@ def _start(config: pytest.Config) -> SessionBroker | None:
         opened.add(ledger)
         return ledger
 
-    try:
-        broker = Broker(
-            open_ledger,
-            session_id=session_id(config),
-            context_bytes=s.context_mem_bytes,
-            policy=s.policy,
-            log=log.append,
-        )
-    except (LedgerError, OSError) as exc:
-        _say(config, f"gpushare: the session broker did not start ({exc}); workers lease from the ledger")
-        return None
-    hooks = SessionBroker(config, broker, log)
-    config.pluginmanager.register(hooks, PLUGIN_NAME)
-    return hooks
+    return Broker(
+        open_ledger,
+        session_id=session_id(config),
+        context_bytes=s.context_mem_bytes,
+        policy=s.policy,
+        listener=listener,
+        log=log.append,
+    )
 
 
 def _say(config: pytest.Config, line: str) -> None:
@@ -108,20 +118,53 @@ def _say(config: pytest.Config, line: str) -> None:
 
 
 class SessionBroker:
-    """The controller's running broker, and the hooks that cancel waits and close it."""
+    """The controller's broker: its socket from the start, the broker itself from the first
+    worker's connection (a thread waits for it), and the hooks that cancel waits and close it."""
 
-    def __init__(self, config: pytest.Config, broker: Broker, log: list[str]) -> None:
+    def __init__(self, config: pytest.Config, listener: Listener) -> None:
+        from pytest_gpushare.broker.protocol import VERSION, BrokerInput
+
         self.config = config
-        self.broker = broker
-        self.worker_input = broker.worker_input()
-        self.log = log
+        self.listener = listener
+        self.worker_input = BrokerInput(
+            version=VERSION, address=listener.address, token=listener.token, session_id=session_id(config)
+        )
+        self.log: list[str] = []
+        self.broker: Broker | None = None
         self.cancelled = False
+        self._lock = threading.Lock()
+        self._stop_r, self._stop_w = os.pipe()
+        self._thread = threading.Thread(
+            target=self._start_on_first_worker, name="gpushare-broker-start", daemon=True
+        )
+        self._thread.start()
+
+    def _start_on_first_worker(self) -> None:
+        """Wait until a worker connects (its connection waits in the backlog), then start the
+        broker on the socket; a controller that stops first starts none."""
+        ready, _, _ = select.select([self.listener.sock.fileno(), self._stop_r], [], [])
+        with self._lock:
+            if self._stop_r in ready:
+                return
+            try:
+                self.broker = _start(self.config, self.listener, self.log)
+            except (LedgerError, OSError, pytest.UsageError) as exc:
+                # The workers' connections are refused from now on: their tests say so, one line each.
+                self.log.append(f"gpushare: the session broker did not start: {exc}")
+                self.listener.close()
+                return
+            if self.cancelled:
+                self.broker.cancel()
 
     def cancel(self) -> None:
         """Answer every waiting request "cancelled", now and from now on (once)."""
-        if not self.cancelled:
+        with self._lock:
+            if self.cancelled:
+                return
             self.cancelled = True
-            self.broker.cancel()
+            broker = self.broker
+        if broker is not None:
+            broker.cancel()
 
     @pytest.hookimpl(trylast=True)
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
@@ -141,4 +184,13 @@ class SessionBroker:
 
     @pytest.hookimpl(trylast=True)
     def pytest_unconfigure(self) -> None:
-        self.broker.close()
+        """After xdist took its workers down: close the broker (everything the session holds goes
+        back to the box), or the socket where none started."""
+        os.write(self._stop_w, b"\0")
+        self._thread.join()
+        os.close(self._stop_r)
+        os.close(self._stop_w)
+        if self.broker is not None:
+            self.broker.close()
+        else:
+            self.listener.close()

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -39,12 +41,23 @@ def test_hold(gpu):
 
 
 @pytest.fixture
-def env(tmp_path: Path) -> dict[str, str]:
+def env(tmp_path: Path) -> Iterator[dict[str, str]]:
     marks = tmp_path / "marks"
     marks.mkdir()
-    values = {k: v for k, v in os.environ.items() if not k.startswith(("GPUSHARE_", "PYTEST_"))}
-    values.update(GPUSHARE_LEDGER_DIR=str(tmp_path / "ledger"), GPUSHARE_OLLAMA="off", MARK_DIR=str(marks))
-    return values
+    # The broker's socket folder goes under TMPDIR: a short private one, so that a controller
+    # these tests kill leaves nothing in the real /tmp (a socket path must stay short).
+    sockets = tempfile.mkdtemp(prefix="gsb-")
+    values = {
+        k: v for k, v in os.environ.items() if not k.startswith(("GPUSHARE_", "PYTEST_", "XDG_RUNTIME"))
+    }
+    values.update(
+        GPUSHARE_LEDGER_DIR=str(tmp_path / "ledger"),
+        GPUSHARE_OLLAMA="off",
+        MARK_DIR=str(marks),
+        TMPDIR=sockets,
+    )
+    yield values
+    shutil.rmtree(sockets, ignore_errors=True)
 
 
 @pytest.fixture
@@ -263,3 +276,13 @@ def test_ctrl_c_ends_a_session_whose_test_waits_for_another_sessions_memory(
     # Without the cancel, xdist takes its workers down only after its own grace (about 5 s).
     assert took < 3, f"the session took {took:.1f}s to stop:\n{output}"
     assert "KeyboardInterrupt" in output or "Interrupted" in output, output
+
+
+def test_a_run_without_gpu_tests_starts_no_broker(suite: Path, env: dict[str, str]) -> None:
+    # Workers are pinned (the box has a GPU), and get the broker's address; nobody connects, so
+    # no broker opens an owner in the ledger.
+    (suite / "test_plain.py").write_text("def test_a(): pass\ndef test_b(): pass\n")
+    done = run_command([*PYTEST, "-n", "2", "--gpushare-simulate=8GiB"], cwd=suite, env=env)
+    assert "2 passed" in done.stdout, done.stdout
+    assert not list(Path(env["GPUSHARE_LEDGER_DIR"]).glob("gpu-*")), "a ledger was written"
+    assert not list(Path(env["TMPDIR"]).glob("gpushare-broker-*")), "the socket folder is left behind"

@@ -26,7 +26,7 @@ from __future__ import annotations
 from pytest_gpushare.broker.client import GRACE_S, BrokerClient
 from pytest_gpushare.broker.giveback import LINGER_S
 from pytest_gpushare.broker.protocol import BrokerInput
-from pytest_gpushare.broker.server import Broker
+from pytest_gpushare.broker.server import Broker, Listener
 from pytest_gpushare.broker.status import RunningDoc, live_owner_keys, read_running
 from pytest_gpushare.errors import BrokerError, LeaseCancelled
 
@@ -38,6 +38,7 @@ __all__ = [
     "BrokerError",
     "BrokerInput",
     "LeaseCancelled",
+    "Listener",
     "RunningDoc",
     "live_owner_keys",
     "read_running",

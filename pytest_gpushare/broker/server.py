@@ -48,7 +48,7 @@ from pytest_gpushare.broker.protocol import (
 )
 from pytest_gpushare.ledger import FAIR_AFTER_S
 
-__all__ = ["Broker"]
+__all__ = ["Broker", "Listener"]
 
 #: Unix socket paths must fit in ``sun_path`` (108 bytes on Linux, with its terminating zero).
 _MAX_SOCKET_PATH = 100
@@ -68,6 +68,36 @@ class _Conn:
 
 
 @dataclass(frozen=True)
+class Listener:
+    """The broker's listening socket, its private folder and the token workers must show: made
+    before the broker itself where workers must learn the address before the session knows it
+    needs a broker (the xdist controller hands it out when it starts its workers)."""
+
+    folder: Path
+    address: str
+    sock: socket.socket
+    token: str
+
+    @classmethod
+    def open(cls, socket_dir: str | os.PathLike[str] | None = None) -> Listener:
+        folder = _socket_dir(socket_dir)
+        address = str(folder / _SOCKET_NAME)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(address)
+            sock.listen(512)
+        except OSError:
+            sock.close()
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        return cls(folder, address, sock, secrets.token_hex(16))
+
+    def close(self) -> None:
+        self.sock.close()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+@dataclass(frozen=True)
 class _Call:
     """A call of the controller's thread, run on the serving thread: ``result`` is set after."""
 
@@ -82,7 +112,8 @@ class Broker:
     ``open_ledger`` opens the session's box ledger for an owner (folder, GPUs, policy, log and
     refresh are the caller's); the controller's owner is opened here at once, so a broken ledger
     folder raises from the constructor. ``descriptor_of`` gives a ledger's liveness descriptor,
-    which workers keep so that a dead controller does not free what they hold.
+    which workers keep so that a dead controller does not free what they hold. ``listener``: a
+    :class:`Listener` opened beforehand (whose address workers already have), else one is opened.
     """
 
     def __init__(
@@ -97,6 +128,7 @@ class Broker:
         watch_s: float = WATCH_S,
         publish_s: float = PUBLISH_S,
         socket_dir: str | os.PathLike[str] | None = None,
+        listener: Listener | None = None,
         descriptor_of: DescriptorOf = facade_descriptor,
         log: Callable[[str], None] | None = None,
     ) -> None:
@@ -123,12 +155,10 @@ class Broker:
             watch_s=watch_s,
             publish_s=publish_s,
         )
-        self.token = secrets.token_hex(16)
-        self._dir = _socket_dir(socket_dir)
-        self.address = str(self._dir / _SOCKET_NAME)
-        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._listener.bind(self.address)
-        self._listener.listen(512)
+        self._listening = listener if listener is not None else Listener.open(socket_dir)
+        self.token = self._listening.token
+        self.address = self._listening.address
+        self._listener = self._listening.sock
         self._listener.setblocking(False)
         self._selector = selectors.DefaultSelector()
         self._selector.register(self._listener, selectors.EVENT_READ, None)
@@ -167,11 +197,10 @@ class Broker:
             conn.sock.close()
         self._conns.clear()
         self._selector.close()
-        self._listener.close()
         os.close(self._wake_r)
         os.close(self._wake_w)
         self.box.close()
-        shutil.rmtree(self._dir, ignore_errors=True)
+        self._listening.close()
 
     def __enter__(self) -> Broker:
         return self
