@@ -176,3 +176,19 @@ def test_status_says_what_the_probe_corrected() -> None:
     document = status_document({"folder": "/f", "gpus": []}, devices, folder_source="x")
     assert document["devices"]["notes"] == [note]
     assert f"NVML (driver 1): {note}" in status_lines(document)
+
+
+def test_status_shows_what_cannot_be_verified_now() -> None:
+    # Issue 15: a denial of service by a planted owner is bounded in time and visible in status.
+    snapshot = {
+        "folder": "/f",
+        "gpus": [],
+        "unverifiable": [
+            {"key": "1-deadbeefdeadbeef", "why": "its liveness file is missing", "trusted_for_s": 7.2}
+        ],
+    }
+    document = status_document(snapshot, GpuInventory((), "simulated"), folder_source="x")
+    assert (
+        "gpushare: owner 1-deadbeefdeadbeef is unverifiable (its liveness file is missing); "
+        "its bookings count for at most 7s more"
+    ) in status_lines(document)

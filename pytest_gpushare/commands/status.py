@@ -30,7 +30,7 @@ from pytest_gpushare.commands.common import (
 )
 from pytest_gpushare.errors import LedgerError, SettingError
 from pytest_gpushare.gpus import Gpu, GpuInventory, probe_for
-from pytest_gpushare.ledger import CONTEXT, default_ledger_dir, read_status
+from pytest_gpushare.ledger import CONTEXT, default_ledger_dir, read_status, trust_lines
 from pytest_gpushare.units import format_size
 
 __all__ = ["cmd_status", "device_view", "status_document", "status_lines"]
@@ -264,6 +264,7 @@ def status_lines(document: Mapping[str, Any]) -> list[str]:
             f"not shown: {len(document['idle_ledgers'])} ledger(s) that nobody books, of GPUs not seen here "
             "(other simulated specs, GPUs that left; --json lists them)"
         )
+    lines += trust_lines(document)
     if document["log"]:
         lines.append("this access reclaimed or repaired:")
         lines += [f"  {line}" for line in document["log"]]
