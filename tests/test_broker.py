@@ -22,24 +22,8 @@ from pytest_gpushare.broker import (
     live_owner_keys,
     read_running,
 )
+from pytest_gpushare.broker import protocol as proto
 from pytest_gpushare.broker.pool import Ask, Pool
-from pytest_gpushare.broker.protocol import (
-    MAX_FRAME,
-    Acquire,
-    FrameReader,
-    Granted,
-    Hello,
-    ProtocolError,
-    Refused,
-    Rejected,
-    Release,
-    Welcome,
-    Withdraw,
-    decode,
-    encode,
-    need_from_wire,
-    need_to_wire,
-)
 from pytest_gpushare.errors import LeaseTimeout, NeverFits
 from pytest_gpushare.ledger import Lease, Ledger, LedgerGpu, Need, Owner, read_status
 from pytest_gpushare.units import GiB, MemRequest, MiB
@@ -60,19 +44,19 @@ def need(size: int, uuid: str | None = "GPU-0", **kw: Any) -> Need:
 @pytest.mark.parametrize(
     "message",
     [
-        Hello(1, "tok", "gw0"),
-        Welcome(1, "s"),
-        Rejected("no"),
-        Acquire(7, "t::x", need_to_wire(need(GiB)), 2.5),
-        Release("l-1"),
-        Withdraw(7),
-        Granted(7, "l-1", [["GPU-0", GiB]], 1.5, 0.25, False),
-        Refused(7, "timeout", "waited", 3.0, ["t::y (1.0GiB)"]),
+        proto.Hello(1, "tok", "gw0"),
+        proto.Welcome(1, "s"),
+        proto.Rejected("no"),
+        proto.Acquire(7, "t::x", proto.need_to_wire(need(GiB)), 2.5),
+        proto.Release("l-1"),
+        proto.Withdraw(7),
+        proto.Granted(7, "l-1", [["GPU-0", GiB]], 1.5, 0.25, False),
+        proto.Refused(7, "timeout", "waited", 3.0, ["t::y (1.0GiB)"]),
     ],
 )
 def test_every_message_survives_its_frame(message: Any) -> None:
-    frames = list(FrameReader().feed(encode(message)))
-    assert [decode(f) for f in frames] == [message]
+    frames = list(proto.FrameReader().feed(proto.encode(message)))
+    assert [proto.decode(f) for f in frames] == [message]
 
 
 @pytest.mark.parametrize(
@@ -88,20 +72,22 @@ def test_every_message_survives_its_frame(message: Any) -> None:
     ],
 )
 def test_malformed_frames_are_refused(payload: bytes, why: str) -> None:
-    with pytest.raises(ProtocolError, match=why):
-        decode(payload)
+    with pytest.raises(proto.ProtocolError, match=why):
+        proto.decode(payload)
 
 
 def test_frames_split_anywhere_are_put_back_together() -> None:
-    stream = encode(Release("a")) + encode(Withdraw(3)) + encode(Release("b"))
-    reader = FrameReader()
-    got = [decode(p) for i in range(len(stream)) for p in reader.feed(stream[i : i + 1])]
-    assert got == [Release("a"), Withdraw(3), Release("b")]
+    stream = (
+        proto.encode(proto.Release("a")) + proto.encode(proto.Withdraw(3)) + proto.encode(proto.Release("b"))
+    )
+    reader = proto.FrameReader()
+    got = [proto.decode(p) for i in range(len(stream)) for p in reader.feed(stream[i : i + 1])]
+    assert got == [proto.Release("a"), proto.Withdraw(3), proto.Release("b")]
 
 
 def test_an_oversized_frame_is_refused() -> None:
-    with pytest.raises(ProtocolError, match="over the limit"):
-        list(FrameReader().feed((MAX_FRAME + 1).to_bytes(4, "big")))
+    with pytest.raises(proto.ProtocolError, match="over the limit"):
+        list(proto.FrameReader().feed((proto.MAX_FRAME + 1).to_bytes(4, "big")))
 
 
 @pytest.mark.parametrize(
@@ -113,7 +99,7 @@ def test_an_oversized_frame_is_refused() -> None:
     ],
 )
 def test_needs_cross_the_wire_unchanged(value: Need) -> None:
-    assert need_from_wire(need_to_wire(value)) == value
+    assert proto.need_from_wire(proto.need_to_wire(value)) == value
 
 
 @pytest.mark.parametrize(
@@ -129,8 +115,8 @@ def test_needs_cross_the_wire_unchanged(value: Need) -> None:
     ],
 )
 def test_bad_needs_are_refused(wire: list[Any]) -> None:
-    with pytest.raises(ProtocolError, match="not a memory need"):
-        need_from_wire(wire)
+    with pytest.raises(proto.ProtocolError, match="not a memory need"):
+        proto.need_from_wire(wire)
 
 
 # --- the pool -------------------------------------------------------------------------------------
