@@ -26,26 +26,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pytest_gpushare.broker import protocol as proto
 from pytest_gpushare.broker.box import Box, DescriptorOf, Done, OpenLedger, Watched, facade_descriptor
 from pytest_gpushare.broker.engine import PUBLISH_S, Engine
 from pytest_gpushare.broker.giveback import LINGER_S, WATCH_S
-from pytest_gpushare.broker.protocol import (
-    VERSION,
-    Acquire,
-    BrokerInput,
-    FrameReader,
-    Hello,
-    Message,
-    ProtocolError,
-    Rejected,
-    Release,
-    Welcome,
-    Withdraw,
-    decode,
-    encode,
-    kind_of,
-    peer_credentials,
-)
 from pytest_gpushare.ledger import FAIR_AFTER_S
 
 __all__ = ["Broker", "Listener"]
@@ -61,7 +45,7 @@ _LONGEST_WAIT_S = 3600.0
 class _Conn:
     sock: socket.socket
     pid: int
-    reader: FrameReader = field(default_factory=FrameReader)
+    reader: proto.FrameReader = field(default_factory=proto.FrameReader)
     out: deque[tuple[memoryview, list[int]]] = field(default_factory=deque)
     worker_id: str | None = None  # set by its hello
     writing: bool = False
@@ -170,10 +154,10 @@ class Broker:
         self._thread = threading.Thread(target=self._serve, name="gpushare-broker", daemon=True)
         self._thread.start()
 
-    def worker_input(self) -> BrokerInput:
+    def worker_input(self) -> proto.BrokerInput:
         """What each worker needs to connect: put it into xdist's ``workerinput``."""
-        return BrokerInput(
-            version=VERSION, address=self.address, token=self.token, session_id=self.box.session_id
+        return proto.BrokerInput(
+            version=proto.VERSION, address=self.address, token=self.token, session_id=self.box.session_id
         )
 
     def cancel(self, timeout: float = 1.0) -> int:
@@ -253,7 +237,7 @@ class Broker:
                 sock, _ = self._listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            pid, uid = peer_credentials(sock)
+            pid, uid = proto.peer_credentials(sock)
             if uid != os.getuid():
                 self._log(f"gpushare: the session broker refused process {pid} of uid {uid}")
                 sock.close()
@@ -284,45 +268,45 @@ class Broker:
             return
         try:
             for payload in conn.reader.feed(data):
-                self._handle(cid, conn, decode(payload))
+                self._handle(cid, conn, proto.decode(payload))
                 if cid not in self._conns:
                     return
-        except ProtocolError as exc:
+        except proto.ProtocolError as exc:
             self._log(f"gpushare: the session broker dropped process {conn.pid}: {exc}")
             self._drop(cid)
 
-    def _handle(self, cid: int, conn: _Conn, msg: Message) -> None:
+    def _handle(self, cid: int, conn: _Conn, msg: proto.Message) -> None:
         if conn.worker_id is None:
             self._hello(cid, conn, msg)
-        elif isinstance(msg, Acquire):
+        elif isinstance(msg, proto.Acquire):
             self._engine.acquire(cid, msg, time.monotonic())
-        elif isinstance(msg, Release):
+        elif isinstance(msg, proto.Release):
             self._engine.release(cid, msg.lease_id)
-        elif isinstance(msg, Withdraw):
+        elif isinstance(msg, proto.Withdraw):
             self._engine.withdraw(cid, msg.request)
         else:
-            raise ProtocolError(f"a worker may not send {kind_of(msg)}")
+            raise proto.ProtocolError(f"a worker may not send {proto.kind_of(msg)}")
 
-    def _hello(self, cid: int, conn: _Conn, msg: Message) -> None:
-        if not isinstance(msg, Hello):
-            raise ProtocolError(f"{kind_of(msg)} before hello")
+    def _hello(self, cid: int, conn: _Conn, msg: proto.Message) -> None:
+        if not isinstance(msg, proto.Hello):
+            raise proto.ProtocolError(f"{proto.kind_of(msg)} before hello")
         if not hmac.compare_digest(msg.token.encode(), self.token.encode()):
             reason = "wrong session token"
-        elif msg.version != VERSION:
-            reason = f"protocol version {msg.version}; this broker speaks {VERSION}"
+        elif msg.version != proto.VERSION:
+            reason = f"protocol version {msg.version}; this broker speaks {proto.VERSION}"
         else:
             conn.worker_id = msg.worker_id
             self._engine.connect(cid, msg.worker_id)
-            self._send(cid, Welcome(VERSION, self.box.session_id), self.box.controller_fds())
+            self._send(cid, proto.Welcome(proto.VERSION, self.box.session_id), self.box.controller_fds())
             return
         self._log(f"gpushare: the session broker refused process {conn.pid}: {reason}")
-        self._send(cid, Rejected(reason), [])
+        self._send(cid, proto.Rejected(reason), [])
         self._drop(cid)
 
-    def _send(self, cid: int, message: Message, fds: list[int]) -> None:
+    def _send(self, cid: int, message: proto.Message, fds: list[int]) -> None:
         conn = self._conns.get(cid)
         if conn is not None:
-            conn.out.append((memoryview(encode(message)), fds))
+            conn.out.append((memoryview(proto.encode(message)), fds))
             self._flush(cid, conn)
 
     def _flush(self, cid: int, conn: _Conn) -> None:
