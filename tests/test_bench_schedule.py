@@ -9,7 +9,7 @@ import sys
 from test_bench import BENCH, RATIO_RE, ratio_lines, run_bench
 
 sys.path.insert(0, str(BENCH))
-import schedule  # noqa: E402
+import schedule
 
 
 def test_schedule_prints_rows_and_never_exceeds_usable() -> None:
