@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from pytest_gpushare.planner import GpuPlan, Plan, WorkerCount
 from pytest_gpushare.units import format_size
+from pytest_gpushare.waits import find_waits, per_worker
 
 if TYPE_CHECKING:
     from pytest_gpushare.ollama import OllamaStatus
@@ -21,6 +22,8 @@ __all__ = [
     "pin_lines",
     "summarize",
     "summary_lines",
+    "worker_wait_lines",
+    "worker_wait_text",
 ]
 
 #: A wait shorter than this is no wait worth naming ("0.0s" helps nobody).
@@ -198,10 +201,14 @@ def peak_concurrent(intervals: Sequence[tuple[float, float, int]]) -> int:
     return peak
 
 
-def summarize(collected: Sequence[dict[str, Any]], lost: Sequence[str], now: float) -> dict[str, Any]:
+def summarize(
+    collected: Sequence[dict[str, Any]], lost: Sequence[str], now: float, plan: Plan
+) -> dict[str, Any]:
     """Fold the per-test records the controller received into the run's lease summary.
 
-    A lease never given back (its process died) counts as held until ``now``.
+    A lease never given back (its process died) counts as held until ``now``. ``workers`` has
+    each worker's wait for memory and the part of it with room for another pending test
+    (:mod:`pytest_gpushare.waits`, against ``plan``'s usable memory and CUDA context size).
     """
     leases: list[dict[str, Any]] = []
     not_run: list[dict[str, Any]] = []
@@ -226,11 +233,14 @@ def summarize(collected: Sequence[dict[str, Any]], lost: Sequence[str], now: flo
         for uuid, v in per_gpu.items()
     }
     waited = sorted((x for x in leases if x["waited_s"] >= NOTABLE_WAIT_S), key=lambda x: -x["waited_s"])
+    usable = {g.gpu.uuid: g.usable_bytes for g in plan.gpus}
+    waits = find_waits(leases, usable, context_bytes=plan.budget.context_bytes, finished=now)
     return {
         "leases": leases,
         "not_run": not_run,
         "gpus": gpus,
         "waited_longest": [{"test_id": x["test_id"], "waited_s": x["waited_s"]} for x in waited[:5]],
+        "workers": [w.to_dict() for w in per_worker(leases, waits)],
         "lost": list(lost),
         "log": log,
     }
@@ -257,6 +267,7 @@ def summary_lines(plan: Plan, data: dict[str, Any]) -> list[str]:
     if data["waited_longest"]:
         lines.append("waited longest for memory:")
         lines += [f"  {w['waited_s']:.1f}s {w['test_id']}" for w in data["waited_longest"]]
+    lines += worker_wait_lines(data["workers"])
     lines += not_run_lines(data["not_run"])
     rows = data.get("observed", [])
     if any(g.gpu.simulated for g in plan.gpus):  # nothing to measure on a simulated GPU
@@ -267,6 +278,24 @@ def summary_lines(plan: Plan, data: dict[str, Any]) -> list[str]:
     if not lines:
         lines.append("no GPU tests ran")
     return lines
+
+
+def worker_wait_text(worker: str, waited_s: float, room_s: float) -> str:
+    """``worker gw0 waited 3.2s for memory, 1.1s of it with room for another pending test``
+    (``none of it`` when there was none)."""
+    room = f"{room_s:.1f}s" if room_s > 0 else "none"
+    return (
+        f"worker {worker} waited {waited_s:.1f}s for memory, {room} of it with room for another pending test"
+    )
+
+
+def worker_wait_lines(workers: Sequence[Mapping[str, Any]]) -> list[str]:
+    """One line per worker that really waited (the report's ``workers``); none when nobody did."""
+    return [
+        worker_wait_text(w["worker"], w["waited_s"], w["waited_with_room_s"])
+        for w in workers
+        if w["waited_s"] >= NOTABLE_WAIT_S
+    ]
 
 
 def not_run_lines(not_run: Sequence[dict[str, Any]], limit: int = NOT_RUN_SHOWN) -> list[str]:
@@ -318,6 +347,7 @@ def json_report(plan: Plan, data: dict[str, Any], started: float, finished: floa
         "leases": data["leases"],
         "gpus": data["gpus"],
         "waited_longest": data["waited_longest"],
+        "workers": data["workers"],
         "not_run": data["not_run"],
         "lost": data["lost"],
         "log": data["log"],

@@ -44,6 +44,7 @@ from pytest_gpushare.session import (
     session_id,
     suite_gpu_marker,
 )
+from pytest_gpushare.threads import daemon_thread
 from pytest_gpushare.units import format_size
 from pytest_gpushare.workers import planned_count, worker_line, xdist_default_count
 
@@ -232,7 +233,7 @@ class Collector:
         if self._summary is not None and self._summary[:2] == seen:
             return self._summary[2]
         collected = cast(list[dict[str, Any]], self.collected)
-        data = report.summarize(collected, self.lost + self.crashed, time.time())
+        data = report.summarize(collected, self.lost + self.crashed, time.time(), get_plan(self.config))
         observed = [e for e in collected if e.get("observed")]
         records = [advice.observation_record(e["test_id"], e["observed"]) for e in observed]
         data["observed"] = advice.observed_table(records)
@@ -309,7 +310,8 @@ class WaitWatcher:
         self.interval = interval
         self._stop = threading.Event()
         self._last: dict[str, float] = {}
-        self._thread = threading.Thread(target=self._run, name="gpushare-waits", daemon=True)
+        # Blocks every signal: a Ctrl-C must reach the main thread, which stops the session.
+        self._thread = daemon_thread(self._run, "gpushare-waits")
 
     def start(self) -> None:
         self._thread.start()

@@ -72,15 +72,18 @@ def test_summarize_counts_peaks_waits_and_not_run() -> None:
         {"test_id": "b", "lease": _lease("b", 1, None, 3 * GiB), "outcome": "failed", "fallback": None},
         {"test_id": "c", "fallback": "skip"},
     ]
-    data = report.summarize(collected, ["worker gw1 crashed"], now=5)
+    plan = make_plan(GpuInventory((Gpu(0, "GPU-x", "X", 24 * GiB, 24 * GiB, 0),), "NVML"), BUDGET)
+    data = report.summarize(collected, ["worker gw1 crashed"], now=5, plan=plan)
     assert data["gpus"]["GPU-x"] == {"index": 0, "leases": 2, "peak_bytes": 7 * GiB}  # b held until now
     assert data["waited_longest"] == [{"test_id": "b", "waited_s": 0.5}]  # a's 0.0s is no wait
     assert data["not_run"] == [{"test_id": "c", "fallback": "skip"}]
-    plan = make_plan(GpuInventory((Gpu(0, "GPU-x", "X", 24 * GiB, 24 * GiB, 0),), "NVML"), BUDGET)
+    # b waited over [0.5, 1) with 23GiB - 4GiB - a's context free, but no other test was left to run.
+    assert data["workers"] == [{"worker": "gw0", "waited_s": 0.5, "waited_with_room_s": 0.0}]
     lines = report.summary_lines(plan, data)
     assert lines[0] == "GPU 0 X: peak leased 7.0GiB of 23.0GiB usable, 2 lease(s)"
     assert lines[1:3] == ["waited longest for memory:", "  0.5s b"]
-    assert lines[3:5] == ["1 GPU tests not run (skip: no GPU could serve them):", "  c (skip)"]
+    assert lines[3] == "worker gw0 waited 0.5s for memory, none of it with room for another pending test"
+    assert lines[4:6] == ["1 GPU tests not run (skip: no GPU could serve them):", "  c (skip)"]
     assert "lost: worker gw1 crashed" in lines
 
 
@@ -89,10 +92,39 @@ def test_waits_too_short_to_print_are_not_listed() -> None:
         {"test_id": t, "lease": {**_lease(t, 0, 1, GiB), "waited_s": w}, "outcome": "passed"}
         for t, w in (("quick", 0.0004), ("rounds_to_zero", 0.049), ("real", 2.0))
     ]
-    data = report.summarize(leases, [], now=5)
-    assert [w["test_id"] for w in data["waited_longest"]] == ["real"]
     plan = make_plan(GpuInventory((Gpu(0, "GPU-x", "X", 24 * GiB, 24 * GiB, 0),), "NVML"), BUDGET)
+    data = report.summarize(leases, [], now=5, plan=plan)
+    assert [w["test_id"] for w in data["waited_longest"]] == ["real"]
     assert "0.0s" not in "\n".join(report.summary_lines(plan, data))
+
+
+def test_summary_says_per_worker_how_long_it_waited_and_how_much_had_room() -> None:
+    def entry(
+        test: str, worker: str, taken: float, released: float, n: int, waited: float
+    ) -> dict[str, object]:
+        lease = {**_lease(test, taken, released, n), "worker": worker, "waited_s": waited}
+        return {"test_id": test, "lease": lease, "outcome": "passed"}
+
+    plan = make_plan(GpuInventory((Gpu(0, "GPU-x", "X", 24 * GiB, 24 * GiB, 0),), "NVML"), BUDGET)
+    collected = [
+        entry("a", "gw0", 0, 10, 20 * GiB, 0.0),
+        # b waits over [2, 10) with 23GiB - 20GiB - gw0's 512MiB context free: c's 1GiB fits.
+        entry("b", "gw1", 10, 11, 8 * GiB, 8.0),
+        entry("c", "gw2", 12, 13, GiB, 0.0),
+    ]
+    data = report.summarize(collected, [], now=20, plan=plan)
+    assert data["workers"] == [
+        {"worker": "gw0", "waited_s": 0.0, "waited_with_room_s": 0.0},
+        {"worker": "gw1", "waited_s": 8.0, "waited_with_room_s": 8.0},
+        {"worker": "gw2", "waited_s": 0.0, "waited_with_room_s": 0.0},
+    ]
+    lines = report.summary_lines(plan, data)
+    waits = [x for x in lines if x.startswith("worker ")]
+    assert waits == ["worker gw1 waited 8.0s for memory, 8.0s of it with room for another pending test"]
+    assert report.json_report(plan, data, 0, 20)["workers"] == data["workers"]
+
+    nobody = report.summarize([entry("a", "gw0", 0, 10, 20 * GiB, 0.0)], [], now=20, plan=plan)
+    assert not [x for x in report.summary_lines(plan, nobody) if x.startswith("worker ")]
 
 
 def test_gpu_tests_not_run_are_named_up_to_ten() -> None:
@@ -108,8 +140,8 @@ def test_gpu_tests_not_run_are_named_up_to_ten() -> None:
 def test_leases_on_another_hosts_gpus_are_listed_apart() -> None:
     # A remote xdist worker plans and leases on its own host's GPUs (SPEC "Past one box").
     remote = {"test_id": "r", "lease": _lease("r", 0, 1, 2 * GiB, uuid="GPU-remote"), "outcome": "passed"}
-    data = report.summarize([remote], [], now=5)
     plan = make_plan(GpuInventory((Gpu(0, "GPU-x", "X", 24 * GiB, 24 * GiB, 0),), "NVML"), BUDGET)
+    data = report.summarize([remote], [], now=5, plan=plan)
     lines = report.summary_lines(plan, data)
     assert lines[:2] == [
         "GPU 0 X: peak leased 0B of 23.0GiB usable, 0 lease(s)",

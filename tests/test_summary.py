@@ -1,0 +1,191 @@
+"""summary.py: what the controller shows of the session; here, each worker's wait for memory in the
+terminal summary and the JSON report, from a real ``pytest -n 2`` on a simulated GPU, and the
+thread that prints waiting lines."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+from conftest import wait_until
+from process_support import clean_env, run_command
+
+from pytest_gpushare import summary
+from pytest_gpushare.report import NOTABLE_WAIT_S, worker_wait_text
+
+pytest_plugins = ["pytester"]
+
+# Two 5GiB tests on a GPU with 7GiB usable: the one that gets its lease first (the holder) keeps
+# it until the ledger shows the other one waiting, and 0.5s more. A 1GiB test runs after the
+# first of them on that worker (--dist loadfile keeps a file on one worker, in order): all
+# through the wait it is pending, and it fits in the 7 - 5 - 0.5 (the holder's CUDA context)
+# that is free. Every test notes, in its own words, when it asked for its lease (before the
+# plugin's setup), when it got it, and the holder when it saw the other wait and when it ended.
+CONFTEST = """
+import os, time, pytest
+from pytest_gpushare.ledger import read_status
+
+OUT = os.environ["STAMPS"]
+
+def note(item, what):
+    with open(os.path.join(OUT, f"{item.name}.{what}"), "w") as f:
+        f.write(repr(time.time()))
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    note(item, "asked")
+
+@pytest.fixture(autouse=True)
+def got(request):
+    note(request.node, "got")
+
+def someone_waits():
+    return any(g["waiters"] for g in read_status(os.environ["GPUSHARE_LEDGER_DIR"])["gpus"])
+
+@pytest.fixture
+def turn(request):
+    def run():
+        other = ({"test_big_a", "test_big_b"} - {request.node.name}).pop()
+        if not os.path.exists(os.path.join(OUT, other + ".done")):  # first: hold while it waits
+            deadline = time.time() + 120
+            while not someone_waits():
+                assert time.time() < deadline, "the other test never waited"
+                time.sleep(0.005)
+            note(request.node, "seen")
+            time.sleep(0.5)
+        note(request.node, "done")
+    return run
+"""
+
+FIRST = """
+import pytest
+
+@pytest.mark.gpu(mem="5GiB")
+def test_big_a(turn):
+    turn()
+
+@pytest.mark.gpu(mem="1GiB")
+def test_small():
+    pass
+"""
+
+SECOND = """
+import pytest
+
+@pytest.mark.gpu(mem="5GiB")
+def test_big_b(turn):
+    turn()
+"""
+
+
+def stamp(folder: Path, test: str, what: str) -> float:
+    return float((folder / f"{test}.{what}").read_text())
+
+
+def test_a_workers_wait_and_its_room_for_the_pending_test(pytester: pytest.Pytester, tmp_path: Path) -> None:
+    stamps = tmp_path / "stamps"
+    stamps.mkdir()
+    pytester.makeconftest(CONFTEST)
+    pytester.makepyfile(test_first=FIRST, test_second=SECOND)
+    env = clean_env(GPUSHARE_LEDGER_DIR=str(tmp_path / "ledger"), GPUSHARE_OLLAMA="off", STAMPS=str(stamps))
+    proc = run_command(
+        [
+            *(sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "no:randomly"),
+            *("-n", "2", "--dist", "loadfile", "--gpushare-simulate=8GiB", "--gpushare-safety=1GiB"),
+            *("--gpushare-context-mem=512MiB", "--gpushare-report=report.json"),
+        ],
+        cwd=pytester.path,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stdout
+    report = json.loads((pytester.path / "report.json").read_text())
+    leases = {x["test_id"].split("::")[-1]: x for x in report["leases"]}
+    workers = {w["worker"]: w for w in report["workers"]}
+    holder = next(t for t in ("test_big_a", "test_big_b") if (stamps / f"{t}.seen").exists())
+    waiter = ({"test_big_a", "test_big_b"} - {holder}).pop()
+    assert leases[holder]["worker"] != leases[waiter]["worker"]
+    assert set(workers) == {x["worker"] for x in report["leases"]}
+
+    # What each worker waited lies between when its tests asked and when they got their leases.
+    for worker, figures in workers.items():
+        asked_to_got = sum(
+            stamp(stamps, t, "got") - stamp(stamps, t, "asked")
+            for t, x in leases.items()
+            if x["worker"] == worker
+        )
+        assert 0 <= figures["waited_with_room_s"] <= figures["waited_s"] <= asked_to_got + 1e-3
+
+    # The waiter waited at least from when the holder saw it wait to when the holder ended; all
+    # that while the small test was pending and fitted. (Its record's wait ends when the answer
+    # reached its worker, at most got - done after the grant: that much may fall outside.)
+    seen, done = stamp(stamps, holder, "seen"), stamp(stamps, holder, "done")
+    late = stamp(stamps, waiter, "got") - done
+    mine = workers[leases[waiter]["worker"]]
+    assert done - seen >= 0.5
+    assert mine["waited_s"] >= done - seen - 1e-3
+    assert mine["waited_with_room_s"] >= done - seen - late - 1e-3
+
+    # The terminal summary: one line per worker that waited, with the report's figures.
+    lines = [x for x in proc.stdout.splitlines() if x.startswith("worker ") and " for memory, " in x]
+    want = [
+        worker_wait_text(w["worker"], w["waited_s"], w["waited_with_room_s"])
+        for w in report["workers"]
+        if w["waited_s"] >= NOTABLE_WAIT_S
+    ]
+    assert lines == want
+    assert worker_wait_text(mine["worker"], mine["waited_s"], mine["waited_with_room_s"]) in lines
+
+
+def test_no_worker_line_when_nobody_waited(pytester: pytest.Pytester, tmp_path: Path) -> None:
+    pytester.makepyfile(test_one="import pytest\n@pytest.mark.gpu(mem='1GiB')\ndef test_a(gpu): pass\n")
+    env = clean_env(GPUSHARE_LEDGER_DIR=str(tmp_path / "ledger"), GPUSHARE_OLLAMA="off")
+    proc = run_command(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-n", "2", "--gpushare-simulate=8GiB",
+         "--gpushare-report=report.json"],
+        cwd=pytester.path,
+        env=env,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout
+    assert "gpushare" in proc.stdout and "1 lease(s)" in proc.stdout
+    assert " for memory, " not in proc.stdout
+    (worker,) = json.loads((pytester.path / "report.json").read_text())["workers"]
+    assert worker["waited_s"] < NOTABLE_WAIT_S and worker["waited_with_room_s"] <= worker["waited_s"]
+
+
+# --- the thread that prints waiting lines --------------------------------------------------------
+
+
+class Terminal:
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def write_line(self, line: str) -> None:
+        self.lines.append(line)
+
+
+def test_wait_watcher_prints_from_a_thread_that_takes_no_signal(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    masks: list[set[signal.Signals]] = []
+
+    def lines(self: summary.WaitWatcher, now: float) -> list[str]:
+        masks.append(signal.pthread_sigmask(signal.SIG_BLOCK, []))  # the calling thread's mask
+        return [f"gpushare: t::x (gw0) has waited {len(masks)}s for 1.0GiB"]
+
+    monkeypatch.setattr(summary.WaitWatcher, "lines", lines)
+    terminal = Terminal()
+    watcher = summary.WaitWatcher(terminal, str(tmp_path), "session", 0.0, interval=0.01)
+    watcher.start()
+    try:
+        wait_until(lambda: len(terminal.lines) >= 2, "two waiting lines")
+    finally:
+        watcher.stop()
+    assert terminal.lines[0] == "gpushare: t::x (gw0) has waited 1s for 1.0GiB"
+    # A Ctrl-C goes to the main thread, which stops the session: never to this one.
+    assert {signal.SIGINT, signal.SIGTERM} <= masks[0]
+    assert signal.SIGINT not in signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    assert not any(t.name == "gpushare-waits" for t in threading.enumerate())
