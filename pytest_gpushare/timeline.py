@@ -9,6 +9,10 @@ once a lower lease ends, so the stack would rise above the leased total and coul
 line although the ledger never overcommitted. Stacking this way keeps the top of the stack equal to
 the leased total at every moment, which is what the picture is for.
 
+Below the GPUs, one row per worker that waited for memory: each wait a pale bar, the stretches
+of it that had room for another pending test solid (:mod:`pytest_gpushare.waits`), and the
+worker's totals, the report's ``workers`` figures, at the right.
+
 ``render_svg`` is pure (no I/O): :mod:`pytest_gpushare.timeline_input` reads the report for it,
 and :mod:`pytest_gpushare.commands.timeline` is the command around it.
 """
@@ -21,9 +25,10 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from pytest_gpushare.report import peak_concurrent
+from pytest_gpushare.report import NOTABLE_WAIT_S, peak_concurrent, worker_wait_text
 from pytest_gpushare.timeline_input import Panel, Part, Run, read_run
 from pytest_gpushare.units import GiB, KiB, MiB, format_size
+from pytest_gpushare.waits import Wait, WorkerWaits
 
 __all__ = ["render_svg"]
 
@@ -49,6 +54,9 @@ PANEL_AXIS = 40
 HEADER = 64
 HEADROOM = 1.06  # so the total line does not sit on the panel's top edge
 LABEL_GAP = 13  # px between the baselines of two labels at the right of the plot (11px text)
+WAIT_ROW = 16  # px per worker in the waits panel
+WAIT_BAR = 10
+WAIT_PALE = 0.3  # fill opacity of a wait; its stretches with room are solid
 SEPARATE_BANDS_BELOW = 400  # a white outline tells neighbouring leases apart until bands get too thin
 
 
@@ -156,15 +164,35 @@ def _tooltip(p: Part) -> str:
     return "\n".join(lines)
 
 
+def _x_scale(run: Run) -> Callable[[float], float]:
+    """Seconds since the epoch -> x, the same in every panel."""
+    span = run.t1 - run.t0 or 1.0
+
+    def x_at(t: float) -> float:
+        return round(PLOT_LEFT + (t - run.t0) / span * (PLOT_RIGHT - PLOT_LEFT), 2)
+
+    return x_at
+
+
+def _time_axis(out: list[str], run: Run, x_at: Callable[[float], float], base: float) -> None:
+    """Ticks and labels in seconds since the run started, under a panel whose bottom is ``base``."""
+    tstep = _time_step(run.t1 - run.t0 or 1.0)
+    # Ticks count from the start of the run, which may lie after the first lease (clocks of workers).
+    first = math.ceil((run.t0 - run.started) / tstep - 1e-9)
+    last = math.floor((run.t1 - run.started) / tstep + 1e-9)
+    for k in range(first, last + 1):
+        x = _n(x_at(run.started + k * tstep))
+        out.append(f'<line x1="{x}" x2="{x}" y1="{_n(base)}" y2="{_n(base + 4)}" stroke="#333"/>')
+        label = _duration(k * tstep, tstep)
+        out.append(f'<text x="{x}" y="{_n(base + 17)}" text-anchor="middle">{label}</text>')
+
+
 def _panel(out: list[str], run: Run, panel: Panel, top: float, colour: Mapping[str, str]) -> None:
     intervals = [(p.start, p.end, p.bytes) for p in panel.parts]
     peak = peak_concurrent(intervals)
     ymax = max(panel.total or 0, panel.usable or 0, peak, 1) * HEADROOM
     base = top + PANEL_TITLE + PLOT_HEIGHT
-    span = run.t1 - run.t0 or 1.0
-
-    def x_at(t: float) -> float:
-        return round(PLOT_LEFT + (t - run.t0) / span * (PLOT_RIGHT - PLOT_LEFT), 2)
+    x_at = _x_scale(run)
 
     def y_at(n_bytes: float) -> float:
         return round(base - n_bytes / ymax * PLOT_HEIGHT, 2)
@@ -184,15 +212,7 @@ def _panel(out: list[str], run: Run, panel: Panel, top: float, colour: Mapping[s
         out.append(
             f'<text x="{PLOT_LEFT - 6}" y="{y}" dy="4" text-anchor="end">{format_size(k * step)}</text>'
         )
-    tstep = _time_step(span)
-    # Ticks count from the start of the run, which may lie after the first lease (clocks of workers).
-    first = math.ceil((run.t0 - run.started) / tstep - 1e-9)
-    last = math.floor((run.t1 - run.started) / tstep + 1e-9)
-    for k in range(first, last + 1):
-        x = _n(x_at(run.started + k * tstep))
-        out.append(f'<line x1="{x}" x2="{x}" y1="{_n(base)}" y2="{_n(base + 4)}" stroke="#333"/>')
-        label = _duration(k * tstep, tstep)
-        out.append(f'<text x="{x}" y="{_n(base + 17)}" text-anchor="middle">{label}</text>')
+    _time_axis(out, run, x_at, base)
 
     outline = ' stroke="#fff" stroke-width="0.5"' if len(panel.parts) < SEPARATE_BANDS_BELOW else ""
     out.append(f'<g class="bands"{outline}>')
@@ -216,6 +236,83 @@ def _panel(out: list[str], run: Run, panel: Panel, top: float, colour: Mapping[s
     b = _n(base)
     out.append(f'<line class="baseline" x1="{left}" x2="{right}" y1="{b}" y2="{b}" stroke="#333"/>')
     out.append("</g>")
+
+
+def _waiting(run: Run) -> list[WorkerWaits]:
+    """The workers that really waited, one row each (as the terminal summary lists them)."""
+    return [w for w in run.worker_waits if w.waited_s >= NOTABLE_WAIT_S]
+
+
+def _waits_height(run: Run) -> int:
+    """The waits panel's height: none in a run without leases, one row saying so without waits."""
+    return PANEL_TITLE + max(1, len(_waiting(run))) * WAIT_ROW + PANEL_AXIS if run.leases else 0
+
+
+def _waits_panel(out: list[str], run: Run, top: float, colour: Mapping[str, str]) -> None:
+    """One row per worker that waited: its waits pale, their stretches with room solid."""
+    rows = _waiting(run)
+    x_at = _x_scale(run)
+    waited = sum(w.waited_s for w in run.worker_waits)
+    room = sum(w.waited_with_room_s for w in run.worker_waits)
+    title = (
+        f"waits for memory: {waited:.1f}s, {room:.1f}s of it with room for another pending test "
+        "(pale: waiting, solid: with room)"
+    )
+    out.append('<g class="waits">')
+    out.append(f'<text x="{PLOT_LEFT}" y="{_n(top + 17)}" font-weight="bold">{_esc(title)}</text>')
+    if not rows:
+        y = _n(top + PANEL_TITLE + 11)
+        out.append(f'<text x="{PLOT_LEFT}" y="{y}" fill="#777">no test waited for memory</text>')
+    by_worker: dict[str, list[Wait]] = {}
+    for wait in run.waits:
+        by_worker.setdefault(wait.worker, []).append(wait)
+    for i, w in enumerate(rows):
+        _wait_row(out, w, by_worker.get(w.worker, []), top + PANEL_TITLE + i * WAIT_ROW, colour, x_at)
+    base = top + PANEL_TITLE + max(1, len(rows)) * WAIT_ROW
+    left, right, b = _n(x_at(run.t0)), _n(x_at(run.t1)), _n(base)
+    out.append(f'<line class="baseline" x1="{left}" x2="{right}" y1="{b}" y2="{b}" stroke="#333"/>')
+    _time_axis(out, run, x_at, base)
+    out.append("</g>")
+
+
+def _wait_row(
+    out: list[str],
+    totals: WorkerWaits,
+    waits: Sequence[Wait],
+    top: float,
+    colour: Mapping[str, str],
+    x_at: Callable[[float], float],
+) -> None:
+    worker = totals.worker
+    y, mid = _n(top + (WAIT_ROW - WAIT_BAR) / 2), _n(top + WAIT_ROW / 2 + 4)
+    text = worker_wait_text(worker, totals.waited_s, totals.waited_with_room_s)
+    fill = colour.get(worker, "#777")
+    out.append(f'<g class="wait-row" data-worker="{_esc(worker)}"><title>{_esc(text)}</title>')
+    out.append(f'<text x="{PLOT_LEFT - 6}" y="{mid}" text-anchor="end">{_esc(worker)}</text>')
+    waiting = _pixel_runs([(w.start, w.end) for w in waits], x_at)
+    with_room = _pixel_runs([stretch for w in waits for stretch in w.room], x_at)
+    for cls, runs, opacity in (("wait", waiting, f' fill-opacity="{WAIT_PALE}"'), ("room", with_room, "")):
+        out.append(f'<g class="{cls}" fill="{fill}"{opacity}>')
+        out += [f'<rect x="{_n(a)}" y="{y}" width="{_n(b - a)}" height="{WAIT_BAR}"/>' for a, b in runs]
+        out.append("</g>")
+    figures = f"{totals.waited_s:.1f}s, {totals.waited_with_room_s:.1f}s room"
+    out.append(f'<text x="{_n(PLOT_RIGHT + 6)}" y="{mid}">{figures}</text>')
+    out.append("</g>")
+
+
+def _pixel_runs(
+    stretches: Sequence[tuple[float, float]], x_at: Callable[[float], float]
+) -> list[tuple[float, float]]:
+    """``stretches`` of time as x ranges, those less than half a pixel apart drawn as one: a
+    long run's thousands of waits stay a few rects per row."""
+    runs: list[tuple[float, float]] = []
+    for a, b in sorted(stretches):
+        x1, x2 = x_at(a), x_at(b)
+        if runs and x1 - runs[-1][1] < 0.5:
+            runs[-1] = (runs[-1][0], max(runs[-1][1], x2))
+        else:
+            runs.append((x1, x2))
+    return runs
 
 
 def _limit_lines(out: list[str], panel: Panel, y_at: Callable[[float], float], left: str, right: str) -> None:
@@ -286,7 +383,8 @@ def render_svg(report: dict[str, Any]) -> str:
     run = read_run(report)
     colour = {w: PALETTE[i % len(PALETTE)] for i, w in enumerate(run.workers)}
     panel_height = PANEL_TITLE + PLOT_HEIGHT + PANEL_AXIS
-    height = HEADER + max(1, len(run.panels)) * panel_height
+    panels_end = HEADER + max(1, len(run.panels)) * panel_height
+    height = panels_end + _waits_height(run)
     out = [
         '<?xml version="1.0" encoding="UTF-8"?>',
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{height}" '
@@ -298,5 +396,7 @@ def render_svg(report: dict[str, Any]) -> str:
         out.append(f'<text x="12" y="{HEADER + 20}" fill="#777">no GPU in this report</text>')
     for i, panel in enumerate(run.panels):
         _panel(out, run, panel, HEADER + i * panel_height, colour)
+    if run.leases:
+        _waits_panel(out, run, panels_end, colour)
     out.append("</svg>")
     return "\n".join(out) + "\n"

@@ -1,4 +1,5 @@
-"""A ``--gpushare-report`` document read for the timeline: its GPUs as panels, its leases as parts.
+"""A ``--gpushare-report`` document read for the timeline: its GPUs as panels, its leases as parts,
+and each worker's waits for memory (:mod:`pytest_gpushare.waits`, as the report's ``workers``).
 
 :func:`read_run` checks every field the picture needs and raises ``ValueError`` with a one-line
 message naming the field; :mod:`pytest_gpushare.timeline` draws what it returns. Pure: no I/O.
@@ -7,11 +8,11 @@ message naming the field; :mod:`pytest_gpushare.timeline` draws what it returns.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from pytest_gpushare.report import REPORT_VERSION
+from pytest_gpushare.waits import Wait, WorkerWaits, find_waits, natural_key, per_worker
 
 __all__ = ["Panel", "Part", "Run", "read_run"]
 
@@ -52,6 +53,8 @@ class Run:
     leases: int
     not_run: int
     lost: int
+    waits: list[Wait]
+    worker_waits: list[WorkerWaits]
 
 
 # --- reading the report ------------------------------------------------------------------------
@@ -166,19 +169,19 @@ def read_run(report: object) -> Run:
             panels[uuid].parts.append(replace(part, gpu_index=panels[uuid].index))
 
     parts = [p for panel in panels.values() for p in panel.parts]
+    # The leases are checked above; the waits are the report's ``workers`` figures, recomputed.
+    context = _count(_get(report["plan"], "budget", "report plan"), "context_bytes", "report plan.budget")
+    waits = find_waits(leases, usable_by_uuid, context_bytes=context, finished=finished)
     not_run, lost = report.get("not_run", []), report.get("lost", [])
     return Run(
         started=started,
-        t0=min([started, *(p.start for p in parts)]),
+        t0=min([started, *(p.start for p in parts), *(w.start for w in waits)]),
         t1=max([finished, *(p.end for p in parts)]),
         panels=sorted(panels.values(), key=lambda p: (p.index, p.uuid)),
-        workers=sorted({p.worker for p in parts}, key=_natural),
+        workers=sorted({p.worker for p in parts}, key=natural_key),
         leases=len(leases),
         not_run=len(not_run) if isinstance(not_run, list) else 0,
         lost=len(lost) if isinstance(lost, list) else 0,
+        waits=waits,
+        worker_waits=per_worker(leases, waits),
     )
-
-
-def _natural(text: str) -> list[Any]:
-    """``gw2`` before ``gw10``."""
-    return [(0, int(c), "") if c.isdigit() else (1, 0, c) for c in re.split(r"(\d+)", text) if c]

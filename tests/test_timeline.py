@@ -17,7 +17,7 @@ import pytest
 from pytest_gpushare.commands.timeline import cmd_timeline
 from pytest_gpushare.gpus import SimulatedProbe
 from pytest_gpushare.planner import Budget, make_plan
-from pytest_gpushare.report import json_report, summarize
+from pytest_gpushare.report import json_report, summarize, worker_wait_text
 from pytest_gpushare.runtime import LeaseRecord
 from pytest_gpushare.timeline import render_svg
 
@@ -65,7 +65,7 @@ def make_report(leases: list[dict[str, Any]]) -> dict[str, Any]:
                 gpu_entry(1, "GPU-bbb", "A100", 80 * GIB, 70 * GIB),
             ],
             "inventory": {},
-            "budget": {},
+            "budget": {"context_bytes": GIB // 2},
         },
         "usable_bytes": {"GPU-aaa": 20 * GIB, "GPU-bbb": 70 * GIB},
         "leases": leases,
@@ -289,7 +289,7 @@ def test_the_report_the_plugin_writes_renders() -> None:
     both = LeaseRecord("t::two", "gw1", [(g0.uuid, 0, GIB), (g1.uuid, 1, GIB)], 0.0, STARTED + 2)
     collected = [{"test_id": r.test_id, "lease": r.to_dict(), "outcome": "passed"} for r in (done, both)]
     report = json.loads(
-        json.dumps(json_report(plan, summarize(collected, [], STARTED + 5), STARTED, STARTED + 5))
+        json.dumps(json_report(plan, summarize(collected, [], STARTED + 5, plan), STARTED, STARTED + 5))
     )
     root = parse(render_svg(report))
     assert len(bands(panel_of(root, g0.uuid))) == 2
@@ -304,6 +304,70 @@ def test_a_lease_on_a_gpu_missing_from_the_plan_still_gets_a_panel() -> None:
     assert len(bands(panel)) == 1
     texts = ["".join(x.itertext()) for x in panel.iter(f"{{{NS['s']}}}text")]
     assert "GPU 2 (not in the plan): peak 6.0GiB of 9.0GiB usable, 1 lease(s)" in texts
+
+
+# --- the waits ---------------------------------------------------------------------------------
+
+
+def wait_rows(root: ET.Element) -> dict[str, ET.Element]:
+    (waits,) = [g for g in root.iter(f"{{{NS['s']}}}g") if g.get("class") == "waits"]
+    return {
+        g.get("data-worker", ""): g for g in waits.iter(f"{{{NS['s']}}}g") if g.get("class") == "wait-row"
+    }
+
+
+def spans(row: ET.Element, cls: str) -> list[tuple[float, float]]:
+    (group,) = [g for g in row.iter(f"{{{NS['s']}}}g") if g.get("class") == cls]
+    return [(float(r.get("x", "")), float(r.get("x", "")) + float(r.get("width", ""))) for r in group]
+
+
+def test_each_wait_is_drawn_with_its_stretch_of_room() -> None:
+    waits = [
+        {**lease("t::holds", "gw0", [(*A, 16 * GIB)], 1010, 1050), "waited_s": 0.0},
+        # Waits over [1020, 1050) with 20 - 16 - gw0's 0.5GiB context = 3.5GiB free: t::small's 2GiB
+        # fits until it starts at 1040, and after that no other test is left.
+        {**lease("t::waits", "gw1", [(*A, 8 * GIB)], 1050, 1060), "waited_s": 30.0},
+        {**lease("t::small", "gw2", [(*A, 2 * GIB)], 1040, 1045), "waited_s": 0.0},
+    ]
+    root = parse(render_svg(make_report(waits)))
+    rows = wait_rows(root)
+    assert list(rows) == ["gw1"]  # only workers that waited have a row
+    geo = Geometry(panel_of(root, "GPU-aaa"), 24 * GIB)
+    ((x1, x2),) = spans(rows["gw1"], "wait")
+    assert (x1, x2) == (pytest.approx(geo.x(1020), abs=0.02), pytest.approx(geo.x(1050), abs=0.02))
+    ((r1, r2),) = spans(rows["gw1"], "room")
+    assert (r1, r2) == (pytest.approx(geo.x(1020), abs=0.02), pytest.approx(geo.x(1040), abs=0.02))
+    title = rows["gw1"].find("s:title", NS)
+    assert title is not None and title.text == worker_wait_text("gw1", 30.0, 20.0)
+    texts = ["".join(x.itertext()) for x in rows["gw1"].iter(f"{{{NS['s']}}}text")]
+    assert texts == ["gw1", "30.0s, 20.0s room"]
+
+
+def test_a_run_without_waits_says_so() -> None:
+    leases = [{**x, "waited_s": 0.0} for x in LEASES]
+    root = parse(render_svg(make_report(leases)))
+    assert wait_rows(root) == {}
+    texts = {"".join(x.itertext()) for x in root.iter(f"{{{NS['s']}}}text")}
+    assert "no test waited for memory" in texts
+
+
+def test_the_waits_shown_are_the_reports_per_worker_figures() -> None:
+    inventory = SimulatedProbe("12GiB").probe()
+    plan = make_plan(inventory, Budget(safety_bytes=GIB, worker_mem_bytes=3 * GIB, context_bytes=GIB // 2))
+    (g,) = inventory.gpus
+    records = [
+        LeaseRecord("t::big", "gw0", [(g.uuid, 0, 8 * GIB)], 0.0, STARTED + 1, STARTED + 4),
+        LeaseRecord("t::next", "gw1", [(g.uuid, 0, 8 * GIB)], 2.5, STARTED + 4, STARTED + 5),
+        LeaseRecord("t::small", "gw0", [(g.uuid, 0, GIB)], 0.0, STARTED + 6, STARTED + 7),
+    ]
+    collected = [{"test_id": r.test_id, "lease": r.to_dict(), "outcome": "passed"} for r in records]
+    report = json.loads(
+        json.dumps(json_report(plan, summarize(collected, [], STARTED + 9, plan), STARTED, STARTED + 9))
+    )
+    (waited,) = [w for w in report["workers"] if w["waited_s"]]
+    assert waited == {"worker": "gw1", "waited_s": 2.5, "waited_with_room_s": 2.5}
+    title = wait_rows(parse(render_svg(report)))["gw1"].find("s:title", NS)
+    assert title is not None and title.text == worker_wait_text("gw1", 2.5, 2.5)
 
 
 def _mutate(report: dict[str, Any], path: tuple[Any, ...], value: Any) -> None:
@@ -330,6 +394,8 @@ def _mutate(report: dict[str, Any], path: tuple[Any, ...], value: Any) -> None:
         (("leases", 1, "gpus", 0, "bytes"), -1, "leases[1].gpus[0]: 'bytes' must be a whole number"),
         (("leases", 1, "worker"), None, "'worker' must be a string"),
         (("plan", "gpus", 0, "gpu", "total_bytes"), KeyError, "plan.gpus[0].gpu: missing 'total_bytes'"),
+        (("plan", "budget", "context_bytes"), KeyError, "plan.budget: missing 'context_bytes'"),
+        (("plan", "budget"), KeyError, "report plan: missing 'budget'"),
     ],
 )
 def test_bad_reports_raise_one_line_value_errors(path: tuple[Any, ...], value: Any, words: str) -> None:
