@@ -31,9 +31,11 @@ bookings left some), tests that never got a lease (no record), and a context's e
 run's (a worker that crashed). A lease on a GPU the plan does not know (another host's) never
 has room.
 
-Cost: ``O(n log n)`` in the number of records for the sweeps, plus ``O(n)`` per GPU that had a
-wait for its room set, plus the room stretches handed back (each wait's own, at most the
-events during it).
+The time a lease takes when memory is free at once (a fraction of a millisecond) is a wait too,
+with room while a pending test fits.
+
+Cost: ``O(n log n)`` in the number of records, once for the pending needs and once per GPU that
+had a wait (its room set), plus ``O(log n)`` per wait and the room stretches handed back.
 """
 
 from __future__ import annotations
