@@ -1,38 +1,55 @@
-"""Schedule quality: how close the plugin packs a synthetic GPU suite to the best possible, against
-fixed slots and against plain ``-n auto``.
+"""Schedule quality: how close the plugin packs GPU suites to the physical floor, against an
+offline greedy schedule, fixed slots as their users run them, and plain ``-n auto``.
 
-    python bench/schedule.py            # about three minutes on 2 cores
-    python bench/schedule.py --dist "load,worksteal,load --maxschedchunk 1,load -n 10"
-    python bench/schedule.py --order longest-first --no-alternatives    # dispatch by duration
-    python bench/schedule.py --quick    # seconds: a smoke run, numbers not meaningful
+    python bench/schedule.py                     # every scenario, about five minutes on 2 cores
+    python bench/schedule.py --scenarios mix,tail
+    python bench/schedule.py --quick             # the mix at a quarter of its durations, seconds
 
-The suite: tests that hold their declared memory (512MiB to 16GiB) for a set time (sleeping, as
-a test waits on its GPU), drawn with a fixed seed. Each run writes one record per test (GPU,
-declared bytes, start, end); makespan is the first start to the last end, so worker start-up is
-left out alike for every way of running. Ways of running, per simulated box:
+Scenarios (each a simulated box, a suite, and who else is on the box):
 
-* ``plugin --dist X``: ``-n auto`` with the plugin, for each distribution mode measured; tests
-  take the ``gpu`` fixture, so the plugin may place them on any GPU;
-* ``fixed slots``: no plugin, K tests at once per GPU, K = floor(usable / largest test) so the
-  largest test is safe, as TensorFlow's and JAX's flock wrappers do it (a conftest takes one of K
-  flock slot files per GPU before each test, polling every 10 ms), one worker per slot;
-* ``plain -n auto``: no plugin, no leases; worker gwN uses GPU N mod GPUs (the usual conftest);
-* ``offline greedy``: not a run but a computed yardstick, tighter than the bound: the best of a
-  few list schedules in which any idle worker starts the first test that fits, knowing every
-  duration.
+* ``mix``: 60 tests, 40 x 1GiB/0.2 s, 15 x 6GiB/1 s, 5 x 14GiB/3 s, on a 24GiB card of which
+  strangers hold 2GiB;
+* ``24GiB`` and ``2x80GiB``: the earlier boxes (strangers and memory reserved for other
+  applications) with tests of 512MiB..16GiB and 0.1..1.0 s drawn with a fixed seed;
+* ``tail``: 200 tests with a long tail of durations (log-normal, median 0.08 s, up to 3 s) on a
+  48GiB card;
+* ``two sessions``: the mix split in two suites run at once by two sessions sharing the card.
 
-xdist's own count is set to 16 (``PYTEST_XDIST_AUTO_NUM_WORKERS``), standing for a 16-core GPU
-box: the tests sleep, so 2 real cores carry 16 workers. CUDA context bookings are 0
-(``--gpushare-context-mem=0``): simulated GPUs have none, and on a real box every way of
-running pays the same context per worker, so the bound's "usable" is all the tests'.
+Every test sleeps its duration holding its declared memory and appends a record (session,
+worker, GPU index, bytes, start, end) to a file of its worker. The bench's own auditor reads
+those records, not the plugin's ledger: on every GPU it sums, at each test start, the memory of
+the tests running there plus one CUDA context for each worker that has run a test there (from
+its first start there to its last end), and compares the sum with the usable memory the bench
+configured: total - strangers - reserved for other applications - 1GiB headroom (also passed
+to the plugin as its safety buffer).
 
-Checked, not assumed: while the plugin runs, an auditor process reads every ledger with
-``pytest_gpushare.ledger.handle.read_status`` every 20 ms, and every test reads them at its start (its
-lease is then in the ledger); the peak leased memory seen must never exceed usable.
+Rows per scenario:
 
-Goals (issue 7): makespan at most 1.15x the lower bound max(sum mem*time / usable,
-sum time / workers, longest test); at least 1.3x faster than fixed slots; no moment above usable
-(plain ``-n auto`` shows how many a real box would have turned into out-of-memory failures).
+* ``plugin``: ``-n auto`` with the plugin, default dispatch (``--dist load``), with CUDA context
+  bookings at the default 512MiB and at 0 (``--gpushare-context-mem``); and, where the plugin
+  has ``--gpushare-dispatch``, with ``--gpushare-dispatch=xdist`` (xdist's own scheduler) at
+  512MiB. xdist's own worker count stands for a 16-core GPU box (``PYTEST_XDIST_AUTO_NUM_WORKERS
+  =16``; the tests sleep, so 2 cores carry them), so the plugin's VRAM count binds. The plugin
+  rows of a scenario share one suite folder with pytest's cache on, as a user's runs do: the
+  first is a first run, later ones find what earlier ones learned ("cache" column);
+* ``fixed slots``: what TensorFlow and JAX users run: no plugin (``-p no:gpushare``), K slots per
+  GPU with K = usable // (largest test + context), ``-n`` the number of slots, worker gwN owning
+  slot N, and the suite's own per-slot limit (a test larger than usable / K fails). Not run for
+  sessions sharing a box (their slots would need a box-wide lock): the box's own scenario has it;
+* ``plain -n auto``: no plugin, xdist's own count on this machine (not forced), worker gwN on
+  GPU N mod GPUs; only where it can never exceed usable and is not the fixed-slots run again;
+* ``tight lower bound`` and ``offline greedy``: computed, not run, with the plugin's workers and
+  each context size. The bound is the least over w <= workers of the largest of: sum of
+  mem x time / (usable - w contexts), sum of time / w, the longest test, and the time of the
+  tests that each need more than half of a GPU (at most one of them per GPU at a time) over the
+  GPUs. The greedy schedule knows every duration: an idle worker starts the first test in the
+  order that fits (its own GPUs first, a new GPU costs it a context); best of LPT (longest
+  first), largest first, and largest mem x time first (a schedule found with 512MiB contexts
+  also serves without).
+
+Wall time is the whole ``pytest`` command, start-up included; makespan is the first test's
+start to the last test's end. Goals (issue 14): makespan <= 1.10x the tight bound and <= 1.05x
+the greedy schedule, wall time >= 1.3x faster than fixed slots, no start over usable.
 """
 
 from __future__ import annotations
@@ -40,42 +57,71 @@ from __future__ import annotations
 import argparse
 import heapq
 import json
-import multiprocessing
+import math
+import os
 import random
 import re
 import sys
 import tempfile
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from _util import Ratio, clean_env, machine, print_ratios, pytest_cmd, require_ok, run, table
+from _util import Ratio, clean_env, load, machine, print_ratios, pytest_cmd, require_ok, run, table
 
-from pytest_gpushare.gpus import SimulatedProbe
-from pytest_gpushare.planner import Budget, make_plan, reservations_from_sizes
-from pytest_gpushare.units import GiB, MiB, format_size, parse_per_gpu_sizes
+from pytest_gpushare.units import GiB, MiB, format_size
 
-XDIST_COUNT = 16
-SAFETY = GiB
+#: The GPU box's cores as xdist counts them for the plugin's ``-n auto``.
+BOX_CORES = 16
+HEADROOM = GiB
 WORKER_MEM = 3 * GiB
-SIZES = [512 * MiB, 1 * GiB, 2 * GiB, 4 * GiB, 8 * GiB, 16 * GiB]
-WEIGHTS = [0.20, 0.20, 0.20, 0.18, 0.14, 0.08]
-SLOT_POLL_S = 0.01
-AUDIT_EVERY_S = 0.02
+CONTEXT = 512 * MiB
+CONTEXTS = (CONTEXT, 0)
+
+
+def ctx(context: int) -> str:
+    """A context size as the rows name it: 512MiB, 0."""
+    return f"{context // MiB}MiB" if context else "0"
+
+
+# --- boxes and suites ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Card:
+    total: int
+    strangers: int = 0  # memory other users' processes hold
+    reserved: int = 0  # memory kept for another application (--gpushare-reserve)
+
+    @property
+    def usable(self) -> int:
+        return self.total - self.strangers - self.reserved - HEADROOM
 
 
 @dataclass(frozen=True)
 class Box:
     name: str
-    simulate: str
-    reserve: str
+    cards: tuple[Card, ...]
 
+    @property
+    def simulate(self) -> str:
+        return ",".join(
+            format_size(c.total) + (f":used={format_size(c.strangers)}" if c.strangers else "")
+            for c in self.cards
+        )
 
-BOXES = {
-    "24GiB": Box("24GiB", "24GiB:used=1GiB", "2GiB"),
-    "2x80GiB": Box("2x80GiB", "2x80GiB", "4GiB,0:12GiB"),
-}
+    @property
+    def reserve(self) -> str:
+        return (
+            ",".join(f"{i}:{format_size(c.reserved)}" for i, c in enumerate(self.cards) if c.reserved) or "0"
+        )
+
+    @property
+    def usable(self) -> list[int]:
+        return [c.usable for c in self.cards]
 
 
 @dataclass(frozen=True)
@@ -85,15 +131,192 @@ class Case:
     seconds: float
 
 
-def make_suite(n: int, seed: int, scale: float) -> list[Case]:
-    """``n`` tests with sizes drawn from :data:`SIZES` and durations 0.1..1.0 s (times ``scale``)."""
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    box: Box
+    cases: tuple[Case, ...]
+    sessions: int = 1  # sessions sharing the box, session s running cases[s::sessions]
+
+    def suites(self) -> list[list[Case]]:
+        return [list(self.cases[s :: self.sessions]) for s in range(self.sessions)]
+
+
+def mix_suite(scale: float = 1.0) -> list[Case]:
+    """The realistic mix of issue 14: 40 x 1GiB/0.2 s, 15 x 6GiB/1 s, 5 x 14GiB/3 s, interleaved."""
+    kinds = [(40, 1 * GiB, 0.2), (15, 6 * GiB, 1.0), (5, 14 * GiB, 3.0)]
+    cases = [
+        Case(f"{format_size(mem)}-{k:02d}", mem, round(seconds * scale, 3))
+        for n, mem, seconds in kinds
+        for k in range(n)
+    ]
+    return random.Random(14).sample(cases, len(cases))
+
+
+SIZES = [512 * MiB, 1 * GiB, 2 * GiB, 4 * GiB, 8 * GiB, 16 * GiB]
+WEIGHTS = [0.20, 0.20, 0.20, 0.18, 0.14, 0.08]
+
+
+def drawn_suite(n: int, seed: int, seconds: Callable[[random.Random], float]) -> list[Case]:
+    """``n`` tests with sizes drawn from :data:`SIZES` and durations from ``seconds``."""
     rng = random.Random(seed)
     cases = []
     for k in range(n):
         mem = rng.choices(SIZES, WEIGHTS)[0]
-        seconds = round(rng.uniform(0.1, 1.0) * scale, 3)
-        cases.append(Case(f"t{k:03d}-{format_size(mem)}-{seconds:.2f}s", mem, seconds))
+        duration = round(seconds(rng), 3)
+        cases.append(Case(f"t{k:03d}-{format_size(mem)}-{duration:.2f}s", mem, duration))
     return cases
+
+
+def uniform_suite(n: int) -> list[Case]:
+    return drawn_suite(n, 7, lambda rng: rng.uniform(0.1, 1.0))
+
+
+def tail_suite(n: int) -> list[Case]:
+    return drawn_suite(n, 11, lambda rng: min(3.0, max(0.02, rng.lognormvariate(math.log(0.08), 1.2))))
+
+
+MIX_BOX = Box("24GiB, strangers 2GiB", (Card(24 * GiB, strangers=2 * GiB),))
+
+
+def scenarios(quick: bool) -> dict[str, Scenario]:
+    if quick:
+        return {"mix": Scenario("mix", MIX_BOX, tuple(mix_suite(0.25)))}
+    return {
+        "mix": Scenario("mix", MIX_BOX, tuple(mix_suite())),
+        "24GiB": Scenario("24GiB", Box("24GiB", (Card(24 * GiB, GiB, 2 * GiB),)), tuple(uniform_suite(40))),
+        "2x80GiB": Scenario(
+            "2x80GiB",
+            Box("2x80GiB", (Card(80 * GiB, reserved=12 * GiB), Card(80 * GiB, reserved=4 * GiB))),
+            tuple(uniform_suite(80)),
+        ),
+        "tail": Scenario("tail", Box("48GiB", (Card(48 * GiB, GiB),)), tuple(tail_suite(200))),
+        "two sessions": Scenario("two sessions", MIX_BOX, tuple(mix_suite()), sessions=2),
+    }
+
+
+# --- the references: computed, not run ---------------------------------------------------------
+
+
+def bound_terms(cases: Sequence[Case], usable: Sequence[int], workers: int, context: int) -> dict[str, float]:
+    """The lower bound's terms for a schedule on ``workers`` workers, each with a CUDA context of
+    ``context`` bytes on at least one GPU (on the one GPU of a single-GPU box)."""
+    per_gpu = [u - (workers * context if len(usable) == 1 else context) for u in usable]
+    room = sum(usable) - workers * context
+    if room <= 0 or max(per_gpu) <= 0:
+        return {"memory": math.inf}
+    half = max(per_gpu) / 2
+    return {
+        "memory": sum(c.mem * c.seconds for c in cases) / room,
+        "workers": sum(c.seconds for c in cases) / workers,
+        "longest": max(c.seconds for c in cases),
+        # Tests larger than half of every GPU: at most one of them per GPU at any moment.
+        "over half": sum(c.seconds for c in cases if c.mem > half) / len(usable),
+    }
+
+
+def lower_bound(
+    cases: Sequence[Case], usable: Sequence[int], workers: int, context: int = 0
+) -> tuple[float, dict[str, float]]:
+    """No schedule on at most ``workers`` workers ends sooner: the least over w of the largest
+    term of :func:`bound_terms`; returns it with the terms of the w that gives it."""
+    best: tuple[float, dict[str, float]] = (math.inf, {})
+    for w in range(1, workers + 1):
+        terms = bound_terms(cases, usable, w, context)
+        best = min(best, (max(terms.values()), terms), key=lambda b: b[0])
+    return best
+
+
+def greedy_makespan(order: Sequence[Case], usable: Sequence[int], workers: int, context: int = 0) -> float:
+    """An offline list schedule: whenever a worker is idle it starts the first test of ``order``
+    that fits, on a GPU where it has its context if one has room, else on the GPU with the most
+    free memory (booking a new context there). Contexts stay until the end."""
+    free = list(usable)
+    touched: list[set[int]] = [set() for _ in range(workers)]
+    queue = list(order)
+    running: list[tuple[float, int, int, int]] = []  # end, worker, GPU, bytes
+    idle = list(range(workers))
+    now = 0.0
+    while queue or running:
+        for w in list(idle):
+            placed = _place(queue, free, touched[w], context)
+            if placed is None:
+                continue
+            case, gpu = placed
+            queue.remove(case)
+            if gpu not in touched[w]:
+                touched[w].add(gpu)
+                free[gpu] -= context
+            free[gpu] -= case.mem
+            idle.remove(w)
+            heapq.heappush(running, (now + case.seconds, w, gpu, case.mem))
+        if not running:
+            raise ValueError("a test fits on no GPU")
+        now, w, gpu, mem = heapq.heappop(running)
+        free[gpu] += mem
+        idle.append(w)
+    return now
+
+
+def _place(
+    queue: Sequence[Case], free: Sequence[int], touched: set[int], context: int
+) -> tuple[Case, int] | None:
+    """The first test of ``queue`` that fits somewhere, and where (see :func:`greedy_makespan`)."""
+    gpus = sorted(range(len(free)), key=lambda g: (g not in touched, -free[g]))
+    for case in queue:
+        for g in gpus:
+            if case.mem + (0 if g in touched else context) <= free[g]:
+                return case, g
+    return None
+
+
+ORDERS: dict[str, Callable[[Case], tuple[float, ...]]] = {
+    "LPT": lambda c: (-c.seconds, -c.mem),
+    "largest first": lambda c: (-c.mem, -c.seconds),
+    "largest mem x time first": lambda c: (-c.mem * c.seconds,),
+}
+
+
+def greedy_reference(
+    cases: Sequence[Case], usable: Sequence[int], workers: int, context: int = 0
+) -> tuple[float, str]:
+    """The best of the :data:`ORDERS` greedy schedules, and which order gave it."""
+    results = {
+        name: greedy_makespan(sorted(cases, key=key), usable, workers, context)
+        for name, key in ORDERS.items()
+    }
+    best = min(results, key=lambda k: results[k])
+    return results[best], best
+
+
+# --- the auditor: the tests' own records against the bench's usable figure ---------------------
+
+
+def occupancy(
+    records: Sequence[dict[str, Any]], usable: Sequence[int], context: int
+) -> tuple[list[int], int]:
+    """Peak physical memory per GPU (running tests plus workers' contexts), and how many test
+    starts took a GPU over ``usable``. A worker's context on a GPU lives from its first start
+    there to its last end anywhere; at equal times ends count before starts."""
+    first: dict[tuple[str, int], float] = {}
+    last: dict[str, float] = {}
+    for r in records:
+        key = (r["worker"], r["gpu"])
+        first[key] = min(first.get(key, math.inf), r["start"])
+        last[r["worker"]] = max(last.get(r["worker"], 0.0), r["end"])
+    # (time, kind, GPU, bytes): ends (0) before contexts that appear (1) before test starts (2).
+    events: list[tuple[float, int, int, int]] = [(r["start"], 2, r["gpu"], r["mem"]) for r in records]
+    events += [(r["end"], 0, r["gpu"], -r["mem"]) for r in records]
+    events += [(t, 1, g, context) for (_w, g), t in first.items()]
+    events += [(last[w], 0, g, -context) for (w, g) in first]
+    now = [0] * len(usable)
+    peak = [0] * len(usable)
+    over = 0
+    for _t, kind, gpu, delta in sorted(events, key=lambda e: (e[0], e[1])):
+        now[gpu] += delta
+        peak[gpu] = max(peak[gpu], now[gpu])
+        over += kind == 2 and now[gpu] > usable[gpu]
+    return peak, over
 
 
 # --- the suite on disk --------------------------------------------------------------------------
@@ -124,7 +347,7 @@ def test_hold(mem, seconds, gpu, record):
     record["end"] = time.time()
 """
 
-# Shared by every way of running: one JSON line per test in the worker's record file.
+# Every way of running: one JSON line per test in its worker's record file.
 RECORD_FIXTURE = """\
 import json
 import os
@@ -133,12 +356,11 @@ import pytest
 
 
 @pytest.fixture
-def record(request, gpu):
-    worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
-    rec = {"test": request.node.callspec.id, "gpu": gpu_index(gpu), "worker": worker}
-    rec.update(audit())
+def record(gpu):
+    worker = os.environ["BENCH_SESSION"] + "/" + os.environ.get("PYTEST_XDIST_WORKER", "main")
+    rec = {"worker": worker, "gpu": gpu_index(gpu)}
     yield rec
-    path = os.path.join(os.environ["BENCH_RECORDS"], rec["worker"] + ".jsonl")
+    path = os.path.join(os.environ["BENCH_RECORDS"], worker.replace("/", "-") + ".jsonl")
     with open(path, "a") as f:
         f.write(json.dumps(rec) + "\\n")
 """
@@ -147,177 +369,184 @@ PLUGIN_CONFTEST = (
     RECORD_FIXTURE
     + """
 
-from pytest_gpushare.ledger import read_status
-
-
 def gpu_index(gpu):
-    return gpu.uuid
-
-
-def audit():
-    # This test's lease is in the ledger now: what does the ledger say is leased?
-    snap = read_status(os.environ["GPUSHARE_LEDGER_DIR"])
-    return {"seen": {g["uuid"]: [g["booked_bytes"], g["limit_bytes"]] for g in snap["gpus"]}}
+    return gpu.index
 """
 )
 
-SLOTS_CONFTEST = (
+# No plugin: worker gwN owns slot N and runs its tests on that slot's GPU (BENCH_SLOTS lists each
+# slot's GPU). With BENCH_SLOT_LIMIT set (fixed slots), a test larger than the suite's per-slot
+# limit on that GPU fails, as a framework's per-process memory limit would make it fail.
+PINNED_CONFTEST = (
     RECORD_FIXTURE
     + """
 
-import fcntl
-import time
-
-K = int(os.environ["BENCH_SLOTS"])
-GPUS = int(os.environ["BENCH_GPUS"])
-SLOT_DIR = os.environ["BENCH_SLOT_DIR"]
+SLOTS = [int(g) for g in os.environ["BENCH_SLOTS"].split(",")]
 
 
 def gpu_index(gpu):
     return gpu
 
 
-def audit():
-    return {}
-
-
 @pytest.fixture
-def gpu():
-    # As the flock wrappers do it: take any free slot of any GPU, home GPU first, poll until one frees.
+def gpu(request):
     worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
-    home = int(worker[2:]) % GPUS if worker.startswith("gw") else 0
-    while True:
-        for g in [(home + i) % GPUS for i in range(GPUS)]:
-            for k in range(K):
-                fd = os.open(os.path.join(SLOT_DIR, f"gpu{g}-slot{k}.lock"), os.O_RDWR | os.O_CREAT, 0o600)
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    os.close(fd)
-                    continue
-                try:
-                    yield g
-                finally:
-                    os.close(fd)
-                return
-        time.sleep(float(os.environ["BENCH_SLOT_POLL"]))
-"""
-)
-
-PLAIN_CONFTEST = (
-    RECORD_FIXTURE
-    + """
-
-def gpu_index(gpu):
-    return gpu
-
-
-def audit():
-    return {}
-
-
-@pytest.fixture
-def gpu():
-    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
-    return int(worker[2:]) % int(os.environ["BENCH_GPUS"]) if worker.startswith("gw") else 0
+    index = SLOTS[int(worker[2:]) % len(SLOTS)]
+    if "BENCH_SLOT_LIMIT" in os.environ:
+        limit = int(os.environ["BENCH_SLOT_LIMIT"].split(",")[index])
+        mem = request.node.get_closest_marker("gpu").kwargs["mem"]
+        assert mem <= limit, f"{mem} bytes do not fit the slot's limit of {limit}"
+    return index
 """
 )
 
 
 def write_suite(folder: Path, cases: Sequence[Case], conftest: str) -> None:
-    folder.mkdir(parents=True)
+    folder.mkdir(parents=True, exist_ok=True)
     (folder / "pytest.ini").write_text(INI)
     (folder / "conftest.py").write_text(conftest)
     data = json.dumps([{"id": c.test_id, "mem": c.mem, "seconds": c.seconds} for c in cases])
     (folder / "test_suite.py").write_text(TEST_FILE.format(cases=data))
 
 
-# --- the auditor --------------------------------------------------------------------------------
+# --- running the ways ---------------------------------------------------------------------------
 
 
-def _audit(folder: str, stop: Any, out: Any) -> None:
-    from pytest_gpushare.ledger import read_status
-
-    peaks: dict[str, int] = {}
-    limits: dict[str, int] = {}
-    samples = over = 0
-    while not stop.is_set():
-        try:
-            snap = read_status(folder)
-        except Exception as exc:  # reported, and the run counts as unchecked
-            out.put({"error": f"{type(exc).__name__}: {exc}"})
-            return
-        samples += 1
-        for g in snap["gpus"]:
-            booked, limit = g["booked_bytes"], g["limit_bytes"]
-            peaks[g["uuid"]] = max(peaks.get(g["uuid"], 0), booked)
-            if limit is not None:
-                limits[g["uuid"]] = min(limits.get(g["uuid"], limit), limit)
-                over += booked > limit
-        stop.wait(AUDIT_EVERY_S)
-    out.put({"samples": samples, "peaks": peaks, "limits": limits, "over": over})
-
-
-class Auditor:
-    """A process that reads the ledgers with ``read_status`` every 20 ms while a run goes on."""
-
-    def __init__(self, folder: Path) -> None:
-        ctx = multiprocessing.get_context("spawn")
-        self._stop = ctx.Event()
-        self._out = ctx.Queue()
-        self._proc = ctx.Process(target=_audit, args=(str(folder), self._stop, self._out))
-
-    def __enter__(self) -> Auditor:
-        self._proc.start()
-        return self
-
-    def result(self) -> dict[str, Any]:
-        self._stop.set()
-        value: dict[str, Any] = self._out.get(timeout=60)
-        self._proc.join(timeout=60)
-        return value
-
-    def __exit__(self, *exc: object) -> None:
-        if self._proc.is_alive():
-            self._stop.set()
-            self._proc.join(timeout=60)
-
-
-# --- measuring one run --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Way:
+    label: str
+    kind: str  # "plugin", "fixed" or "plain"
+    context: int  # the CUDA context per worker and GPU: the plugin's booking, the auditor's model
+    args: tuple[str, ...] = ()
 
 
 @dataclass
 class Outcome:
-    way: str
+    way: Way
     workers: int
     wall_s: float
     makespan_s: float
-    peak: dict[Any, int]  # GPU -> peak concurrent declared bytes, from the tests' records
-    over_moments: int  # test starts at which a GPU's declared total exceeded its usable
-    audit: dict[str, Any] = field(default_factory=dict)
+    peak: list[int]
+    over: int
+    cache: str
+    load_after: float
 
 
-def peaks_from_records(
-    records: Sequence[dict[str, Any]], usable: dict[Any, int]
-) -> tuple[dict[Any, int], int]:
-    """Peak concurrent declared memory per GPU, and the test starts at which it exceeded usable.
+def has_dispatch_option() -> bool:
+    """Whether this plugin has ``--gpushare-dispatch`` (issue 14's memory-aware dispatch)."""
+    from pytest_gpushare.settings.table import OPTIONS_BY_NAME
 
-    At equal times ends count before starts: a test that ends as another starts never overlaps it.
-    """
-    events = sorted(
-        [(r["start"], 1, r["gpu"], r["mem"]) for r in records]
-        + [(r["end"], 0, r["gpu"], -r["mem"]) for r in records],
-        key=lambda e: (e[0], e[1]),
-    )
-    now: dict[Any, int] = {}
-    peak: dict[Any, int] = {}
-    over = 0
-    for _t, starting, gpu, delta in events:
-        now[gpu] = now.get(gpu, 0) + delta
-        peak[gpu] = max(peak.get(gpu, 0), now[gpu])
-        if starting and now[gpu] > usable[gpu]:
-            over += 1
-    return peak, over
+    return "gpushare_dispatch" in OPTIONS_BY_NAME
+
+
+def fixed_slots(box: Box, cases: Sequence[Case]) -> list[int]:
+    """Each slot's GPU: usable // (largest test + context) slots per GPU, interleaved."""
+    largest = max(c.mem for c in cases)
+    per_gpu = [u // (largest + CONTEXT) for u in box.usable]
+    slots: list[int] = []
+    for k in range(max(per_gpu, default=0)):
+        slots += [g for g, n in enumerate(per_gpu) if n > k]
+    return slots
+
+
+def xdist_own_count() -> int:
+    """xdist's ``-n auto`` on this machine without psutil: the CPUs this process may run on."""
+    return len(os.sched_getaffinity(0))
+
+
+def plain_slots(box: Box, cases: Sequence[Case]) -> list[int] | None:
+    """Plain ``-n auto``'s GPUs (gwN on GPU N mod GPUs), or None where it measures nothing: where
+    its workers could exceed usable on a GPU, or where it is the fixed-slots run again."""
+    gpus = len(box.cards)
+    slots = [n % gpus for n in range(xdist_own_count())]
+    largest = max(c.mem for c in cases)
+    safe = all(slots.count(g) * (largest + CONTEXT) <= u for g, u in enumerate(box.usable))
+    return slots if safe and sorted(slots) != sorted(fixed_slots(box, cases)) else None
+
+
+def ways(sc: Scenario) -> list[Way]:
+    found: list[Way] = []
+    if has_dispatch_option():
+        xdist = ("--gpushare-dispatch=xdist",)
+        found.append(
+            Way(f"plugin --gpushare-dispatch=xdist, contexts {ctx(CONTEXT)}", "plugin", CONTEXT, xdist)
+        )
+    found += [Way(f"plugin, contexts {ctx(c)}", "plugin", c) for c in CONTEXTS]
+    # Sessions that share a box would share its slots through a box-wide lock; the box's own
+    # scenario measures fixed slots there.
+    slots = fixed_slots(sc.box, sc.cases)
+    if slots and sc.sessions == 1:
+        found.append(Way(f"fixed slots, K={len(slots)} (-p no:gpushare)", "fixed", CONTEXT))
+    if sc.sessions == 1 and plain_slots(sc.box, sc.cases):
+        found.append(Way(f"plain -n auto, {xdist_own_count()} workers (-p no:gpushare)", "plain", CONTEXT))
+    return found
+
+
+def session_command(sc: Scenario, way: Way, slots: Sequence[int]) -> tuple[list[str], dict[str, str]]:
+    """The pytest command and environment of one session of ``way`` (without its folders)."""
+    if way.kind == "plugin":
+        env = {
+            "GPUSHARE_SIMULATE": sc.box.simulate,
+            "GPUSHARE_RESERVE": sc.box.reserve,
+            "GPUSHARE_CONTEXT_MEM": ctx(way.context),
+            "GPUSHARE_SAFETY": format_size(HEADROOM),
+            "GPUSHARE_WORKER_MEM": format_size(WORKER_MEM),
+            "GPUSHARE_OLLAMA": "off",
+            "PYTEST_XDIST_AUTO_NUM_WORKERS": str(BOX_CORES),
+        }
+        # pytest's cache stays on: the plugin learns durations and peaks from earlier runs.
+        return [sys.executable, "-m", "pytest", "-n", "auto", *way.args], env
+    env = {"BENCH_SLOTS": ",".join(map(str, slots))}
+    n = str(len(slots)) if way.kind == "fixed" else "auto"
+    return pytest_cmd("-p", "no:gpushare", "-n", n, "-q"), env
+
+
+def run_way(work: Path, sc: Scenario, way: Way) -> Outcome:
+    """Run ``way``'s sessions at once; time them from the first start to the last exit."""
+    tag = re.sub(r"[^a-z0-9]+", "-", f"{sc.name}-{way.kind}-{way.label}".lower()).strip("-")
+    records = work / tag / "records"
+    records.mkdir(parents=True)
+    slots = fixed_slots(sc.box, sc.cases) if way.kind == "fixed" else plain_slots(sc.box, sc.cases) or []
+    shared = {"GPUSHARE_LEDGER_DIR": str(work / tag / "ledger")}
+    if way.kind == "fixed":
+        limits = [u // max(1, slots.count(g)) for g, u in enumerate(sc.box.usable)]
+        shared["BENCH_SLOT_LIMIT"] = ",".join(map(str, limits))
+    jobs = []
+    cache = "first run"
+    for s, cases in enumerate(sc.suites()):
+        # The plugin rows of a scenario share their suite folders (and pytest's cache) as a user's runs do.
+        suite = (
+            work / sc.name.replace(" ", "-") / f"suite{s}"
+            if way.kind == "plugin"
+            else work / tag / f"suite{s}"
+        )
+        if (suite / ".pytest_cache").exists():
+            cache = "warm"
+        write_suite(suite, cases, PLUGIN_CONFTEST if way.kind == "plugin" else PINNED_CONFTEST)
+        args, env = session_command(sc, way, slots)
+        jobs.append(
+            (args, suite, clean_env(None, **shared, **env, BENCH_SESSION=f"s{s}", BENCH_RECORDS=str(records)))
+        )
+    start = time.perf_counter()
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        results = list(pool.map(lambda job: run(*job), jobs))
+    wall = time.perf_counter() - start
+    for s, result in enumerate(results):
+        require_ok(result, f"{sc.name}, {way.label}, session {s}")
+    workers = sum(_worker_count(r.output, way, slots) for r in results)
+    recs = read_records(records, len(sc.cases))
+    makespan = max(r["end"] for r in recs) - min(r["start"] for r in recs)
+    peak, over = occupancy(recs, sc.box.usable, way.context)
+    return Outcome(way, workers, wall, makespan, peak, over, cache, os.getloadavg()[0])
+
+
+def _worker_count(output: str, way: Way, slots: Sequence[int]) -> int:
+    if way.kind != "plugin":
+        return len(slots)
+    found = re.search(r"^\s*workers: (\d+)", output, re.M)
+    if found is None:
+        raise SystemExit(f"no 'workers: N' line in the plugin's header:\n{output[-2000:]}")
+    return int(found.group(1))
 
 
 def read_records(folder: Path, expected: int) -> list[dict[str, Any]]:
@@ -329,295 +558,159 @@ def read_records(folder: Path, expected: int) -> list[dict[str, Any]]:
     return records
 
 
-def run_way(
-    work: Path, box: Box, way: str, cases: Sequence[Case], usable: dict[Any, int], slots: int
-) -> Outcome:
-    tag = re.sub(r"[^a-z0-9]+", "-", f"{box.name}-{way}".lower())
-    suite, records, ledger = work / tag / "suite", work / tag / "records", work / tag / "ledger"
-    records.mkdir(parents=True)
-    gpus = len(SimulatedProbe(box.simulate).probe().gpus)
-    env = clean_env(
-        ledger,
-        BENCH_RECORDS=str(records),
-        BENCH_GPUS=str(gpus),
-        PYTEST_XDIST_AUTO_NUM_WORKERS=str(XDIST_COUNT),
-        GPUSHARE_OLLAMA="off",
+# --- one scenario: its table and ratio lines ----------------------------------------------------
+
+
+def sizes(values: Sequence[int]) -> str:
+    return " + ".join(format_size(v) for v in values)
+
+
+def describe(sc: Scenario) -> str:
+    cases = sc.cases
+    mems = sorted({c.mem for c in cases})
+    return (
+        f"scenario {sc.name}: {len(cases)} tests"
+        + (f" in {sc.sessions} sessions started together" if sc.sessions > 1 else "")
+        + f", {format_size(mems[0])}..{format_size(mems[-1])}, {min(c.seconds for c in cases):.2f}.."
+        f"{max(c.seconds for c in cases):.2f} s, sum of time {sum(c.seconds for c in cases):.1f} s, "
+        f"sum of mem x time {sum(c.mem * c.seconds for c in cases) / GiB:.0f} GiB*s; box {sc.box.name} "
+        f"(--gpushare-simulate={sc.box.simulate} --gpushare-reserve={sc.box.reserve}), "
+        f"usable {sizes(sc.box.usable)}; {load()}"
     )
-    if way.startswith("plugin"):
-        write_suite(suite, cases, PLUGIN_CONFTEST)
-        env.update(
-            GPUSHARE_SIMULATE=box.simulate,
-            GPUSHARE_RESERVE=box.reserve,
-            GPUSHARE_CONTEXT_MEM="0",
-            GPUSHARE_SAFETY=format_size(SAFETY),
-            GPUSHARE_WORKER_MEM=format_size(WORKER_MEM),
-        )
-        extra = way.split(" ", 1)[1].split() if " " in way else []
-        args = pytest_cmd("-n", "auto", *extra)
-        n_fixed = 0
-    elif way == "fixed slots":
-        write_suite(suite, cases, SLOTS_CONFTEST)
-        (work / tag / "slots").mkdir()
-        env.update(
-            BENCH_SLOTS=str(slots), BENCH_SLOT_DIR=str(work / tag / "slots"), BENCH_SLOT_POLL=str(SLOT_POLL_S)
-        )
-        n_fixed = slots * gpus
-        args = pytest_cmd("-p", "no:gpushare", "-n", str(n_fixed), "-q")
-    else:
-        write_suite(suite, cases, PLAIN_CONFTEST)
-        n_fixed = XDIST_COUNT
-        args = pytest_cmd("-p", "no:gpushare", "-n", "auto", "-q")
-    audit: dict[str, Any] = {}
-    if way.startswith("plugin"):
-        with Auditor(ledger) as auditor:
-            result = run(args, suite, env)
-            audit = auditor.result()
-    else:
-        result = run(args, suite, env)
-    require_ok(result, f"{box.name} {way}")
-    workers = re.search(r"^\s*workers: (\d+)", result.output, re.M)
-    n_workers = int(workers.group(1)) if workers else n_fixed
-    recs = read_records(records, len(cases))
-    if way.startswith("plugin"):
-        audit["per_test_over"] = sum(
-            1 for r in recs for b, lim in r["seen"].values() if lim is not None and b > lim
-        )
-        audit["per_test_peak"] = {}
-        for r in recs:
-            for uuid, (b, _lim) in r["seen"].items():
-                audit["per_test_peak"][uuid] = max(audit["per_test_peak"].get(uuid, 0), b)
-    makespan = max(r["end"] for r in recs) - min(r["start"] for r in recs)
-    peak, over = peaks_from_records(recs, usable)
-    return Outcome(way, n_workers, result.wall_s, makespan, peak, over, audit)
 
 
-def box_plan(box: Box) -> tuple[list[str], dict[str, int]]:
-    """The GPUs (uuids, in index order) and usable bytes per uuid the plugin computes for ``box``."""
-    inventory = SimulatedProbe(box.simulate).probe()
-    sizes = parse_per_gpu_sizes(box.reserve, "bench")
-    plan = make_plan(
-        inventory,
-        Budget(safety_bytes=SAFETY, worker_mem_bytes=WORKER_MEM, context_bytes=0),
-        reservations=reservations_from_sizes(sizes, inventory.gpus, "reserve"),
-    )
-    return [g.gpu.uuid for g in plan.gpus], {g.gpu.uuid: g.usable_bytes for g in plan.gpus}
+@dataclass(frozen=True)
+class Refs:
+    """The computed references of a scenario at one context size."""
+
+    bound: float
+    terms: dict[str, float]
+    greedy: float
+    order: str
 
 
-def lower_bound(cases: Sequence[Case], usable_total: int, workers: int) -> tuple[float, str]:
-    """max(sum mem*time / usable, sum time / workers, longest test), and which term it is."""
-    terms = {
-        "memory": sum(c.mem * c.seconds for c in cases) / usable_total,
-        "workers": sum(c.seconds for c in cases) / workers,
-        "longest": max(c.seconds for c in cases),
-    }
-    name = max(terms, key=lambda k: terms[k])
-    return terms[name], name
-
-
-def greedy_makespan(order: Sequence[Case], usable: Sequence[int], workers: int) -> float:
-    """Makespan of an offline list schedule: whenever a worker is idle it starts the first test of
-    ``order`` that fits on the GPU with the most memory free (durations known, no queues)."""
-    free = list(usable)
-    queue = list(order)
-    running: list[tuple[float, int, int]] = []
-    now, idle = 0.0, workers
-    while queue or running:
-        started = True
-        while idle and queue and started:
-            started = False
-            gpu = max(range(len(free)), key=lambda i: free[i])
-            for case in queue:
-                if case.mem <= free[gpu]:
-                    queue.remove(case)
-                    free[gpu] -= case.mem
-                    idle -= 1
-                    heapq.heappush(running, (now + case.seconds, gpu, case.mem))
-                    started = True
-                    break
-        if not running:
-            raise ValueError("a test fits on no GPU")
-        now, gpu, mem = heapq.heappop(running)
-        free[gpu] += mem
-        idle += 1
-    return now
-
-
-def greedy_reference(cases: Sequence[Case], usable: Sequence[int], workers: int) -> tuple[float, str]:
-    """The best of a few offline greedy schedules: a tighter yardstick than the lower bound, which
-    no schedule may reach when memory and workers both bind."""
-    orders = {
-        "suite order": list(cases),
-        "longest first": sorted(cases, key=lambda c: -c.seconds),
-        "largest first": sorted(cases, key=lambda c: -c.mem),
-        "largest mem*time first": sorted(cases, key=lambda c: -c.mem * c.seconds),
-    }
-    results = {name: greedy_makespan(order, usable, workers) for name, order in orders.items()}
-    best = min(results, key=lambda k: results[k])
-    return results[best], best
-
-
-def joined(values: dict[Any, int], keys: Sequence[Any]) -> str:
-    return " + ".join(format_size(values.get(k, 0)) for k in keys)
-
-
-def measure_box(
-    work: Path, box: Box, cases: Sequence[Case], ways: Sequence[str], alternatives: bool
-) -> list[Ratio]:
-    """Run every way on ``box``, print its tables, return its ratio lines."""
-    uuids, usable_by_uuid = box_plan(box)
-    usable = [usable_by_uuid[u] for u in uuids]
-    slots = min(usable) // max(c.mem for c in cases)
-    # Records of the plugin runs name GPUs by uuid, the others by index.
-    usable_any: dict[Any, int] = {**usable_by_uuid, **dict(enumerate(usable))}
-    outcomes = [run_way(work, box, way, cases, usable_any, slots) for way in ways]
-    workers = outcomes[0].workers
-    bound, binding = lower_bound(cases, sum(usable), workers)
-    greedy, greedy_order = greedy_reference(cases, usable, workers)
-    if alternatives:
-        if slots >= 1:
-            outcomes.append(run_way(work, box, "fixed slots", cases, usable_any, slots))
-        outcomes.append(run_way(work, box, "plain -n auto", cases, usable_any, slots))
-    rows: list[tuple[object, ...]] = [
-        (
-            o.way,
-            o.workers,
-            f"{o.makespan_s:.1f} s",
-            f"{o.makespan_s / bound:.2f}x",
-            f"{o.wall_s:.1f} s",
-            joined(o.peak, uuids if o.way.startswith("plugin") else list(range(len(uuids)))),
-            o.over_moments,
-        )
-        for o in outcomes
-    ]
-    rows.insert(
-        len(ways),
-        (
-            f"offline greedy ({greedy_order})",
-            workers,
-            f"{greedy:.1f} s",
-            f"{greedy / bound:.2f}x",
-            "-",
-            "-",
-            0,
-        ),
-    )
-    usable_text = joined(usable_by_uuid, uuids)
-    table(
-        f"box {box.name} (--gpushare-simulate={box.simulate} --gpushare-reserve={box.reserve}): usable "
-        f"{usable_text}; lower bound {bound:.1f} s ({binding}); fixed slots K={slots} per GPU",
-        ["way", "workers", "makespan", "/ bound", "wall", "peak declared", "starts over usable"],
-        rows,
-    )
-    plugin = [o for o in outcomes if o.way.startswith("plugin")]
-    print(
-        f"against the offline greedy schedule ({greedy:.1f} s, a tighter yardstick than the bound): "
-        + ", ".join(f"{o.way} {o.makespan_s / greedy:.2f}x" for o in plugin)
-    )
-    checked = []
-    over_plugin = 0
-    for o in plugin:
-        if "error" in o.audit:
-            raise SystemExit(f"{box.name} {o.way}: the auditor failed: {o.audit['error']}")
-        # The ledger's own limit, and the usable memory this benchmark computed on its own.
-        above = sum(
-            1
-            for peaks in (o.audit["peaks"], o.audit["per_test_peak"])
-            for u, peak in peaks.items()
-            if peak > usable_by_uuid.get(u, 0)
-        )
-        over = o.audit["over"] + o.audit["per_test_over"] + above + o.over_moments
-        over_plugin += over
-        checked.append(
+def measure(work: Path, sc: Scenario) -> list[Ratio]:
+    """Run every way of ``sc``, print its table, return its ratio lines."""
+    title = describe(sc)
+    outcomes = [run_way(work, sc, way) for way in ways(sc)]
+    workers = next(o.workers for o in outcomes if o.way.kind == "plugin")
+    refs: dict[int, Refs] = {}
+    for c in sorted(CONTEXTS, reverse=True):
+        bound, terms = lower_bound(sc.cases, sc.box.usable, workers, c)
+        greedy, order = greedy_reference(sc.cases, sc.box.usable, workers, c)
+        # A schedule that fits with larger contexts fits with smaller ones: keep the better.
+        larger = [r for r in refs.values() if r.greedy < greedy]
+        if larger:
+            greedy, order = larger[0].greedy, larger[0].order + ", found with larger contexts"
+        refs[c] = Refs(bound, terms, greedy, order)
+    rows = [_row(o, refs[o.way.context]) for o in outcomes]
+    for c, ref in refs.items():
+        rows.append((f"tight lower bound, contexts {ctx(c)}", workers, f"{ref.bound:.2f} s", "1.00x", "-"))
+        rows.append(
             (
-                o.way,
-                o.audit["samples"],
-                len(cases),
-                joined(o.audit["peaks"], uuids),
-                joined(o.audit["per_test_peak"], uuids),
-                over,
+                f"offline greedy, contexts {ctx(c)} ({ref.order})",
+                workers,
+                f"{ref.greedy:.2f} s",
+                f"{ref.greedy / ref.bound:.2f}x",
+                "1.00x",
             )
         )
     table(
-        f"box {box.name}: leased memory as the ledger shows it (read_status), usable {usable_text}",
-        ["way", "auditor reads", "test reads", "peak (auditor)", "peak (tests)", "over usable"],
-        checked,
+        title,
+        [
+            "way",
+            "workers",
+            "cache",
+            "wall",
+            "makespan",
+            "/ bound",
+            "/ greedy",
+            "peak (tests+contexts)",
+            "over",
+            "load",
+        ],
+        [row if len(row) == 10 else (*row[:2], "-", "-", *row[2:], "-", "-", "-") for row in rows],
     )
-    ratios = [
-        Ratio(f"{box.name} makespan / lower bound, {o.way}", o.makespan_s / bound, 1.15) for o in plugin
-    ]
-    slot_run = next((o for o in outcomes if o.way == "fixed slots"), None)
-    if slot_run is not None:
+    for c, ref in refs.items():
+        print(
+            f"  bound's terms, contexts {ctx(c)}: "
+            + ", ".join(f"{k} {v:.2f} s" for k, v in ref.terms.items())
+        )
+    return _ratios(sc, outcomes, refs)
+
+
+def _row(o: Outcome, ref: Refs) -> tuple[object, ...]:
+    is_plugin = o.way.kind == "plugin"
+    return (
+        o.way.label,
+        o.workers,
+        o.cache if is_plugin else "-",
+        f"{o.wall_s:.1f} s",
+        f"{o.makespan_s:.2f} s",
+        f"{o.makespan_s / ref.bound:.2f}x" if is_plugin else "-",
+        f"{o.makespan_s / ref.greedy:.2f}x" if is_plugin else "-",
+        sizes(o.peak),
+        o.over,
+        f"{o.load_after:.2f}",
+    )
+
+
+def _ratios(sc: Scenario, outcomes: Sequence[Outcome], refs: dict[int, Refs]) -> list[Ratio]:
+    ratios = []
+    default = [o for o in outcomes if o.way.kind == "plugin" and not o.way.args]
+    for o in default:
+        ref = refs[o.way.context]
+        ratios.append(
+            Ratio(f"{sc.name} makespan / tight bound, {o.way.label}", o.makespan_s / ref.bound, 1.10)
+        )
+        ratios.append(
+            Ratio(f"{sc.name} makespan / offline greedy, {o.way.label}", o.makespan_s / ref.greedy, 1.05)
+        )
+    fixed = next((o for o in outcomes if o.way.kind == "fixed"), None)
+    if fixed is not None:
         ratios.append(
             Ratio(
-                f"{box.name} speed-up over fixed slots K={slots}, {plugin[0].way}",
-                slot_run.makespan_s / plugin[0].makespan_s,
+                f"{sc.name} wall, {fixed.way.label.split(' (')[0]} / {default[0].way.label}",
+                fixed.wall_s / default[0].wall_s,
                 1.3,
                 higher_is_better=True,
             )
         )
+    over = sum(o.over for o in outcomes if o.way.kind == "plugin")
     ratios.append(
-        Ratio(f"{box.name} plugin moments over usable (records and ledger)", over_plugin, 0, "times")
+        Ratio(f"{sc.name} plugin starts over usable (auditor: the tests' records)", over, 0, "times")
     )
-    plain = outcomes[-1]
-    if plain.way == "plain -n auto":
-        peak = joined(plain.peak, list(range(len(uuids))))
-        print(
-            f"plain -n auto on {box.name}: peak declared {peak} against "
-            f"usable {usable_text}; {plain.over_moments} test starts over usable (out-of-memory failures "
-            "on a real box)"
-        )
     return ratios
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="a smoke run: 12 short tests, the 24GiB box")
-    parser.add_argument("--tests", type=int, default=None, help="tests in the suite (default 120)")
-    parser.add_argument("--seed", type=int, default=7)
-    parser.add_argument("--scale", type=float, default=None, help="multiply every test's duration")
-    parser.add_argument("--boxes", default=None, help="comma-separated, of: " + ", ".join(BOXES))
     parser.add_argument(
-        "--dist",
-        default="load,worksteal",
-        help="comma-separated --dist modes for the plugin runs; a mode may carry more options "
-        "('load --maxschedchunk 1', 'load -n 10')",
+        "--quick", action="store_true", help="the mix at a quarter of its durations: a smoke run"
     )
     parser.add_argument(
-        "--no-alternatives",
-        action="store_true",
-        help="run the plugin only (no fixed slots, no plain -n auto)",
-    )
-    parser.add_argument(
-        "--order",
-        choices=["seeded", "longest-first"],
-        default="seeded",
-        help="collection order of the suite; longest-first stands for a scheduler that knows durations",
+        "--scenarios", default=None, help="comma-separated, of: mix, 24GiB, 2x80GiB, tail, two sessions"
     )
     parser.add_argument("--keep", default=None, help="keep the runs' folders (suites, records, ledgers) here")
     args = parser.parse_args(argv)
-    n = args.tests or (12 if args.quick else 120)
-    scale = args.scale or (0.3 if args.quick else 1.0)
-    boxes = [BOXES[b] for b in (args.boxes or ("24GiB" if args.quick else ",".join(BOXES))).split(",")]
-    cases = make_suite(n, args.seed, scale)
-    if args.order == "longest-first":
-        cases = sorted(cases, key=lambda c: -c.seconds)
-    ways = [f"plugin --dist {d}" for d in args.dist.split(",") if d]
-
-    print("Schedule quality: a synthetic GPU suite against the lower bound, fixed slots and plain -n auto")
+    known = scenarios(args.quick)
+    chosen = [known[s.strip()] for s in args.scenarios.split(",")] if args.scenarios else list(known.values())
+    print(
+        "Schedule quality: the plugin against the tight lower bound, an offline greedy schedule, fixed slots"
+    )
     print(machine())
     print(
-        f"suite: {n} tests, seed {args.seed}, {args.order} order, "
-        f"sizes {format_size(min(c.mem for c in cases))}.."
-        f"{format_size(max(c.mem for c in cases))}, durations {min(c.seconds for c in cases):.2f}.."
-        f"{max(c.seconds for c in cases):.2f} s, sum of time {sum(c.seconds for c in cases):.1f} s, "
-        f"sum of mem*time {sum(c.mem * c.seconds for c in cases) / GiB:.1f} GiB*s; "
-        f"xdist's own count {XDIST_COUNT}, worker mem {format_size(WORKER_MEM)}, safety {format_size(SAFETY)}"
+        f"xdist's own count for the plugin's -n auto: {BOX_CORES} (a GPU box's cores); plain -n auto: "
+        f"{xdist_own_count()} (this machine); worker mem {format_size(WORKER_MEM)}, headroom and safety "
+        f"{format_size(HEADROOM)}; {load()}"
     )
     ratios: list[Ratio] = []
     with tempfile.TemporaryDirectory(prefix="gpushare-bench-") as tmp:
         work = Path(args.keep or tmp)
-        for box in boxes:
-            ratios += measure_box(work, box, cases, ways, not args.no_alternatives)
+        for sc in chosen:
+            ratios += measure(work, sc)
+    print()
+    print(f"after: {load()}")
     print_ratios(ratios)
     return 0
 

@@ -1,5 +1,6 @@
-"""The schedule benchmark runs in its ``--quick`` mode; its safety result is asserted: the plugin
-never leases more than is usable."""
+"""The schedule benchmark: its ``--quick`` run prints every row and its auditor, which reads the
+tests' own records and not the plugin's ledger, finds no start over usable; its references (the
+tight lower bound, the offline greedy schedule) and its auditor are right on small cases."""
 
 from __future__ import annotations
 
@@ -10,41 +11,122 @@ from test_bench import BENCH, RATIO_RE, ratio_lines, run_bench
 
 sys.path.insert(0, str(BENCH))
 import schedule
+from schedule import Box, Card, Case
+
+GIB = 2**30
+MIB = 2**20
 
 
-def test_schedule_prints_rows_and_never_exceeds_usable() -> None:
-    lines = run_bench("schedule.py", "--dist", "load")
+def test_quick_run_prints_every_row_and_no_start_over_usable() -> None:
+    lines = run_bench("schedule.py")
     text = "\n".join(lines)
-    for row in ("plugin --dist load", "offline greedy", "fixed slots", "plain -n auto"):
-        assert f"\n  {row}" in text
+    assert lines[1].startswith("machine: ")
+    assert re.search(r"^scenario mix: 60 tests, .*usable 21\.0GiB; load \d", text, re.M)
+    rows = re.findall(r"^  (plugin[^\n]*?|fixed slots[^\n]*?) {2,}(\d+) .* (\d+) +\d+\.\d\d$", text, re.M)
+    labels = [r[0] for r in rows]
+    assert "plugin, contexts 512MiB" in labels
+    assert "plugin, contexts 0" in labels
+    assert "fixed slots, K=1 (-p no:gpushare)" in labels
+    # The run's rows: 7 plugin workers on 21GiB at 3GiB each, one fixed slot; the auditor's zero.
+    assert {label: (int(workers), int(over)) for label, workers, over in rows} == {
+        label: (1 if label.startswith("fixed") else 7, 0) for label in labels
+    }
+    for ref in (
+        "tight lower bound, contexts 512MiB",
+        "tight lower bound, contexts 0",
+        "offline greedy, contexts 0",
+    ):
+        assert f"\n  {ref}" in text, ref
+    assert "bound's terms, contexts 0: memory " in text
+    assert "\n  plain -n auto" not in text  # two workers could put two 14GiB tests on 21GiB
     ratios = ratio_lines(lines)
     assert all(RATIO_RE.match(r) for r in ratios), ratios
+    assert ratios[0].startswith("ratio mix makespan / tight bound, plugin, contexts 512MiB ")
+    assert any(r.startswith("ratio mix wall, fixed slots, K=1 / plugin, contexts 512MiB ") for r in ratios)
     assert (
         ratios[-1]
-        == "ratio 24GiB plugin moments over usable (records and ledger) 0.0 times goal <= 0 times met"
+        == "ratio mix plugin starts over usable (auditor: the tests' records) 0.0 times goal <= 0 times met"
     )
-    # The auditor really read the ledger while the plugin ran.
-    audited = re.search(r"^  plugin --dist load +(\d+) +12 +", text, re.M)
-    assert audited is not None and int(audited.group(1)) > 0
 
 
-def test_peaks_from_records_counts_starts_over_usable() -> None:
-    gib = 2**30
+def test_auditor_counts_tests_and_contexts_against_usable() -> None:
     records = [
-        {"gpu": 0, "mem": 8 * gib, "start": 0.0, "end": 2.0},
-        {"gpu": 0, "mem": 8 * gib, "start": 1.0, "end": 3.0},
-        {"gpu": 0, "mem": 8 * gib, "start": 2.0, "end": 4.0},  # starts as the first ends: no overlap
-        {"gpu": 1, "mem": 30 * gib, "start": 0.0, "end": 1.0},
+        {"worker": "s0/gw0", "gpu": 0, "mem": 8 * GIB, "start": 0.0, "end": 2.0},
+        {"worker": "s0/gw1", "gpu": 0, "mem": 8 * GIB, "start": 1.0, "end": 3.0},
+        {"worker": "s0/gw0", "gpu": 0, "mem": 8 * GIB, "start": 2.0, "end": 4.0},  # as the first ends
+        {"worker": "s0/gw2", "gpu": 1, "mem": 30 * GIB, "start": 0.0, "end": 1.0},
     ]
-    peak, over = schedule.peaks_from_records(records, {0: 20 * gib, 1: 20 * gib})
-    assert peak == {0: 16 * gib, 1: 30 * gib}
-    assert over == 1
+    peak, over = schedule.occupancy(records, [20 * GIB, 20 * GIB], context=0)
+    assert (peak, over) == ([16 * GIB, 30 * GIB], 1)
+    # With contexts, gw0's and gw1's stay on GPU 0 until their last ends: 16GiB + 2 x 2GiB.
+    peak, over = schedule.occupancy(records, [20 * GIB, 20 * GIB], context=2 * GIB)
+    assert (peak, over) == ([20 * GIB, 32 * GIB], 1)
+    peak, over = schedule.occupancy(records, [19 * GIB, 40 * GIB], context=2 * GIB)
+    assert over == 2  # the second and third starts on GPU 0
 
 
-def test_lower_bound_and_greedy_reference() -> None:
-    gib = 2**30
-    cases = [schedule.Case(f"t{i}", 10 * gib, 1.0) for i in range(4)]
-    bound, term = schedule.lower_bound(cases, 20 * gib, workers=4)
-    assert (bound, term) == (2.0, "memory")
-    assert schedule.greedy_makespan(cases, [20 * gib], workers=4) == 2.0
-    assert schedule.greedy_makespan(cases, [10 * gib, 10 * gib], workers=1) == 4.0
+def test_lower_bound_takes_the_largest_term_at_the_best_worker_count() -> None:
+    four = [Case(f"t{i}", 10 * GIB, 1.0) for i in range(4)]
+    # Two workers are enough: memory 40 GiB*s / 20GiB = 2 s, time 4 s / 2 = 2 s; 10GiB is half.
+    assert schedule.lower_bound(four, [20 * GIB], workers=4) == (
+        2.0,
+        {"memory": 2.0, "workers": 2.0, "longest": 1.0, "over half": 0.0},
+    )
+    small = [Case(f"t{i}", 1 * GIB, 1.0) for i in range(8)]
+    bound, terms = schedule.lower_bound(small, [100 * GIB], workers=2)
+    assert (bound, max(terms, key=lambda k: terms[k])) == (4.0, "workers")
+    long = [Case("long", 1 * GIB, 5.0), *small]
+    assert schedule.lower_bound(long, [100 * GIB], workers=8)[0] == 5.0
+    mem = [Case(f"t{i}", 5 * GIB, 1.0) for i in range(8)]
+    bound, terms = schedule.lower_bound(mem, [20 * GIB], workers=8)
+    assert (bound, max(terms, key=lambda k: terms[k])) == (2.0, "memory")
+    # Tests over half of a GPU cannot overlap there: two GPUs run two at a time.
+    big = [Case(f"t{i}", 12 * GIB, 1.0) for i in range(4)]
+    assert schedule.lower_bound(big, [20 * GIB], workers=4)[0] == 4.0
+    assert schedule.lower_bound(big, [20 * GIB, 20 * GIB], workers=4)[0] == 2.0
+    # Contexts take room, and the bound may use fewer workers to save theirs: on 8GiB with 2GiB
+    # contexts, 3 workers leave 2GiB (8 GiB*s take 4 s), 2 workers leave 4GiB but take 4 s too.
+    bound, terms = schedule.lower_bound(small, [8 * GIB], workers=3, context=2 * GIB)
+    assert (bound, terms["workers"], terms["memory"]) == (4.0, 4.0, 2.0)
+
+
+def test_greedy_packs_by_memory_and_pays_contexts() -> None:
+    four = [Case(f"t{i}", 10 * GIB, 1.0) for i in range(4)]
+    assert schedule.greedy_makespan(four, [20 * GIB], workers=4) == 2.0
+    assert schedule.greedy_makespan(four, [10 * GIB, 10 * GIB], workers=1) == 4.0
+    assert schedule.greedy_makespan(four, [20 * GIB], workers=4, context=1 * GIB) == 4.0
+    # Longest first: the 3 s test starts at once instead of last.
+    tail = [Case(f"s{i}", GIB, 1.0) for i in range(3)] + [Case("long", GIB, 3.0)]
+    assert schedule.greedy_makespan(tail, [80 * GIB], workers=2) == 4.0
+    assert schedule.greedy_reference(tail, [80 * GIB], workers=2) == (3.0, "LPT")
+
+
+def test_greedy_refuses_a_test_that_fits_nowhere() -> None:
+    try:
+        schedule.greedy_makespan([Case("huge", 30 * GIB, 1.0)], [20 * GIB], workers=1)
+    except ValueError:
+        return
+    raise AssertionError("a test larger than every GPU was scheduled")
+
+
+def test_fixed_slots_and_plain_n_auto_only_where_safe() -> None:
+    cases = [Case("a", 14 * GIB, 1.0), Case("b", 1 * GIB, 1.0)]
+    assert schedule.fixed_slots(schedule.MIX_BOX, cases) == [0]  # 21GiB // 14.5GiB
+    two = Box("2x80GiB", (Card(80 * GIB, reserved=12 * GIB), Card(80 * GIB, reserved=4 * GIB)))
+    assert two.usable == [67 * GIB, 75 * GIB]
+    assert two.reserve == "0:12.0GiB,1:4.0GiB"
+    assert schedule.fixed_slots(two, [Case("c", 16 * GIB, 1.0)]) == [
+        0,
+        1,
+        0,
+        1,
+        0,
+        1,
+        0,
+        1,
+    ]  # 67 and 75 // 16.5
+    n = schedule.xdist_own_count()
+    plain = schedule.plain_slots(two, cases)
+    assert plain is None or plain == [k % 2 for k in range(n)]
+    if n >= 2:
+        assert schedule.plain_slots(schedule.MIX_BOX, cases) is None  # two 14GiB tests on 21GiB
