@@ -98,7 +98,13 @@ def test_greedy_packs_by_memory_and_pays_contexts() -> None:
     # Longest first: the 3 s test starts at once instead of last.
     tail = [Case(f"s{i}", GIB, 1.0) for i in range(3)] + [Case("long", GIB, 3.0)]
     assert schedule.greedy_makespan(tail, [80 * GIB], workers=2) == 4.0
-    assert schedule.greedy_reference(tail, [80 * GIB], workers=2) == (3.0, "LPT")
+    assert schedule.greedy_reference(tail, [80 * GIB], workers=2) == (3.0, "LPT", 2)
+    # Fewer workers book fewer contexts: on the mix's 21GiB, 7 contexts of 512MiB keep every 6GiB
+    # test from running beside a 14GiB one; 2 workers' contexts do not.
+    mix = schedule.mix_suite()
+    assert schedule.greedy_makespan(sorted(mix, key=lambda c: -c.seconds), [21 * GIB], 7, 512 * MIB) > 21.0
+    best, order, workers = schedule.greedy_reference(mix, [21 * GIB], workers=7, context=512 * MIB)
+    assert (round(best, 6), order, workers) == (19.0, "LPT", 2)
 
 
 def test_greedy_refuses_a_test_that_fits_nowhere() -> None:
