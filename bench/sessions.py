@@ -11,7 +11,9 @@
     Wall: from the first session's start to the last one's exit, start-up included (each
     session's own wall beside it). CPU: user+sys of each session with its workers, from
     ``os.wait4`` (the controller reaps its workers; this process is a child subreaper, so a
-    worker orphaned on the way would be reaped and counted here too).
+    worker orphaned on the way would be reaped and counted here too); beside it, how it splits
+    between controllers and workers, as each process read its own CPU at ``pytest_unconfigure``
+    (a conftest in the suite, the same in both modes).
 4b. Cross-session grant latency: S sessions of ``pytest -n 2``, each with K tests marked
     ``gpu(mem="50GiB")`` holding for H ms, on one simulated 80GiB GPU: two tests never fit at
     once, so the box serves one test at a time and every grant hands memory over from the test
@@ -65,7 +67,8 @@ KB_PER_TEST_BEFORE = 4.4
 #: prctl(2) option: orphaned descendants are re-parented to this process.
 PR_SET_CHILD_SUBREAPER = 36
 
-#: Records each test's times (row 4b) and each process's peak RSS (row 5); the floor's lock.
+#: Records each test's times (row 4b), each process's peak RSS and CPU (rows 4a and 5); the
+#: floor's lock.
 CONFTEST = """\
 import fcntl
 import os
@@ -111,16 +114,20 @@ def _floor_lock():
         os.close(fd)
 
 
+@pytest.hookimpl(trylast=True)
 def pytest_unconfigure(config):
-    folder = os.environ.get("BENCH_RSS")
+    # After every plugin's own (their shutdown counts): the process's peak RSS and its CPU
+    # (all its threads) so far.
+    folder = os.environ.get("BENCH_PROBE")
     if not folder:
         return
     role = os.environ.get("PYTEST_XDIST_WORKER", "controller")
     with open("/proc/self/status") as f:
         fields = dict(line.split(":", 1) for line in f)
     peak = int(fields["VmHWM"].split()[0])
+    times = os.times()
     with open(os.path.join(folder, f"{role}-{os.getpid()}.txt"), "w") as f:
-        f.write(f"{role} {peak}\\n")
+        f.write(f"{role} {peak} {times.user + times.system!r}\\n")
 """
 
 HOLD_TEST = """\
@@ -161,10 +168,40 @@ class Round:
     orphans: int
     orphan_cpu_s: float
     load: str
+    probes: list[Probe] = field(default_factory=list)
 
     @property
     def cpu_s(self) -> float:
         return sum(s.cpu_s for s in self.sessions) + self.orphan_cpu_s
+
+    def cpu_of(self, controllers: bool) -> float:
+        """CPU of the sessions' controllers (or of their workers) as each process measured itself."""
+        return sum(p.cpu_s for p in self.probes if (p.role == "controller") == controllers)
+
+
+@dataclass(frozen=True)
+class Probe:
+    """What the conftest recorded of one process at its end: its role (``controller`` or the
+    xdist worker id), peak RSS (KiB) and CPU (user+sys seconds, every thread)."""
+
+    role: str
+    peak_kb: int
+    cpu_s: float
+
+
+def read_probes(folder: Path, sessions: int, workers: int) -> list[Probe]:
+    """Every process's probe; stops the benchmark unless each session's controller and workers wrote one."""
+    probes = []
+    for path in folder.glob("*.txt"):
+        role, kb, cpu = path.read_text().split()
+        probes.append(Probe(role, int(kb), float(cpu)))
+    controllers = sum(p.role == "controller" for p in probes)
+    if controllers != sessions or len(probes) != sessions * (workers + 1):
+        raise SystemExit(
+            f"expected {sessions} controllers' and {sessions * workers} workers' probes, "
+            f"found {sorted(p.role for p in probes)}"
+        )
+    return probes
 
 
 @dataclass(frozen=True)
@@ -300,13 +337,17 @@ def contention(
     """Row 4a's rounds: for each count of sessions, each mode, ``repeats`` times, alternated."""
     suite = place.work / "trivial"
     write_suite(suite, tests, max(1, tests // 100))
+    (suite / "conftest.py").write_text(CONFTEST)
     rounds: dict[tuple[int, str], list[Round]] = {(n, m): [] for n in counts for m in MODES}
     for r in range(repeats):
         for n in counts:
             for mode in list(MODES) if r % 2 == 0 else list(reversed(MODES)):
+                probe = place.folder("probe-")
                 env = clean_env(place.folder("ledger-"), GPUSHARE_SIMULATE=SIMULATE, GPUSHARE_OLLAMA="off")
+                env["BENCH_PROBE"] = str(probe)
                 result = run_sessions(pytest_cmd("-n", "2", "-q", *MODES[mode]), suite, [env] * n, place.work)
                 require_passed(result, tests, f"{n} sessions, {mode}")
+                result.probes = read_probes(probe, n, 2)
                 rounds[(n, mode)].append(result)
     return rounds
 
@@ -325,6 +366,8 @@ def contention_table(rounds: dict[tuple[int, str], list[Round]], tests: int) -> 
                 f"{max(r.wall_s for r in runs):.2f} s",
                 f"{median([s.wall_s for s in mid.sessions]):.2f} s",
                 f"{mid.cpu_s:.1f} s",
+                f"{mid.cpu_of(controllers=True):.1f} s",
+                f"{mid.cpu_of(controllers=False):.1f} s",
                 f"{mid.cpu_s / (n * tests) * 1e6:.0f} us",
                 mid.orphans,
                 mid.load,
@@ -342,6 +385,8 @@ def contention_table(rounds: dict[tuple[int, str], list[Round]], tests: int) -> 
             "max",
             "session wall",
             "CPU user+sys",
+            "controllers",
+            "workers",
             "CPU per test",
             "orphans",
             "load after (median round)",
@@ -536,19 +581,6 @@ class Peaks:
     load: str
 
 
-def read_peaks(folder: Path, workers: int) -> tuple[int, int]:
-    """The controller's and the largest worker's VmHWM as the conftest wrote them."""
-    peaks: dict[str, int] = {}
-    for path in folder.glob("*.txt"):
-        role, kb = path.read_text().split()
-        peaks[role] = int(kb)
-    if "controller" not in peaks or len(peaks) != workers + 1:
-        raise SystemExit(
-            f"scale: expected the controller's and {workers} workers' peaks, found {sorted(peaks)}"
-        )
-    return peaks.pop("controller"), max(peaks.values())
-
-
 def scale_runs(place: Place, sizes: Sequence[int], repeats: int) -> dict[tuple[int, str], list[Peaks]]:
     """Row 5's runs: each size, each mode, ``repeats`` times, alternated."""
     runs: dict[tuple[int, str], list[Peaks]] = {(t, m): [] for t in sizes for m in MODES}
@@ -559,13 +591,15 @@ def scale_runs(place: Place, sizes: Sequence[int], repeats: int) -> dict[tuple[i
     for r in range(repeats):
         for tests in sizes:
             for mode in list(MODES) if r % 2 == 0 else list(reversed(MODES)):
-                rss = place.folder("rss-")
+                probe = place.folder("probe-")
                 env = clean_env(place.folder("ledger-"), GPUSHARE_SIMULATE=SIMULATE, GPUSHARE_OLLAMA="off")
-                env["BENCH_RSS"] = str(rss)
+                env["BENCH_PROBE"] = str(probe)
                 suite = place.work / f"scale-{tests}"
                 result = run_sessions(pytest_cmd("-n", "2", "-q", *MODES[mode]), suite, [env], place.work)
                 require_passed(result, tests, f"scale, {tests} tests, {mode}")
-                controller, worker = read_peaks(rss, 2)
+                probes = read_probes(probe, 1, 2)
+                controller = next(p.peak_kb for p in probes if p.role == "controller")
+                worker = max(p.peak_kb for p in probes if p.role != "controller")
                 session = result.sessions[0]
                 runs[(tests, mode)].append(
                     Peaks(controller, worker, session.maxrss_kb, session.wall_s, result.load)
@@ -663,16 +697,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--scale-repeats", type=int, default=None, help="runs of each mode in row 5 (default 2)"
     )
+    parser.add_argument(
+        "--parts", default="4a,4b,5", help="which rows to run, of 4a,4b,5 (default all of them)"
+    )
     args = parser.parse_args(argv)
     quick = args.quick
+    parts = set(args.parts.split(","))
+    if not parts or parts - {"4a", "4b", "5"}:
+        parser.error(f"--parts takes 4a, 4b and 5, not {args.parts!r}")
     counts = args.sessions or ([2, 3] if quick else [4, 16])
-    tests = args.tests or (20 if quick else 200)
-    repeats = args.repeats or (1 if quick else 3)
-    handover_tests = args.handover_tests or (2 if quick else 6)
     hold_s = (args.hold_ms if args.hold_ms is not None else (5 if quick else 20)) / 1000
-    handover_repeats = args.handover_repeats or (1 if quick else 2)
     sizes = args.scale or ([100, 200] if quick else [2000, 8000])
-    scale_repeats = args.scale_repeats or (1 if quick else 2)
     if len(sizes) < 2:
         parser.error("--scale needs two sizes at least")
 
@@ -680,6 +715,7 @@ def main(argv: list[str] | None = None) -> int:
     print(machine())
     print(f"before: {load()}")
     subreaper = become_subreaper()
+    ratios: list[Ratio] = []
     with (
         tempfile.TemporaryDirectory(prefix="gpushare-bench-") as tmp,
         tempfile.TemporaryDirectory(prefix="gpushare-bench-", dir=memory_folder()) as ledgers,
@@ -690,20 +726,22 @@ def main(argv: list[str] | None = None) -> int:
             f"ledger folders: {ledgers} ({fs_type(Path(ledgers))}); "
             f"child subreaper: {'yes' if subreaper else 'no'}"
         )
-        contended = contention(place, counts, tests, repeats)
-        contention_table(contended, tests)
-        handed = handover_runs(place, counts, handover_tests, hold_s, handover_repeats)
-        handover_table(handed, handover_tests, hold_s)
-        scaled = scale_runs(place, sizes, scale_repeats)
-        scale_table(scaled)
+        if "4a" in parts:
+            tests = args.tests or (20 if quick else 200)
+            contended = contention(place, counts, tests, args.repeats or (1 if quick else 3))
+            contention_table(contended, tests)
+            ratios += contention_ratios(contended, counts)
+        if "4b" in parts:
+            tests = args.handover_tests or (2 if quick else 6)
+            handed = handover_runs(place, counts, tests, hold_s, args.handover_repeats or (1 if quick else 2))
+            handover_table(handed, tests, hold_s)
+            ratios += handover_ratios(handed, counts)
+        if "5" in parts:
+            scaled = scale_runs(place, sizes, args.scale_repeats or (1 if quick else 2))
+            scale_table(scaled)
+            ratios += scale_ratios(scaled, sizes)
     print(f"after: {load()}")
-    print_ratios(
-        [
-            *contention_ratios(contended, counts),
-            *handover_ratios(handed, counts),
-            *scale_ratios(scaled, sizes),
-        ]
-    )
+    print_ratios(ratios)
     return 0
 
 

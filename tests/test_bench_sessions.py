@@ -21,8 +21,9 @@ def test_sessions_prints_rows_and_ratios() -> None:
     assert re.search(r"^ledger folders: .+ \(\w+\); child subreaper: (yes|no)$", text, re.M)
     for n in (2, 3):
         for mode in ("with plugin", "-p no:gpushare"):
-            # sessions, mode, round wall, min, max, session wall, CPU, CPU per test, orphans, load
-            row = rf"^  {n} +{re.escape(mode)} +(\d+\.\d\d s +){{4}}\d+\.\d s +\d+ us +0 +load \d"
+            # sessions, mode, round wall, min, max, session wall, CPU (all, controllers, workers),
+            # CPU per test, orphans, load
+            row = rf"^  {n} +{re.escape(mode)} +(\d+\.\d\d s +){{4}}(\d+\.\d s +){{3}}\d+ us +0 +load \d"
             assert re.search(row, text, re.M), (n, mode)
         for mode in ("with plugin", "floor: flock, -p no:gpushare"):
             # sessions, mode, tests, cross count and its quantiles, same count and quantiles, overlaps
