@@ -24,6 +24,7 @@ __all__ = [
     "parse_bool",
     "parse_count",
     "parse_default_mem",
+    "parse_dispatch",
     "parse_fallback",
     "parse_float",
     "parse_ollama",
@@ -154,6 +155,7 @@ def _choice(*choices: str) -> Callable[[object, str], str]:
 
 parse_fallback = _choice("skip", "cpu", "fail")
 parse_policy = _choice("spread", "pack")
+parse_dispatch = _choice("memory", "xdist")
 
 _HOST_RE = re.compile(r"^[A-Za-z0-9._-]+$")
 # Words people write for "no Ollama" that would otherwise pass as a host name.

@@ -17,6 +17,7 @@ from pytest_gpushare.settings.parsers import (
     parse_bool,
     parse_count,
     parse_default_mem,
+    parse_dispatch,
     parse_fallback,
     parse_ollama,
     parse_on_off,
@@ -61,6 +62,7 @@ class Settings:
     report: str | None
     config_file: str | None
     enforce: bool
+    dispatch: str
     adopt_marker: bool
     observe_interval_s: float
     worker_mem_from: str
@@ -162,6 +164,8 @@ OPTION_NAMES: tuple[Option, ...] = (
             "a JSON file with a gpu_resource_management object (below the ini file in precedence)"),
     _option("enforce",           "enforce",        "off",    parse_bool,             "",
             "cap each test at its lease where the framework allows it (PyTorch)"),
+    _option("dispatch",          "dispatch",       "memory", parse_dispatch,         "{memory,xdist}",
+            "under --dist load, dispatch tests by memory, or leave xdist's scheduler"),
     _option("adopt_marker",      "adopt_marker",   "off",    parse_bool,             "",
             "treat a suite's own bare gpu marker as fully ours (fallback included)"),
     _option("observe_interval_s", "observe_interval", "0.05", parse_seconds,        "SECONDS",

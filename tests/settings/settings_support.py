@@ -91,6 +91,7 @@ GOOD: dict[str, tuple[tuple[object, object], tuple[object, object]]] = {
     "gpushare_simulate": (("24GiB", "24GiB"), ("2x80GiB:used=1GiB", "2x80GiB:used=1GiB")),
     "gpushare_report": (("/tmp/a.json", "/tmp/a.json"), ("/tmp/b.json", "/tmp/b.json")),
     "gpushare_enforce": (("1", True), ("off", False)),
+    "gpushare_dispatch": (("xdist", "xdist"), ("Memory", "memory")),
     "gpushare_adopt_marker": (("true", True), ("0", False)),
     "gpushare_observe_interval": (("0", 0.0), ("0.2", 0.2)),
     "gpushare_worker_mem_from": (("off", "off"), ("MAX", "max")),

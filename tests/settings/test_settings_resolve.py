@@ -80,6 +80,7 @@ def test_the_table_holds_the_spec_names() -> None:
         "--gpushare-report",
         "--gpushare-config",
         "--gpushare-enforce",
+        "--gpushare-dispatch",
         "--gpushare-adopt-marker",
         # beyond SPEC's table (issue 6): observed memory
         "--gpushare-observe-interval",
@@ -112,6 +113,7 @@ def test_defaults(tmp_path: Path) -> None:
     assert settings.report is None
     assert settings.config_file is None
     assert settings.enforce is False
+    assert settings.dispatch == "memory"
     assert settings.notes == ()
     assert set(settings.sources) == {option.field for option in OPTION_NAMES}
     assert all(source.startswith("default") for source in settings.sources.values())
@@ -225,6 +227,7 @@ BAD: dict[str, list[tuple[str, str]]] = {
         ("24", "needs a unit"),
     ],
     "gpushare_enforce": [("maybe", "not a flag"), ("2", "not a flag")],
+    "gpushare_dispatch": [("load", "use one of memory, xdist")],
     "gpushare_adopt_marker": [("maybe", "not a flag")],
     "gpushare_observe_interval": [("-1", "negative"), ("often", "not a number")],
     "gpushare_worker_mem_from": [("p50", "expected one of off, p95, max")],
@@ -324,6 +327,7 @@ NATIVE_BAD: list[tuple[str, object, str]] = [
     ("gpushare_ollama", 11434, "use auto, off"),
     ("gpushare_fallback", True, "use one of"),
     ("gpushare_policy", 1, "use one of"),
+    ("gpushare_dispatch", True, "use one of"),
     ("gpushare_ledger_dir", 5, "not a path"),
     ("gpushare_report", False, "not a path"),
     ("gpushare_config", 1.5, "not a path"),
