@@ -15,25 +15,36 @@ real GPUs; everything set is recorded (:func:`~pytest_gpushare.session.note_env`
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import pytest
 
 from pytest_gpushare import planner, report
+from pytest_gpushare.brokerhooks import PLUGIN_NAME as BROKER_PLUGIN
 from pytest_gpushare.brokerhooks import broker_for_workers
+from pytest_gpushare.dispatch.needs import INPUT_KEY, DispatchInput, write_needs
+from pytest_gpushare.dispatch.order import MarkedNeed
 from pytest_gpushare.enforce import framework_env
+from pytest_gpushare.errors import SettingError
 from pytest_gpushare.gpus.visible import cuda_visible_env
 from pytest_gpushare.session import (
     begin_gpu_work,
     get_plan,
     get_settings,
+    gpu_work_begun,
+    is_worker,
     never_plans,
     note_env,
     worker_input,
 )
+
+if TYPE_CHECKING:
+    from pytest_gpushare.dispatch.scheduling import MemoryScheduling
 
 __all__ = [
     "HOME_ENV",
@@ -55,6 +66,12 @@ AUTO_KEY = pytest.StashKey[planner.WorkerCount]()
 HOME_KEY = pytest.StashKey["str | None"]()
 #: Where the NVIDIA driver lists the GPUs it drives, one folder per GPU (Linux).
 DRIVER_GPUS = Path("/proc/driver/nvidia/gpus")
+#: The memory-aware scheduler of this session, where xdist uses it (the controller only).
+SCHEDULER_KEY = pytest.StashKey["MemoryScheduling"]()
+#: Where the controller keeps each test's duration in pytest's cache, for the next run's order.
+DURATIONS_KEY = "gpushare/durations"
+#: At most this many durations are kept (the most recently seen).
+DURATIONS_KEPT = 50_000
 
 
 # --- before the conftests ----------------------------------------------------------------------
@@ -220,10 +237,119 @@ def _announce(config: pytest.Config, lines: Sequence[str]) -> None:
 def pytest_configure_node(node: Any) -> None:
     """Send the controller's plan to workers on this box (they ask NVML and Ollama nothing), and
     the way to the session's broker where it runs one; a worker on another host gets only the
-    session id and plans there."""
+    session id and plans there. Where the session dispatches by memory, a local worker also
+    learns where to write its tests' needs (in the broker's private folder)."""
     local = is_local(node.gateway.spec)
     received = worker_input(node.config, local=local)
     broker = broker_for_workers(node.config) if local else None
     if broker is not None:
         received["gpushare_broker"] = broker
     node.workerinput.update(received)
+    if broker is not None and dispatches_by_memory(node.config):
+        folder = Path(broker["address"]).parent
+        node.workerinput[INPUT_KEY] = DispatchInput(needs_path=str(folder / f"needs-{node.gateway.id}.json"))
+
+
+# --- memory-aware dispatch (docs/concepts/dispatch.rst) ----------------------------------------
+
+
+def dispatches_by_memory(config: pytest.Config) -> bool:
+    """Whether xdist's default ``--dist load`` is in use with ``--gpushare-dispatch=memory``."""
+    return config.getvalue("dist") == "load" and get_settings(config).dispatch == "memory"
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> MemoryScheduling | None:
+    """The memory-aware scheduler under ``--dist load``, where the session runs a broker (GPU work
+    on a box with GPUs); None leaves xdist's own scheduler (other ``--dist`` modes,
+    ``--gpushare-dispatch=xdist``, no GPU)."""
+    if never_plans(config) or not dispatches_by_memory(config) or not gpu_work_begun(config):
+        return None
+    hooks = config.pluginmanager.get_plugin(BROKER_PLUGIN)
+    if hooks is None or not get_plan(config).gpus:
+        return None
+    from pytest_gpushare.dispatch.scheduling import MemoryScheduling, SessionFacts
+
+    plan = get_plan(config)
+
+    def waiting() -> Mapping[str, float]:
+        broker = hooks.broker
+        return {} if broker is None else broker.waiting()
+
+    facts = SessionFacts(
+        usable={g.gpu.uuid: g.usable_bytes for g in plan.gpus},
+        totals={g.gpu.uuid: g.gpu.total_bytes for g in plan.gpus},
+        context_bytes=get_settings(config).context_mem_bytes,
+        home=lambda node: node.gateway.spec.env.get(HOME_ENV) if is_local(node.gateway.spec) else None,
+        durations=_read_durations(config),
+        waiting=waiting,
+    )
+    scheduler = MemoryScheduling(config, log, facts)
+    config.stash[SCHEDULER_KEY] = scheduler
+    return scheduler
+
+
+class _LeaseHooks(Protocol):
+    """What dispatch asks of :class:`pytest_gpushare.testhooks.LeaseHooks` (found by its plugin
+    name: testhooks imports this module)."""
+
+    def role(self, item: pytest.Item) -> str | None: ...
+    def _need(self, item: pytest.Item) -> tuple[Any, bool] | None: ...
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """A local worker of a session that dispatches by memory writes its tests' needs before
+    xdist sends the controller its collection (tryfirst: xdist's own hook sends it)."""
+    config = session.config
+    received: DispatchInput | None = getattr(config, "workerinput", {}).get(INPUT_KEY)
+    hooks: _LeaseHooks | None = config.pluginmanager.get_plugin("gpushare-leases")
+    if received is None or hooks is None or config.getoption("collectonly", False):
+        return
+    needs = [_marked_need(hooks, item) for item in session.items]
+    with contextlib.suppress(OSError):  # no file: the controller leaves the run to xdist
+        write_needs(received["needs_path"], [item.nodeid for item in session.items], needs)
+
+
+def _marked_need(hooks: _LeaseHooks, item: pytest.Item) -> MarkedNeed | None:
+    """What ``item`` needs, as its lease will ask (None: no GPU test, or a bad marker, which
+    fails at setup without a lease)."""
+    role = hooks.role(item)
+    if role is None:
+        return None
+    try:
+        found = hooks._need(item)
+    except SettingError:
+        return None
+    if found is None:
+        return None
+    need, takes_fixture = found
+    # A suite's own bare marker (a guest) stays on its home GPU, fixture or not.
+    return MarkedNeed(need.mem, need.count, need.exclusive, takes_fixture and role == "ours")
+
+
+def _read_durations(config: pytest.Config) -> dict[str, float]:
+    cache = getattr(config, "cache", None)
+    found = cache.get(DURATIONS_KEY, {}) if cache is not None else {}
+    if not isinstance(found, dict):
+        return {}
+    return {
+        k: float(v)
+        for k, v in found.items()
+        if isinstance(k, str) and isinstance(v, (int, float)) and math.isfinite(v) and v >= 0
+    }
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """The controller keeps each test's duration for the next run's order (the scheduler
+    measured them: xdist reports each test's run time to it)."""
+    config = session.config
+    scheduler = config.stash.get(SCHEDULER_KEY, None)
+    cache = getattr(config, "cache", None)
+    if scheduler is None or cache is None or not scheduler.durations or is_worker(config):
+        return
+    kept = _read_durations(config)
+    for nodeid, seconds in scheduler.durations.items():
+        kept.pop(nodeid, None)
+        kept[nodeid] = round(seconds, 4)
+    cache.set(DURATIONS_KEY, dict(list(kept.items())[-DURATIONS_KEPT:]))

@@ -160,6 +160,15 @@ class Broker:
             version=proto.VERSION, address=self.address, token=self.token, session_id=self.box.session_id
         )
 
+    def waiting(self) -> dict[str, float]:
+        """Each worker with a request that waits now, and when (``time.monotonic()``) its oldest
+        one began; read-only, for the xdist scheduler on the controller's main thread (a copy of
+        the engine's list is one step under the GIL, and a request's fields never change)."""
+        found: dict[str, float] = {}
+        for p in list(self._engine._queue):
+            found.setdefault(p.worker.worker_id, p.start)
+        return found
+
     def cancel(self, timeout: float = 1.0) -> int:
         """Answer every waiting request "cancelled" now, and every later one at once (``-x``,
         ``--maxfail``, Ctrl-C); how many were waiting. Returns within ``timeout``."""

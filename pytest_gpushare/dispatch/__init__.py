@@ -1,0 +1,18 @@
+"""Memory-aware dispatch: which test each xdist worker gets under ``--dist load``.
+
+xdist's load scheduler hands tests to workers blind to memory: a worker whose test waits for
+memory holds the tests queued behind it. Here the controller sends each worker only tests that
+fit beside what the other workers may hold, larger and longer first (docs/concepts/dispatch.rst).
+
+From the bottom up: :mod:`.order` (what a test takes, which goes first), :mod:`.fit` (what each
+worker may hold), :mod:`.dispatcher` (the decisions; these three are pure), :mod:`.needs` (the
+file in which a worker reports its tests' needs) and :mod:`.scheduling` (xdist's scheduler,
+imported only where xdist runs; ``pytest_gpushare.workers`` makes it).
+"""
+
+from __future__ import annotations
+
+from pytest_gpushare.dispatch.dispatcher import LOOKAHEAD_S, STARVE_S, Dispatcher
+from pytest_gpushare.dispatch.order import NO_GPU, Demand, MarkedNeed
+
+__all__ = ["LOOKAHEAD_S", "NO_GPU", "STARVE_S", "Demand", "Dispatcher", "MarkedNeed"]

@@ -1,0 +1,362 @@
+"""Which pending test each xdist worker gets, and when: the decisions of memory-aware dispatch.
+
+Pure: test indices, worker keys, bytes and seconds in, decisions out; no xdist, no pytest, no
+clock (``now`` is an argument). :mod:`pytest_gpushare.dispatch.scheduling` drives it from xdist's
+scheduler calls. See docs/concepts/dispatch.rst for the reasoning.
+
+* **Order.** Pending tests wait in one line per distinct :class:`~.order.Demand` (a *class*),
+  longest first; a worker is offered the classes heaviest head first (:func:`~.order.weight`).
+* **Fit.** A test goes to a worker only if it fits the worker's holds (:class:`~.fit.Holds`).
+* **Depth.** A worker is filled to two tests (xdist's worker cannot start a test before it has
+  the next one), and beyond that while its queue is expected to take less than
+  :data:`LOOKAHEAD_S`, up to xdist's own high-water mark (at least three), so that very short
+  tests do not leave it waiting for the controller between two of them.
+* **Stall.** A worker left with one test cannot start it (xdist's worker waits for the next
+  one); if nothing that fits is pending, it waits for the next completion, which frees room.
+  Only when no worker runs anything (no completion would come) is every such worker sent a test
+  that does not fit: the smallest pending one. It may wait for memory in the broker; a worker
+  whose first test is such a test does not count as running.
+* **Starvation.** A class passed over (a later class was sent while its head did not fit) for
+  :data:`STARVE_S` is *reserved*: its room on the GPUs it will use is kept until one of its
+  tests is sent. Other workers there are sent only what fits beside it, or what is smaller than
+  what they hold (so their holds shrink as their queues run). A worker holds at least the test
+  it holds next, so should every worker stall before the room is free (its need does not fit
+  beside the others' smallest tests), the reservation is given up for another STARVE_S.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections import deque
+from collections.abc import Collection, Hashable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+from pytest_gpushare.dispatch.fit import Holds
+from pytest_gpushare.dispatch.order import Demand, weight
+
+__all__ = ["LOOKAHEAD_S", "STARVE_S", "Dispatcher"]
+
+#: A test passed over this long keeps its room until it is sent.
+STARVE_S = 2.0
+#: A worker is kept fed with this many seconds of expected work after its running test.
+LOOKAHEAD_S = 0.1
+
+W = TypeVar("W", bound=Hashable)
+Parts = tuple[tuple[str, int], ...]
+
+
+@dataclass(frozen=True)
+class _Sent:
+    index: int
+    parts: Parts
+    duration: float
+    forced: bool = False  # sent although it did not fit: it may wait for memory
+
+
+@dataclass
+class _Worker:
+    home: str | None
+    queue: deque[_Sent] = field(default_factory=deque)
+    queued_s: float = 0.0  # the expected duration of the whole queue
+    closing: bool = False  # told to shut down: it is sent nothing more
+
+
+@dataclass(eq=False)
+class _Class:
+    demand: Demand
+    share: float  # weight per second
+    tests: list[int] = field(default_factory=list)  # lightest first: pop() takes the head
+    passed_since: float | None = None
+
+    def head_weight(self, durations: Sequence[float]) -> float:
+        return self.share * durations[self.tests[-1]]
+
+
+@dataclass(frozen=True)
+class _Reservation:
+    cls: _Class
+    parts: Mapping[str, int]
+
+
+class Dispatcher(Generic[W]):
+    """The pending tests of one session and what each worker was sent.
+
+    ``rooms``: bytes per GPU uuid the session's tests may hold at once. ``demands[i]`` and
+    ``durations[i]``: test ``i``'s demand and expected duration. ``workers``: how many workers the
+    session runs (for the weights).
+    """
+
+    def __init__(
+        self,
+        rooms: Mapping[str, int],
+        demands: Sequence[Demand],
+        durations: Sequence[float],
+        *,
+        workers: int,
+        starve_after: float = STARVE_S,
+        lookahead: float = LOOKAHEAD_S,
+    ) -> None:
+        self._holds: Holds[W] = Holds(rooms)
+        self._durations = list(durations)
+        self._starve_after = starve_after
+        self._lookahead = lookahead
+        self._workers: dict[W, _Worker] = {}
+        self._reserved: _Reservation | None = None
+        self._class_of: list[_Class] = []
+        classes: dict[Demand, _Class] = {}
+        for demand in demands:
+            cls = classes.get(demand)
+            if cls is None:
+                cls = classes[demand] = _Class(demand, weight(demand, 1.0, rooms, workers))
+            self._class_of.append(cls)
+        self._classes = list(classes.values())
+        for index in range(len(demands)):
+            self._class_of[index].tests.append(index)
+        for cls in self._classes:
+            cls.tests.sort(key=self._line_key)
+        self.pending = len(demands)
+
+    # --- workers -----------------------------------------------------------------------------
+
+    def add_worker(self, worker: W, home: str | None) -> None:
+        self._workers[worker] = _Worker(home if home in self._holds.rooms else None)
+
+    def close(self, worker: W) -> None:
+        """``worker`` was told to shut down: it runs what it has and is sent nothing more."""
+        self._workers[worker].closing = True
+
+    def remove_worker(self, worker: W) -> int | None:
+        """``worker`` is gone. Its first unfinished test (the one it was running when it died) is
+        returned; the others wait again."""
+        state = self._workers.pop(worker)
+        self._holds.forget(worker)
+        if not state.queue:
+            return None
+        crashed = state.queue.popleft()
+        for sent in state.queue:
+            self._wait_again(sent.index)
+        return crashed.index
+
+    def queue(self, worker: W) -> list[int]:
+        return [s.index for s in self._workers[worker].queue]
+
+    def hungry(self, exclude: Collection[W] = ()) -> list[W]:
+        """The workers (not closing, not in ``exclude``) that would take more tests."""
+        return [w for w, state in self._workers.items() if w not in exclude and self._wants_more(state)]
+
+    @property
+    def done(self) -> bool:
+        """Nothing waits to be sent and no worker has a test after its last one."""
+        return not self.pending and all(len(s.queue) < 2 for s in self._workers.values())
+
+    @property
+    def busy(self) -> bool:
+        """Some test is pending or sent and not yet completed."""
+        return bool(self.pending) or any(s.queue for s in self._workers.values())
+
+    # --- events ------------------------------------------------------------------------------
+
+    def completed(self, worker: W, index: int) -> None:
+        """``worker`` finished test ``index`` (normally the first of its queue)."""
+        self._take_out(self._workers[worker], worker, [index])
+
+    def take_back(self, worker: W, indices: Sequence[int]) -> None:
+        """Tests taken back from ``worker``'s queue (xdist's steal answer) wait again."""
+        self._take_out(self._workers[worker], worker, indices)
+        for index in indices:
+            self._wait_again(index)
+
+    def requeue(self, index: int) -> None:
+        """Test ``index`` is to run again (a plugin asked, as after a crash)."""
+        self._wait_again(index)
+
+    def steal_plan(self, waiting: Collection[W]) -> tuple[W, list[int]] | None:
+        """Tests to take back from a worker whose running test waits for memory: those not yet
+        in its hands (after its running test and the next one, which xdist's worker already
+        holds); None when no waiting worker has any."""
+        for w in waiting:
+            state = self._workers.get(w)
+            if state is not None and len(state.queue) > 2:
+                return w, [s.index for s in list(state.queue)[2:]]
+        return None
+
+    # --- sending -----------------------------------------------------------------------------
+
+    def fill(self, worker: W, now: float) -> list[int]:
+        """The tests to send ``worker`` now, in order."""
+        state = self._workers[worker]
+        if state.closing or not self.pending:
+            return []
+        self._reserve_starved(now)
+        sent = self._fill_fitting(worker, state, now)
+        if len(state.queue) == 1 and self.pending and self._nothing_runs():
+            if self._reserved is not None:
+                # The reserved test does not fit beside what the stalled workers hold, and only
+                # sending them more would free it: give up the reservation, for STARVE_S.
+                self._reserved.cls.passed_since = now
+                self._reserved = None
+                sent += self._fill_fitting(worker, state, now)
+            if len(state.queue) == 1 and self.pending:
+                sent.append(self._send(worker, state, *self._stall_pick(worker, state), forced=True))
+        return sent
+
+    def _fill_fitting(self, worker: W, state: _Worker, now: float) -> list[int]:
+        sent: list[int] = []
+        while self.pending and self._wants_more(state):
+            chosen = self._best(worker, state, now)
+            if chosen is None:
+                break
+            sent.append(self._send(worker, state, *chosen))
+        return sent
+
+    def _wants_more(self, state: _Worker) -> bool:
+        if state.closing:
+            return False
+        depth = len(state.queue)
+        if depth < 2:
+            return True
+        high = max(3, self.pending // max(1, len(self._workers)) // 2)
+        return depth < high and state.queued_s < self._lookahead
+
+    def _best(self, worker: W, state: _Worker, now: float) -> tuple[_Class, Parts] | None:
+        """The heaviest class whose head fits ``worker``; classes above it that did not fit
+        have been passed over from now on."""
+        skipped: list[_Class] = []
+        for cls in self._offer_order():
+            parts = self._place(worker, state, cls, fitting=True)
+            if parts is not None:
+                for other in skipped:
+                    if other.passed_since is None:
+                        other.passed_since = now
+                return cls, parts
+            skipped.append(cls)
+        return None
+
+    def _offer_order(self) -> Iterator[_Class]:
+        reserved = self._reserved.cls if self._reserved is not None else None
+        if reserved is not None and reserved.tests:
+            yield reserved
+        live = [c for c in self._classes if c.tests and c is not reserved]
+        live.sort(key=lambda c: c.head_weight(self._durations), reverse=True)
+        yield from live
+
+    def _stall_pick(self, worker: W, state: _Worker) -> tuple[_Class, Parts]:
+        """For a worker left with one test when nothing fits and nothing runs anywhere: the
+        smallest pending test."""
+        cls = min((c for c in self._classes if c.tests), key=lambda c: c.demand.largest)
+        parts = self._place(worker, state, cls, fitting=False)
+        assert parts is not None  # placed without fitting: always somewhere
+        return cls, parts
+
+    def _send(self, worker: W, state: _Worker, cls: _Class, parts: Parts, *, forced: bool = False) -> int:
+        index = cls.tests.pop()
+        self.pending -= 1
+        duration = self._durations[index]
+        state.queue.append(_Sent(index, parts, duration, forced))
+        state.queued_s += duration
+        self._holds.add(worker, parts)
+        cls.passed_since = None
+        if self._reserved is not None and (self._reserved.cls is cls or not self._reserved.cls.tests):
+            self._reserved = None
+        return index
+
+    # --- placing -----------------------------------------------------------------------------
+
+    def _place(self, worker: W, state: _Worker, cls: _Class, *, fitting: bool) -> Parts | None:
+        """Where ``cls``'s head would go on ``worker``: ``(uuid, bytes)`` parts (empty: no GPU
+        memory that dispatch models), or None when it does not fit (``fitting``)."""
+        d = cls.demand
+        if d.count == 0:
+            return ()
+        kept = self._kept_for_others(cls)
+        if d.count == 1 and not d.anywhere:
+            home = state.home
+            if home is None or not d.on(home):
+                return ()
+            ok = not fitting or self._fits(worker, home, d.on(home), kept.get(home, 0))
+            return ((home, d.on(home)),) if ok else None
+        chosen = [
+            u
+            for u in self._by_room(state.home, kept)
+            if d.on(u) and (not fitting or self._fits(worker, u, d.on(u), kept.get(u, 0)))
+        ][: d.count]
+        if fitting and len(chosen) < d.count:
+            return None
+        return tuple((u, d.on(u)) for u in chosen)
+
+    def _fits(self, worker: W, uuid: str, need: int, kept: int) -> bool:
+        """Whether ``worker`` may be sent ``need`` bytes on ``uuid`` with ``kept`` bytes held back
+        there for a reserved test: it fits beside it, or it is smaller than what the worker
+        holds there (it takes no room; once the larger tests ahead of it end, the worker holds
+        less, which is how a reservation's room is freed)."""
+        if self._holds.fits(worker, uuid, need, kept):
+            return True
+        return kept > 0 and need < self._holds.hold(worker, uuid) and self._holds.fits(worker, uuid, need)
+
+    def _by_room(self, home: str | None, kept: Mapping[str, int]) -> list[str]:
+        """The GPUs, the home first, then those with the most room left."""
+        rest = sorted(
+            (u for u in self._holds.rooms if u != home), key=lambda u: -self._holds.free(u, kept.get(u, 0))
+        )
+        return ([home] if home is not None else []) + rest
+
+    # --- starvation --------------------------------------------------------------------------
+
+    def _reserve_starved(self, now: float) -> None:
+        if self._reserved is not None and self._reserved.cls.tests:
+            return
+        self._reserved = None
+        starved = [
+            c
+            for c in self._classes
+            if c.tests and c.passed_since is not None and now - c.passed_since >= self._starve_after
+        ]
+        if not starved:
+            return
+        cls = min(starved, key=lambda c: c.passed_since or 0.0)
+        d = cls.demand
+        if d.count == 1 and not d.anywhere:
+            homes = {s.home for s in self._workers.values() if s.home is not None and d.on(s.home)}
+            gpus = sorted(homes, key=lambda u: -self._holds.free(u))[:1]
+        else:
+            gpus = [u for u in self._by_room(None, {}) if d.on(u)][: d.count]
+        self._reserved = _Reservation(cls, {u: d.on(u) for u in gpus})
+
+    def _kept_for_others(self, cls: _Class) -> Mapping[str, int]:
+        """What a reservation keeps on each GPU from tests other than its own."""
+        if self._reserved is None or self._reserved.cls is cls:
+            return {}
+        return self._reserved.parts
+
+    def _nothing_runs(self) -> bool:
+        """No worker will complete a test without being sent one: each has at most one, which it
+        cannot start (xdist's worker starts it only with the next one in hand), or its first was
+        sent although it did not fit (it may wait for memory that only they would free)."""
+        return not any(
+            (len(s.queue) >= 2 or (s.closing and s.queue)) and not s.queue[0].forced
+            for s in self._workers.values()
+        )
+
+    # --- pending lines -----------------------------------------------------------------------
+
+    def _line_key(self, index: int) -> tuple[float, int]:
+        # Shortest first and, among equals, the later in collection order first: pop() takes the
+        # longest, and of equals the earliest collected (xdist's order where nothing is known).
+        return (self._durations[index], -index)
+
+    def _wait_again(self, index: int) -> None:
+        cls = self._class_of[index]
+        bisect.insort(cls.tests, index, key=self._line_key)
+        self.pending += 1
+
+    def _take_out(self, state: _Worker, worker: W, indices: Sequence[int]) -> None:
+        wanted = set(indices)
+        if len(wanted) == 1 and state.queue and state.queue[0].index in wanted:
+            gone = [state.queue.popleft()]
+        else:
+            gone = [s for s in state.queue if s.index in wanted]
+            state.queue = deque(s for s in state.queue if s.index not in wanted)
+        for sent in gone:
+            self._holds.remove(worker, sent.parts)
+            state.queued_s -= sent.duration

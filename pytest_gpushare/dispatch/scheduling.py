@@ -1,0 +1,290 @@
+"""xdist's scheduler under ``--dist load`` when the session dispatches by memory.
+
+:class:`MemoryScheduling` follows xdist's ``Scheduling`` protocol (``xdist/scheduler/protocol.py``)
+and drives the pure :class:`~pytest_gpushare.dispatch.dispatcher.Dispatcher`. Until every
+worker's collection is in it hands everything to an xdist ``LoadScheduling`` as well; at
+:meth:`~MemoryScheduling.schedule` it decides once:
+
+* **memory**: a local worker reported its tests' needs (:mod:`.needs`), every worker has a home
+  GPU, and memory can bind (:func:`~.order.memory_binds`): from then on the dispatcher decides;
+* **xdist**: otherwise (no GPU, remote workers, no GPU tests, or room for every worker's largest
+  test at once): the ``LoadScheduling`` goes on alone, and the run is xdist's own, in its order.
+
+In memory mode, after every event: a worker whose running test has waited for memory in the
+session's broker for :data:`STEAL_AFTER_S` has the tests it has not yet taken in hand taken back
+(xdist's ``steal``: all or none), so that other workers run them; then the worker that reported
+and every worker that would take more are filled. With nothing pending a worker is told to shut
+down (it runs what it has), unless tests may still come back from a steal. Workers that xdist is
+shutting down (``-x``, ``--maxfail``, Ctrl-C, a crashed worker's replacement limit) are sent
+nothing.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from xdist.remote import Producer
+from xdist.report import report_collection_diff
+from xdist.scheduler import LoadScheduling
+from xdist.workermanage import WorkerController, parse_tx_spec_config
+
+from pytest_gpushare.dispatch.dispatcher import Dispatcher
+from pytest_gpushare.dispatch.needs import INPUT_KEY, read_needs
+from pytest_gpushare.dispatch.order import Demand, MarkedNeed, demand_of, guess_duration, memory_binds
+
+__all__ = ["STEAL_AFTER_S", "MemoryScheduling", "SessionFacts"]
+
+#: A worker whose running test has waited this long for memory gives back its queued tests.
+STEAL_AFTER_S = 0.5
+
+
+@dataclass(frozen=True)
+class SessionFacts:
+    """What the scheduler knows of the session besides xdist.
+
+    ``usable``/``totals``: bytes per GPU uuid (the plan's usable memory, the devices' totals);
+    ``context_bytes``: one worker's CUDA context booking; ``home``: a worker's home GPU uuid, None
+    when unknown (a worker on another host); ``durations``: seconds per node id from earlier runs;
+    ``waiting``: for each worker whose request waits in the session's broker now, when (as
+    ``time.monotonic()``) its oldest one started.
+    """
+
+    usable: Mapping[str, int]
+    totals: Mapping[str, int]
+    context_bytes: int
+    home: Callable[[Any], str | None]
+    durations: Mapping[str, float]
+    waiting: Callable[[], Mapping[str, float]]
+    clock: Callable[[], float] = time.monotonic
+
+
+class MemoryScheduling:
+    """The memory-aware ``--dist load`` scheduler (see the module docstring)."""
+
+    def __init__(self, config: pytest.Config, log: Producer | None, facts: SessionFacts) -> None:
+        self.config = config
+        self.log = log.memsched if log is not None else Producer("memsched", enabled=False)
+        self.facts = facts
+        self._load = LoadScheduling(config, log)
+        self._numnodes = len(parse_tx_spec_config(config))
+        self._nodes: dict[WorkerController, None] = {}  # in order of arrival
+        self._collections: dict[WorkerController, list[str]] = {}
+        self._needs: list[MarkedNeed | None] | None = None
+        self._core: Dispatcher[str] | None = None
+        self._collection: list[str] = []
+        self._steal_from: WorkerController | None = None
+        #: How dispatch decided ("memory", or "xdist: <why>"); None before the first schedule().
+        self.mode: str | None = None
+        #: Seconds each test took (node id), for the next run's order.
+        self.durations: dict[str, float] = {}
+
+    @property
+    def _xdist(self) -> bool:
+        return self._core is None
+
+    # --- the protocol: state -----------------------------------------------------------------
+
+    @property
+    def nodes(self) -> list[WorkerController]:
+        return self._load.nodes if self._xdist else list(self._nodes)
+
+    @property
+    def collection_is_completed(self) -> bool:
+        return len(self._collections) >= self._numnodes
+
+    @property
+    def tests_finished(self) -> bool:
+        if self._core is None:
+            return bool(self._load.tests_finished)
+        return self.collection_is_completed and self._steal_from is None and self._core.done
+
+    @property
+    def has_pending(self) -> bool:
+        return bool(self._load.has_pending) if self._core is None else self._core.busy
+
+    # --- the protocol: nodes and collections -------------------------------------------------
+
+    def add_node(self, node: WorkerController) -> None:
+        self._nodes[node] = None
+        if self._core is None:
+            self._load.add_node(node)
+        else:
+            self._core.add_worker(node.gateway.id, self.facts.home(node))
+
+    def add_node_collection(self, node: WorkerController, collection: Sequence[str]) -> None:
+        ids = list(collection)
+        if self._core is None:
+            self._load.add_node_collection(node, ids)
+        elif ids != self._collection:  # a replacement worker that collected otherwise
+            other = next(iter(self._collections))
+            self.log(report_collection_diff(self._collection, ids, other.gateway.id, node.gateway.id))
+            return
+        self._collections[node] = ids
+        if self._needs is None and self.mode is None:
+            path = getattr(node, "workerinput", {}).get(INPUT_KEY, {}).get("needs_path")
+            self._needs = None if path is None else read_needs(path, ids)
+
+    def remove_node(self, node: WorkerController) -> str | None:
+        self._nodes.pop(node, None)  # its collection stays counted, as xdist's schedulers count it
+        if self._core is None:
+            crashitem: str | None = self._load.remove_node(node)
+            return crashitem
+        if self._steal_from is node:
+            self._steal_from = None
+        crashed = self._core.remove_worker(node.gateway.id)
+        self._check_all()
+        return None if crashed is None else self._collection[crashed]
+
+    # --- the protocol: tests -----------------------------------------------------------------
+
+    def schedule(self) -> None:
+        assert self.collection_is_completed
+        if self.mode is None:
+            self.mode = self._decide()
+            self.log("dispatch:", self.mode)
+            tr = self.config.pluginmanager.get_plugin("terminalreporter")
+            if tr is not None and self.config.get_verbosity() > 0:
+                tr.write_line(f"gpushare: dispatch: {self.mode}")
+        if self._core is None:
+            self._load.schedule()
+        else:
+            self._check_all()
+
+    def mark_test_complete(self, node: WorkerController, item_index: int, duration: float = 0) -> None:
+        if self._core is None:
+            collection = self._load.collection
+            if collection is not None:
+                self.durations[collection[item_index]] = duration
+            self._load.mark_test_complete(node, item_index, duration)
+            return
+        self.durations[self._collection[item_index]] = duration
+        self._core.completed(node.gateway.id, item_index)
+        self._after_event(node)
+
+    def mark_test_pending(self, item: str) -> None:
+        if self._core is None:
+            self._load.mark_test_pending(item)
+            return
+        self._core.requeue(self._collection.index(item))
+        self._check_all()
+
+    def remove_pending_tests_from_node(self, node: WorkerController, indices: Sequence[int]) -> None:
+        """A steal's answer: the tests taken back (none when the worker had started one)."""
+        if self._core is None:
+            self._load.remove_pending_tests_from_node(node, indices)
+            return
+        if self._steal_from is node:
+            self._steal_from = None
+        if indices and node in self._nodes:
+            self._core.take_back(node.gateway.id, indices)
+        self._check_all()
+
+    # --- deciding ----------------------------------------------------------------------------
+
+    def _decide(self) -> str:
+        """ "memory" when the dispatcher takes over from here, else why the run stays xdist's."""
+        why = self._why_xdist()
+        if why is not None:
+            return f"xdist: {why}"
+        rooms = self._rooms()
+        assert self._needs is not None
+        demands = self._demands(self._needs, rooms)
+        homes = [self.facts.home(n) for n in self._nodes]
+        if not memory_binds(demands, [h for h in homes if h is not None], rooms):
+            return "xdist: every worker's largest test fits at once"
+        self._collection = next(iter(self._collections.values()))
+        known = {
+            i: self.facts.durations[t] for i, t in enumerate(self._collection) if t in self.facts.durations
+        }
+        guess = guess_duration(known.values())
+        durations = [known.get(i, guess) for i in range(len(self._collection))]
+        core: Dispatcher[str] = Dispatcher(rooms, demands, durations, workers=len(self._nodes))
+        for node, home in zip(self._nodes, homes, strict=True):
+            core.add_worker(node.gateway.id, home)
+        self._core = core
+        return "memory"
+
+    def _why_xdist(self) -> str | None:
+        collections = list(self._collections.values())
+        if any(c != collections[0] for c in collections):
+            return "the workers collected different tests"
+        if not collections[0]:
+            return "no tests"
+        if self._needs is None:
+            return "no worker reported its tests' needs"
+        if any(self.facts.home(n) is None for n in self._nodes):
+            return "a worker without a home GPU"
+        if all(n is None for n in self._needs):
+            return "no GPU tests"
+        return None
+
+    def _rooms(self) -> dict[str, int]:
+        """Per GPU: the usable memory less the CUDA contexts of the workers at home there."""
+        rooms = dict(self.facts.usable)
+        for node in self._nodes:
+            home = self.facts.home(node)
+            if home in rooms:
+                rooms[home] -= self.facts.context_bytes
+        return {u: max(0, r) for u, r in rooms.items()}
+
+    def _demands(self, needs: Sequence[MarkedNeed | None], rooms: Mapping[str, int]) -> list[Demand]:
+        known: dict[MarkedNeed | None, Demand] = {}
+        out = []
+        for need in needs:
+            demand = known.get(need)
+            if demand is None:
+                demand = known[need] = demand_of(need, self.facts.totals, rooms)
+            out.append(demand)
+        return out
+
+    # --- sending -----------------------------------------------------------------------------
+
+    def _after_event(self, node: WorkerController) -> None:
+        waiting = self._steal_if_waiting()
+        if node.gateway.id not in waiting:
+            self._check(node)
+        self._check_all(waiting)
+
+    def _check_all(self, waiting: frozenset[str] = frozenset()) -> None:
+        assert self._core is not None
+        hungry = set(self._core.hungry(exclude=waiting))
+        for node in list(self._nodes):
+            if node.gateway.id in hungry:
+                self._check(node)
+
+    def _check(self, node: WorkerController) -> None:
+        core = self._core
+        assert core is not None
+        wid = node.gateway.id
+        if node.shutting_down:
+            core.close(wid)
+            return
+        if core.pending:
+            sent = core.fill(wid, self.facts.clock())
+            if sent:
+                node.send_runtest_some(sent)
+        elif self._steal_from is None:
+            core.close(wid)
+            node.shutdown()
+
+    def _steal_if_waiting(self) -> frozenset[str]:
+        """The workers whose running test waits for memory; takes back one's queued tests."""
+        core = self._core
+        assert core is not None
+        now = self.facts.clock()
+        waiting = frozenset(w for w, since in self.facts.waiting().items() if now - since >= STEAL_AFTER_S)
+        if not waiting or self._steal_from is not None:
+            return waiting
+        takers = [n for n in self._nodes if not n.shutting_down and n.gateway.id not in waiting]
+        plan = core.steal_plan(waiting) if takers else None
+        if plan is not None:
+            wid, indices = plan
+            node = next(n for n in self._nodes if n.gateway.id == wid)
+            if not node.shutting_down:
+                node.send_steal(indices)
+                self._steal_from = node
+        return waiting

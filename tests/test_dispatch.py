@@ -1,0 +1,333 @@
+"""The pure part of memory-aware dispatch: order, fit, depth, stalls, starvation, crashes.
+
+The runs here are simulated: :func:`simulate` plays xdist's workers (a worker starts the first
+test of its queue only with the next one in hand, or once told to shut down) and the broker (a
+test starts only when the memory it needs is free, else it waits), and drives the dispatcher as
+pytest_gpushare.dispatch.scheduling does after each completion.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+
+import pytest
+
+from pytest_gpushare.dispatch.dispatcher import Dispatcher
+from pytest_gpushare.dispatch.fit import Holds
+from pytest_gpushare.dispatch.order import (
+    NO_GPU,
+    Demand,
+    MarkedNeed,
+    demand_of,
+    guess_duration,
+    memory_binds,
+    weight,
+)
+from pytest_gpushare.units import GiB, MemRequest
+
+G = "GPU-0"
+
+
+def one_gpu(gib: float) -> Demand:
+    return Demand(((G, int(gib * GiB)),), 1)
+
+
+# --- order ----------------------------------------------------------------------------------------
+
+
+def test_weight_puts_larger_and_longer_first() -> None:
+    rooms = {G: 21 * GiB}
+    mix = {"14GiB/3s": (one_gpu(14), 3.0), "6GiB/1s": (one_gpu(6), 1.0), "1GiB/0.2s": (one_gpu(1), 0.2)}
+    ranked = sorted(mix, key=lambda k: -weight(*mix[k], rooms, workers=7))
+    assert ranked == ["14GiB/3s", "6GiB/1s", "1GiB/0.2s"]
+    # a long test without GPU work still takes a worker for its whole duration: it goes early
+    assert weight(NO_GPU, 10.0, rooms, workers=4) > weight(one_gpu(14), 3.0, rooms, workers=4)
+
+
+def test_unknown_durations_are_the_median_of_the_known_else_one_second() -> None:
+    assert guess_duration([0.1, 5.0, 0.3]) == 0.3
+    assert guess_duration([]) == 1.0
+
+
+def test_demand_resolves_percent_per_gpu_and_exclusive_takes_the_room() -> None:
+    totals = {"a": 24 * GiB, "b": 80 * GiB}
+    rooms = {"a": 20 * GiB, "b": 70 * GiB}
+    half = demand_of(MarkedNeed(MemRequest(percent=50.0)), totals, rooms)
+    assert half.mem == (("a", 12 * GiB), ("b", 40 * GiB)) and half.count == 1
+    alone = demand_of(MarkedNeed(MemRequest(bytes=GiB), exclusive=True, anywhere=True), totals, rooms)
+    assert alone.mem == (("a", 20 * GiB), ("b", 70 * GiB)) and alone.anywhere
+    huge = demand_of(MarkedNeed(MemRequest(bytes=60 * GiB)), totals, rooms)
+    assert huge.on("a") == 20 * GiB  # clamped to the room: it runs alone there, or waits
+    assert demand_of(MarkedNeed(MemRequest(bytes=GiB), count=3), totals, rooms) == NO_GPU  # never runs
+    assert demand_of(None, totals, rooms) == NO_GPU
+
+
+def test_memory_binds_only_where_the_workers_largest_tests_do_not_fit_together() -> None:
+    rooms = {G: 22 * GiB}
+    assert not memory_binds([one_gpu(1), NO_GPU], [G, G], rooms)
+    assert memory_binds([one_gpu(12)], [G, G], rooms)
+    assert not memory_binds([one_gpu(12)], [G], rooms)
+    two = Demand(((G, GiB), ("GPU-1", GiB)), 2)
+    assert memory_binds([two], [G], {G: 22 * GiB, "GPU-1": 22 * GiB})
+
+
+# --- fit ------------------------------------------------------------------------------------------
+
+
+def test_a_worker_holds_the_largest_need_of_its_queue() -> None:
+    holds: Holds[str] = Holds({G: 10})
+    holds.add("w1", [(G, 6)])
+    holds.add("w1", [(G, 2)])
+    assert (holds.hold("w1", G), holds.total(G)) == (6, 6)
+    assert holds.fits("w1", G, 9)  # w1 runs one test at a time: 9 replaces its 6
+    assert holds.fits("w2", G, 4) and not holds.fits("w2", G, 5)
+    assert not holds.fits("w2", G, 4, kept=1)
+    holds.remove("w1", [(G, 6)])
+    assert (holds.hold("w1", G), holds.total(G)) == (2, 2)
+    holds.forget("w1")
+    assert holds.total(G) == 0
+
+
+# --- a simulated run ------------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    """What happened in a simulated run."""
+
+    start: dict[int, float] = field(default_factory=dict)
+    end: dict[int, float] = field(default_factory=dict)
+    worker: dict[int, str] = field(default_factory=dict)
+    waited: dict[int, float] = field(default_factory=dict)  # for memory, in the broker
+    stuck: list[int] = field(default_factory=list)  # queued next behind a test that waited
+    peak: int = 0
+
+    @property
+    def makespan(self) -> float:
+        return max(self.end.values())
+
+
+def simulate(
+    dispatcher: Dispatcher[str],
+    demands: list[Demand],
+    durations: list[float],
+    workers: int,
+    room: int,
+    limit: float = 1000.0,
+) -> Run:
+    """Play the run to its end; fails on a deadlock (nothing runs, tests left).
+
+    The broker is played as the session's broker behaves: a test asks for its memory when it
+    starts and waits while it does not fit; a worker hands its lease on to its next test when
+    that one needs the same and nobody waits for memory (so a worker that holds a test it
+    cannot start yet may still hold its predecessor's memory).
+    """
+    names = [f"gw{i}" for i in range(workers)]
+    for w in names:
+        dispatcher.add_worker(w, G)
+    run = Run()
+    running: dict[str, tuple[int, float]] = {}  # worker -> (test, end)
+    held: dict[str, int] = dict.fromkeys(names, 0)  # the memory each worker's lease holds
+    asked: dict[str, float] = {}  # worker -> when its first test began to wait for memory
+    closed: set[str] = set()
+    now = 0.0
+
+    def check(w: str) -> None:
+        if w in closed:
+            return
+        if dispatcher.pending:
+            dispatcher.fill(w, now)
+        else:
+            dispatcher.close(w)
+            closed.add(w)
+
+    def start_what_can() -> None:
+        for w in names:  # xdist's rule first, then the broker's
+            queue = dispatcher.queue(w)
+            if w in running or not queue or (len(queue) < 2 and w not in closed):
+                continue
+            index = queue[0]
+            need = demands[index].on(G)
+            if held[w] != need and sum(held.values()) - held[w] + need > room:
+                asked.setdefault(w, now)
+                continue
+            since = asked.pop(w, now)
+            run.waited[index] = now - since
+            if now > since and len(queue) > 1:
+                run.stuck.append(queue[1])
+            run.start[index], run.worker[index] = now, w
+            running[w] = (index, now + durations[index])
+            held[w] = need
+            run.peak = max(run.peak, sum(held.values()))
+
+    for w in names:
+        check(w)
+    while len(run.end) < len(demands):
+        start_what_can()
+        if not running:
+            pytest.fail(f"deadlock at {now:.2f}s: {len(demands) - len(run.end)} tests left")
+        w, (index, now) = min(running.items(), key=lambda kv: kv[1][1])
+        del running[w]
+        run.end[index] = now
+        dispatcher.completed(w, index)
+        queue = dispatcher.queue(w)
+        if asked or not queue or demands[queue[0]].on(G) != held[w]:
+            held[w] = 0  # given back; otherwise carried to the next test
+        check(w)
+        for other in dispatcher.hungry():
+            check(other)
+        assert now < limit
+    return run
+
+
+def realistic_mix() -> tuple[list[Demand], list[float]]:
+    """Issue 14's mix: 40 × 1GiB/0.2 s, 15 × 6GiB/1 s, 5 × 14GiB/3 s, in a shuffled order."""
+    tests = [(1, 0.2)] * 40 + [(6, 1.0)] * 15 + [(14, 3.0)] * 5
+    random.Random(14).shuffle(tests)
+    return [one_gpu(g) for g, _ in tests], [s for _, s in tests]
+
+
+def test_the_realistic_mix_runs_near_its_lower_bound_and_no_small_test_is_stuck() -> None:
+    demands, durations = realistic_mix()
+    room, workers = int(17.5 * GiB), 7  # 21GiB usable, 7 contexts of 512MiB
+    run = simulate(
+        Dispatcher({G: room}, demands, durations, workers=workers), demands, durations, workers, room
+    )
+    # A lower bound: no two 14GiB tests overlap (5 × 3 s), a 6GiB test never runs beside one
+    # (14 + 6 > 17.5) and at most two 6GiB tests run at once (15 × 1 s / 2).
+    bound = 5 * 3.0 + 15 * 1.0 / 2
+    assert run.makespan <= 1.1 * bound, (run.makespan, bound)
+    assert run.peak <= room
+    small = {i for i, d in enumerate(demands) if d.on(G) == GiB}
+    assert not small & set(run.stuck)
+    assert not [i for i in small if run.waited[i] > 0]
+
+
+def test_tests_go_out_larger_and_longer_first() -> None:
+    demands = [one_gpu(1)] * 4 + [one_gpu(14)] * 2
+    durations = [0.2] * 4 + [3.0] * 2
+    d: Dispatcher[str] = Dispatcher({G: 21 * GiB}, demands, durations, workers=2)
+    d.add_worker("gw0", G)
+    d.add_worker("gw1", G)
+    # gw0 takes both 14GiB tests (it runs them one after the other); they do not fit beside
+    # each other, so gw1 gets small ones
+    assert d.fill("gw0", 0.0) == [4, 5]
+    assert d.fill("gw1", 0.0) == [0, 1]
+
+
+def test_equal_tests_keep_collection_order() -> None:
+    demands = [one_gpu(12)] * 6
+    d: Dispatcher[str] = Dispatcher({G: 22 * GiB}, demands, [1.0] * 6, workers=2)
+    d.add_worker("gw0", G)
+    assert d.fill("gw0", 0.0) == [0, 1]
+
+
+def test_short_tests_are_queued_deeper_so_the_worker_never_waits_for_the_next() -> None:
+    demands = [one_gpu(12)] + [one_gpu(1)] * 200
+    durations = [1.0] + [0.001] * 200
+    d: Dispatcher[str] = Dispatcher({G: 22 * GiB}, demands, durations, workers=2)
+    d.add_worker("gw0", G)
+    d.add_worker("gw1", G)
+    assert len(d.fill("gw0", 0.0)) == 2  # the 12GiB test and one more: the second takes 1 s
+    assert len(d.fill("gw1", 0.0)) > 2  # 1 ms tests: at least LOOKAHEAD_S of work queued
+
+
+def test_a_worker_left_with_one_test_waits_for_room_while_others_run() -> None:
+    # gw0 runs a 14GiB test; gw1 gets a 1GiB test and then nothing: only 14GiB and 10GiB tests
+    # are left, neither fits beside gw0's. Sending one anyway would make it wait in the broker
+    # with gw1's next test stuck behind it; gw1 waits for gw0's completion instead.
+    demands = [one_gpu(14), one_gpu(1), one_gpu(14), one_gpu(10)]
+    d: Dispatcher[str] = Dispatcher({G: 21 * GiB}, demands, [3.0, 0.1, 3.0, 2.0], workers=2)
+    d.add_worker("gw0", G)
+    d.add_worker("gw1", G)
+    assert d.fill("gw0", 0.0) == [0, 2]
+    assert d.fill("gw1", 0.0) == [1]
+    d.completed("gw0", 0)
+    # now nothing runs (each worker holds one test it cannot start alone): the smallest goes
+    assert d.fill("gw1", 0.0) == [3]
+
+
+def test_a_test_passed_over_too_long_keeps_its_room_until_it_is_sent() -> None:
+    # Two 12GiB tests go to gw0 (one after the other); a 19GiB one does not fit beside them, and
+    # then hardly ever beside three workers fed with 1GiB tests and tests without GPU work:
+    # after STARVE_S it keeps its room, the others are sent only what leaves it, and it runs.
+    demands = [one_gpu(12), one_gpu(12), one_gpu(19)] + [one_gpu(1), NO_GPU] * 150
+    durations = [3.0, 3.0, 1.0] + [0.25] * 300
+    room, workers = 21 * GiB, 4
+
+    starved = simulate(
+        Dispatcher({G: room}, demands, durations, workers=workers, starve_after=math.inf),
+        demands,
+        durations,
+        workers,
+        room,
+    )
+    assert starved.start[2] > 10.0  # without the bound: whenever the small tests happen to leave room
+    run = simulate(
+        Dispatcher({G: room}, demands, durations, workers=workers), demands, durations, workers, room
+    )
+    # The bound: passed over from the start, reserved at STARVE_S, sent once what was sent
+    # before has run (gw0's two 12GiB tests, until 6 s; the others' queues drain meanwhile), and
+    # started after what its worker held (one more test: 0.25 s).
+    assert run.start[2] <= 2 * 3.0 + 0.25 + 1e-9, run.start[2]
+    assert run.peak <= room and not run.waited[2]
+    assert len(run.end) == len(demands)
+
+
+def test_a_reserved_test_that_cannot_fit_beside_the_smallest_tests_runs_last() -> None:
+    # 19GiB never fits beside three 1GiB tests: reserving cannot free its room (each worker
+    # holds the test it holds next), so the reservation is given up and the run goes on.
+    demands = [one_gpu(12), one_gpu(12), one_gpu(19)] + [one_gpu(1)] * 60
+    durations = [3.0, 3.0, 1.0] + [0.25] * 60
+    run = simulate(Dispatcher({G: 21 * GiB}, demands, durations, workers=4), demands, durations, 4, 21 * GiB)
+    assert len(run.end) == len(demands) and run.peak <= 21 * GiB
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_random_suites_finish_without_deadlock_or_overcommit(seed: int) -> None:
+    rng = random.Random(seed)
+    room = rng.choice([8, 16, 24]) * GiB
+    workers = rng.randint(1, 6)
+    sizes = [rng.choice([0.5, 1, 2, 4, 7, 12, 20]) for _ in range(rng.randint(1, 60))]
+    demands = [one_gpu(min(s, room / GiB)) if s else NO_GPU for s in sizes]
+    durations = [rng.choice([0.001, 0.05, 0.3, 1.0, 4.0]) for _ in sizes]
+    d: Dispatcher[str] = Dispatcher({G: room}, demands, durations, workers=workers, starve_after=1.0)
+    run = simulate(d, demands, durations, workers, room)
+    assert len(run.end) == len(demands) and run.peak <= room
+    assert d.done and not d.busy
+
+
+def test_a_crashed_workers_tests_wait_again_but_the_one_it_ran() -> None:
+    demands = [one_gpu(1)] * 6
+    d: Dispatcher[str] = Dispatcher({G: 22 * GiB}, demands, [0.01] * 6, workers=2)
+    d.add_worker("gw0", G)
+    sent = d.fill("gw0", 0.0)
+    assert len(sent) >= 3
+    before = d.pending
+    assert d.remove_worker("gw0") == sent[0]
+    assert d.pending == before + len(sent) - 1
+    d.add_worker("gw2", G)
+    assert sent[1] in d.fill("gw2", 0.0)
+
+
+def test_a_waiting_workers_queued_tests_are_taken_back_all_but_the_two_it_holds() -> None:
+    demands = [one_gpu(1)] * 10
+    d: Dispatcher[str] = Dispatcher({G: 22 * GiB}, demands, [0.001] * 10, workers=2)
+    d.add_worker("gw0", G)
+    d.add_worker("gw1", G)
+    sent = d.fill("gw0", 0.0)
+    assert d.steal_plan(["gw1"]) is None
+    plan = d.steal_plan(["gw0"])
+    assert plan == ("gw0", sent[2:])
+    d.take_back("gw0", sent[2:])
+    assert d.queue("gw0") == sent[:2]
+    assert set(sent[2:]) <= set(d.fill("gw1", 0.0))
+
+
+def test_a_closing_worker_is_sent_nothing() -> None:
+    d: Dispatcher[str] = Dispatcher({G: 22 * GiB}, [one_gpu(1)] * 4, [0.1] * 4, workers=1)
+    d.add_worker("gw0", G)
+    d.close("gw0")
+    assert d.fill("gw0", 0.0) == [] and d.hungry() == []
