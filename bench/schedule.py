@@ -532,7 +532,9 @@ def run_way(work: Path, sc: Scenario, way: Way) -> Outcome:
         )
     start = time.perf_counter()
     with ThreadPoolExecutor(len(jobs)) as pool:
-        results = list(pool.map(lambda job: run(*job), jobs))
+        # A hung run stops the benchmark instead of its machine's next ten minutes.
+        limit = 120 + 4 * sum(c.seconds for c in sc.cases)
+        results = list(pool.map(lambda job: run(job[0], job[1], job[2], timeout=limit), jobs))
     wall = time.perf_counter() - start
     for s, result in enumerate(results):
         require_ok(result, f"{sc.name}, {way.label}, session {s}")
