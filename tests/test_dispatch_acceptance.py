@@ -279,3 +279,31 @@ def test_two_sessions_sharing_a_box_never_overcommit(pytester: pytest.Pytester, 
     assert max(r["start"] for r in recs if r["session"] == "b") > min(
         r["start"] for r in recs if r["session"] == "a"
     )
+
+
+def test_x_stops_dispatch_at_once(pytester: pytest.Pytester, env: Path) -> None:
+    pytester.makepyfile(
+        """
+        import time, pytest
+
+        @pytest.mark.gpu(mem="14GiB")
+        def test_0_large():
+            time.sleep(0.5)
+
+        @pytest.mark.gpu(mem="1GiB")
+        def test_1_fails():
+            assert False
+
+        @pytest.mark.parametrize("i", range(80))
+        @pytest.mark.gpu(mem="1GiB")
+        def test_2_after(i):
+            time.sleep(0.5)
+        """
+    )
+    result = run(pytester, "-x")
+    outcomes = result.parseoutcomes()
+    assert outcomes["failed"] == 1
+    result.stdout.fnmatch_lines(["gpushare: dispatch: memory"])
+    # What the four workers held when the failure came (two or three tests each) ran; nothing
+    # was sent after it.
+    assert outcomes.get("passed", 0) <= 12, outcomes

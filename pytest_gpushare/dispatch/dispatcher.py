@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 from pytest_gpushare.dispatch.fit import Holds
-from pytest_gpushare.dispatch.order import Demand, weight
+from pytest_gpushare.dispatch.order import Demand, guess_duration, weight
 
 __all__ = ["LOOKAHEAD_S", "STARVE_S", "Dispatcher"]
 
@@ -83,22 +83,28 @@ class Dispatcher(Generic[W]):
     """The pending tests of one session and what each worker was sent.
 
     ``rooms``: bytes per GPU uuid the session's tests may hold at once. ``demands[i]`` and
-    ``durations[i]``: test ``i``'s demand and expected duration. ``workers``: how many workers the
-    session runs (for the weights).
+    ``durations[i]``: test ``i``'s demand and expected duration (None: unknown; it is expected to
+    take :func:`~.order.guess_duration` of the known ones for its place in line, and, for how
+    deep queues go, the mean of what the unknown tests completed so far took). ``workers``: how
+    many workers the session runs (for the weights).
     """
 
     def __init__(
         self,
         rooms: Mapping[str, int],
         demands: Sequence[Demand],
-        durations: Sequence[float],
+        durations: Sequence[float | None],
         *,
         workers: int,
         starve_after: float = STARVE_S,
         lookahead: float = LOOKAHEAD_S,
     ) -> None:
         self._holds: Holds[W] = Holds(rooms)
-        self._durations = list(durations)
+        guess = guess_duration(d for d in durations if d is not None)
+        self._durations = [guess if d is None else d for d in durations]
+        self._unknown = [d is None for d in durations]
+        self._seen: list[float] = [0.0, 0.0]  # what unknown tests took: sum, count
+        self._guess = guess
         self._starve_after = starve_after
         self._lookahead = lookahead
         self._workers: dict[W, _Worker] = {}
@@ -157,9 +163,13 @@ class Dispatcher(Generic[W]):
 
     # --- events ------------------------------------------------------------------------------
 
-    def completed(self, worker: W, index: int) -> None:
-        """``worker`` finished test ``index`` (normally the first of its queue)."""
+    def completed(self, worker: W, index: int, duration: float | None = None) -> None:
+        """``worker`` finished test ``index`` (normally the first of its queue) in ``duration``."""
         self._take_out(self._workers[worker], worker, [index])
+        if duration is not None and self._unknown[index]:
+            self._seen[0] += duration
+            self._seen[1] += 1
+            self._guess = self._seen[0] / self._seen[1]
 
     def take_back(self, worker: W, indices: Sequence[int]) -> None:
         """Tests taken back from ``worker``'s queue (xdist's steal answer) wait again."""
@@ -252,7 +262,7 @@ class Dispatcher(Generic[W]):
     def _send(self, worker: W, state: _Worker, cls: _Class, parts: Parts, *, forced: bool = False) -> int:
         index = cls.tests.pop()
         self.pending -= 1
-        duration = self._durations[index]
+        duration = self._guess if self._unknown[index] else self._durations[index]
         state.queue.append(_Sent(index, parts, duration, forced))
         state.queued_s += duration
         self._holds.add(worker, parts)

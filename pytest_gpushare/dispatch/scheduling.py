@@ -34,7 +34,7 @@ from xdist.workermanage import WorkerController, parse_tx_spec_config
 
 from pytest_gpushare.dispatch.dispatcher import Dispatcher
 from pytest_gpushare.dispatch.needs import INPUT_KEY, read_needs
-from pytest_gpushare.dispatch.order import Demand, MarkedNeed, demand_of, guess_duration, memory_binds
+from pytest_gpushare.dispatch.order import Demand, MarkedNeed, demand_of, memory_binds
 
 __all__ = ["STEAL_AFTER_S", "MemoryScheduling", "SessionFacts"]
 
@@ -162,7 +162,7 @@ class MemoryScheduling:
             self._load.mark_test_complete(node, item_index, duration)
             return
         self.durations[self._collection[item_index]] = duration
-        self._core.completed(node.gateway.id, item_index)
+        self._core.completed(node.gateway.id, item_index, duration)
         self._after_event(node)
 
     def mark_test_pending(self, item: str) -> None:
@@ -197,11 +197,7 @@ class MemoryScheduling:
         if not memory_binds(demands, [h for h in homes if h is not None], rooms):
             return "xdist: every worker's largest test fits at once"
         self._collection = next(iter(self._collections.values()))
-        known = {
-            i: self.facts.durations[t] for i, t in enumerate(self._collection) if t in self.facts.durations
-        }
-        guess = guess_duration(known.values())
-        durations = [known.get(i, guess) for i in range(len(self._collection))]
+        durations = [self.facts.durations.get(t) for t in self._collection]
         core: Dispatcher[str] = Dispatcher(rooms, demands, durations, workers=len(self._nodes))
         for node, home in zip(self._nodes, homes, strict=True):
             core.add_worker(node.gateway.id, home)
