@@ -245,9 +245,10 @@ class MemoryScheduling:
             self._check(node)
         self._check_all(waiting)
 
-    def _check_all(self, waiting: frozenset[str] = frozenset()) -> None:
+    def _check_all(self, waiting: frozenset[str] | None = None) -> None:
+        """Fill every worker that would take more, but those whose test waits for memory."""
         assert self._core is not None
-        hungry = set(self._core.hungry(exclude=waiting))
+        hungry = set(self._core.hungry(exclude=self._waiting() if waiting is None else waiting))
         for node in list(self._nodes):
             if node.gateway.id in hungry:
                 self._check(node)
@@ -267,12 +268,16 @@ class MemoryScheduling:
             core.close(wid)
             node.shutdown()
 
+    def _waiting(self) -> frozenset[str]:
+        """The workers whose test has waited for memory in the broker for STEAL_AFTER_S."""
+        now = self.facts.clock()
+        return frozenset(w for w, since in self.facts.waiting().items() if now - since >= STEAL_AFTER_S)
+
     def _steal_if_waiting(self) -> frozenset[str]:
         """The workers whose running test waits for memory; takes back one's queued tests."""
         core = self._core
         assert core is not None
-        now = self.facts.clock()
-        waiting = frozenset(w for w, since in self.facts.waiting().items() if now - since >= STEAL_AFTER_S)
+        waiting = self._waiting()
         if not waiting or self._steal_from is not None:
             return waiting
         takers = [n for n in self._nodes if not n.shutting_down and n.gateway.id not in waiting]
