@@ -16,7 +16,8 @@ scheduler calls. See docs/concepts/dispatch.rst for the reasoning.
   Only when no worker runs anything (no completion would come) is every such worker sent a test
   that does not fit: the smallest pending one. It may wait for memory in the broker; a worker
   whose first test is such a test does not count as running.
-* **Starvation.** A class passed over (a later class was sent while its head did not fit) for
+* **Starvation.** A class passed over (a later class was sent while its head did not fit, and
+  it would have fitted but for what workers holding less than it hold) for
   :data:`STARVE_S` is *reserved*: its room on the GPUs it will use is kept until one of its
   tests is sent. Other workers there are sent only what fits beside it, or what is smaller than
   what they hold (so their holds shrink as their queues run). A worker holds at least the test
@@ -237,11 +238,23 @@ class Dispatcher(Generic[W]):
             parts = self._place(worker, state, cls, fitting=True)
             if parts is not None:
                 for other in skipped:
-                    if other.passed_since is None:
+                    if other.passed_since is None and self._kept_out_by_smaller(state, other):
                         other.passed_since = now
                 return cls, parts
             skipped.append(cls)
         return None
+
+    def _kept_out_by_smaller(self, state: _Worker, cls: _Class) -> bool:
+        """Whether ``cls``'s head would fit on a GPU it may use if the workers that hold less
+        than it there gave their room up: then smaller tests keep it out (it is passed over);
+        otherwise larger ones do, and waiting for them is its place in line."""
+        d = cls.demand
+        gpus = (
+            [state.home]
+            if d.count == 1 and not d.anywhere and state.home is not None
+            else list(self._holds.rooms)
+        )
+        return any(0 < d.on(u) <= self._holds.rooms[u] - self._holds.held_by_larger(u, d.on(u)) for u in gpus)
 
     def _offer_order(self) -> Iterator[_Class]:
         reserved = self._reserved.cls if self._reserved is not None else None

@@ -38,6 +38,12 @@ class Holds(Generic[W]):
         """The sum of every worker's hold on ``uuid``."""
         return self._sum[uuid]
 
+    def held_by_larger(self, uuid: str, need: int) -> int:
+        """What the workers that hold at least ``need`` on ``uuid`` hold there together
+        (O(workers): asked only when a test is passed over)."""
+        holds = (max(per[uuid]) for per in self._needs.values() if per.get(uuid))
+        return sum(h for h in holds if h >= need)
+
     def free(self, uuid: str, kept: int = 0) -> int:
         """Room left on ``uuid`` by the holds, less ``kept`` (held back for a reserved test)."""
         return self.rooms[uuid] - self._sum[uuid] - kept
