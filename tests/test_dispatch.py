@@ -212,9 +212,9 @@ def test_tests_go_out_larger_and_longer_first() -> None:
     d.add_worker("gw0", G)
     d.add_worker("gw1", G)
     # gw0 takes both 14GiB tests (it runs them one after the other); they do not fit beside
-    # each other, so gw1 gets small ones
+    # each other, so gw1 gets small ones (three: two take less than LOOKAHEAD_S)
     assert d.fill("gw0", 0.0) == [4, 5]
-    assert d.fill("gw1", 0.0) == [0, 1]
+    assert d.fill("gw1", 0.0) == [0, 1, 2]
 
 
 def test_equal_tests_keep_collection_order() -> None:

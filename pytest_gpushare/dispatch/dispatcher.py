@@ -41,7 +41,7 @@ __all__ = ["LOOKAHEAD_S", "STARVE_S", "Dispatcher"]
 #: A test passed over this long keeps its room until it is sent.
 STARVE_S = 2.0
 #: A worker is kept fed with this many seconds of expected work after its running test.
-LOOKAHEAD_S = 0.1
+LOOKAHEAD_S = 0.5
 
 W = TypeVar("W", bound=Hashable)
 Parts = tuple[tuple[str, int], ...]
@@ -150,7 +150,9 @@ class Dispatcher(Generic[W]):
 
     def hungry(self, exclude: Collection[W] = ()) -> list[W]:
         """The workers (not closing, not in ``exclude``) that would take more tests."""
-        return [w for w, state in self._workers.items() if w not in exclude and self._wants_more(state)]
+        return [
+            w for w, state in self._workers.items() if w not in exclude and self._wants_more(state, low=True)
+        ]
 
     @property
     def done(self) -> bool:
@@ -200,6 +202,8 @@ class Dispatcher(Generic[W]):
         if state.closing or not self.pending:
             return []
         self._reserve_starved(now)
+        if not self._wants_more(state, low=True):
+            return []
         sent = self._fill_fitting(worker, state, now)
         if len(state.queue) == 1 and self.pending and self._nothing_runs():
             if self._reserved is not None:
@@ -221,14 +225,16 @@ class Dispatcher(Generic[W]):
             sent.append(self._send(worker, state, *chosen))
         return sent
 
-    def _wants_more(self, state: _Worker) -> bool:
+    def _wants_more(self, state: _Worker, *, low: bool = False) -> bool:
+        """Whether ``state``'s queue is below its depth (``low``: below half the lookahead, when
+        a refill starts: short tests then go out in batches, as xdist's load sends them)."""
         if state.closing:
             return False
         depth = len(state.queue)
         if depth < 2:
             return True
         high = max(3, self.pending // max(1, len(self._workers)) // 2)
-        return depth < high and state.queued_s < self._lookahead
+        return depth < high and state.queued_s < (self._lookahead / 2 if low else self._lookahead)
 
     def _best(self, worker: W, state: _Worker, now: float) -> tuple[_Class, Parts] | None:
         """The heaviest class whose head fits ``worker``; classes above it that did not fit
