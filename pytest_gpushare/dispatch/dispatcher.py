@@ -10,7 +10,8 @@ scheduler calls. See docs/concepts/dispatch.rst for the reasoning.
 * **Depth.** A worker is filled to two tests (xdist's worker cannot start a test before it has
   the next one), and beyond that while its queue is expected to take less than
   :data:`LOOKAHEAD_S`, up to xdist's own high-water mark (at least three), so that very short
-  tests do not leave it waiting for the controller between two of them.
+  tests do not leave it waiting for the controller between two of them; it is refilled once its
+  queue is expected to take less than half that (short tests go out in batches).
 * **Stall.** A worker left with one test cannot start it (xdist's worker waits for the next
   one); if nothing that fits is pending, it waits for the next completion, which frees room.
   Only when no worker runs anything (no completion would come) is every such worker sent a test
