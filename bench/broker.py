@@ -168,7 +168,9 @@ class EchoServer:
         self._listener.bind(self.address)
         self._listener.listen(512)
         self._listener.setblocking(False)
-        self._answer = encode(Granted(1, "1-123", [["GPU-bench-0", LEASE]], time.time(), 0.0001, False))
+        self._answer = encode(
+            Granted(1, "1-123", [["GPU-bench-0", LEASE]], time.time(), 0.0001, False, False)
+        )
         self._selector = selectors.DefaultSelector()
         self._selector.register(self._listener, selectors.EVENT_READ)
         self._stop = False

@@ -24,6 +24,7 @@ from pytest_gpushare.broker import (
 )
 from pytest_gpushare.broker import protocol as proto
 from pytest_gpushare.broker.pool import Ask, Pool
+from pytest_gpushare.carrying import CarriedLease
 from pytest_gpushare.errors import LeaseTimeout, NeverFits
 from pytest_gpushare.ledger import Lease, Ledger, LedgerGpu, Need, Owner, read_status
 from pytest_gpushare.units import GiB, MemRequest, MiB
@@ -50,7 +51,9 @@ def need(size: int, uuid: str | None = "GPU-0", **kw: Any) -> Need:
         proto.Acquire(7, "t::x", proto.need_to_wire(need(GiB)), 2.5),
         proto.Release("l-1"),
         proto.Withdraw(7),
-        proto.Granted(7, "l-1", [["GPU-0", GiB]], 1.5, 0.25, False),
+        proto.Granted(7, "l-1", [["GPU-0", GiB]], 1.5, 0.25, False, True),
+        proto.Carry("l-1", "t::y"),
+        proto.Recall("l-1"),
         proto.Refused(7, "timeout", "waited", 3.0, ["t::y (1.0GiB)"]),
     ],
 )
@@ -278,6 +281,81 @@ def test_a_workers_first_lease_books_its_context_then_the_pool_serves_without_bo
     for n in range(50):
         c.release(c.acquire(need(GiB), f"t-{n}", 5))
     assert s.head() == head, "leases served from the pool wrote the box ledger"
+
+
+def running_leases(s: Session) -> list[tuple[str, str]]:
+    """The session's running file: each lease's test id and lease id."""
+    return [
+        (x["test_id"], x["lease_id"]) for d in read_running(s.folder, {s.broker.box.key}) for x in d["leases"]
+    ]
+
+
+def test_a_pool_lease_carried_to_the_next_test_shows_that_test(session: Callable[..., Session]) -> None:
+    s = session(linger_s=60.0)
+    c = s.client("gw0")
+    first = c.acquire(need(GiB), "t-first", 5)
+    assert not c.may_carry(first), "a lease passed through to the box is carriable"
+    c.release(first)
+    lease = c.acquire(need(GiB), "t-a", 5)  # from the pool
+    assert c.may_carry(lease)
+    carried = c.carry(lease, "t-b")
+    assert carried is not None
+    assert (carried.lease_id, carried.test_id, carried.parts, carried.waited_s) == (
+        lease.lease_id,
+        "t-b",
+        lease.parts,
+        0.0,
+    )
+    wait_until(lambda: running_leases(s) == [("t-b", lease.lease_id)], "the running file shows t-b")
+    c.release(carried)
+    wait_until(lambda: running_leases(s) == [], "the running file shows no lease")
+
+
+def carrier_and_other(session: Callable[..., Session]) -> tuple[BrokerClient, BrokerClient, Lease]:
+    """On a GPU with 3GiB usable: gw0 holding a carriable 2GiB lease from the pool, and gw1."""
+    s = session([gpu(0, usable=3 * GiB)], linger_s=60.0)
+    a, b = s.client("gw0"), s.client("gw1")
+    a.release(a.acquire(need(GiB), "warm", 5))
+    held = a.acquire(need(2 * GiB), "t-held", 5)
+    assert a.may_carry(held)
+    return a, b, held
+
+
+def test_a_request_that_starts_to_wait_recalls_the_carriable_leases_on_its_gpu(
+    session: Callable[..., Session],
+) -> None:
+    a, b, held = carrier_and_other(session)
+    recalled: list[str] = []
+    a.watch_recalls(recalled.append)
+    waiting = in_thread(lambda: b.acquire(need(2 * GiB), "t-b", 10))
+    wait_until(lambda: recalled == [held.lease_id], "the broker recalls the held lease")
+    assert not a.may_carry(held)
+    extra = a.acquire(need(GiB), "t-extra", 5)  # its answer comes through the watching thread
+    assert not a.may_carry(extra), "a lease granted while a request waits on its GPU is carriable"
+    assert a.carry(held, "t-next") is None, "a recalled lease was carried"
+    wait_until(lambda: "done" in waiting, "t-b served")
+    assert waiting["result"].parts == (("GPU-0", 2 * GiB),)
+
+
+def test_a_lease_kept_between_two_tests_goes_back_at_once_when_recalled(
+    session: Callable[..., Session],
+) -> None:
+    # Between two tests a worker may wait for xdist's next test: nobody of it asks the broker
+    # anything then, yet a recall must free the kept lease.
+    a, b, lease = carrier_and_other(session)
+    given_back: list[str] = []
+
+    def give_back(kept: Lease) -> None:
+        given_back.append(kept.test_id)
+        a.release(kept)
+
+    kept = CarriedLease(a, give_back)
+    assert kept.keep(lease, need(2 * GiB), need(2 * GiB))
+    waiting = in_thread(lambda: b.acquire(need(2 * GiB), "t-b", 10))
+    wait_until(lambda: "done" in waiting, "t-b served while t-a's lease was kept")
+    assert given_back == ["t-held"]
+    assert waiting["result"].parts == (("GPU-0", 2 * GiB),)
+    assert kept.take(need(2 * GiB), "t-next") is None
 
 
 def test_a_waiting_request_is_served_when_memory_comes_back(session: Callable[..., Session]) -> None:

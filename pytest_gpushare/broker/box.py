@@ -31,6 +31,7 @@ from pathlib import Path
 from pytest_gpushare.broker.status import RunningDoc, remove_running, write_running
 from pytest_gpushare.errors import LedgerError, ReleaseDeferred
 from pytest_gpushare.ledger import Lease, Ledger, LedgerGpu, Need, Owner
+from pytest_gpushare.threads import daemon_thread
 
 __all__ = ["DescriptorOf", "Done", "OpenLedger", "Watched", "facade_descriptor"]
 
@@ -97,7 +98,7 @@ class Box:
         self._opening = threading.Lock()  # orders the openings of workers' owners
         self._tasks: queue.SimpleQueue[Task | None] = queue.SimpleQueue()
         self._doc: RunningDoc | None = None
-        self._housekeeper = threading.Thread(target=self._housekeep, name="gpushare-broker-box", daemon=True)
+        self._housekeeper = daemon_thread(self._housekeep, "gpushare-broker-box")
         self._housekeeper.start()
 
     @property
@@ -129,7 +130,7 @@ class Box:
         self._spawn(lambda: self._direct(ticket, conn, worker_id, need, test_id, timeout))
 
     def _spawn(self, job: Task) -> None:
-        threading.Thread(target=job, name="gpushare-broker-wait", daemon=True).start()
+        daemon_thread(job, "gpushare-broker-wait").start()
 
     def _grow(self, ticket: str, conn: int, need: Need, label: str, timeout: float) -> None:
         try:

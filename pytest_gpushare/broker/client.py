@@ -1,27 +1,34 @@
 """A worker's side of the session's broker: :class:`BrokerClient` leases as a
 :class:`pytest_gpushare.ledger.Ledger` does (``acquire(need, test_id, timeout) -> Lease``,
-``release(lease)``), so the per-process runtime can use either.
+``release(lease)``), so the per-process runtime can use either, and it can hand a carriable lease
+to the worker's next test without a round trip (:meth:`BrokerClient.may_carry`,
+:meth:`BrokerClient.carry`), watching for the broker's recalls in a thread of its own
+(:meth:`BrokerClient.watch_recalls`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 
 from pytest_gpushare.broker.protocol import (
     VERSION,
     Acquire,
     BrokerError,
     BrokerInput,
+    Carry,
     FrameReader,
     Granted,
     Hello,
     LeaseCancelled,
     Message,
+    Recall,
     Refused,
     Rejected,
     Release,
@@ -34,6 +41,7 @@ from pytest_gpushare.broker.protocol import (
 )
 from pytest_gpushare.errors import LeaseTimeout, NeverFits
 from pytest_gpushare.ledger import Lease, Need, Owner
+from pytest_gpushare.threads import daemon_thread
 
 __all__ = ["GRACE_S", "BrokerClient"]
 
@@ -64,6 +72,10 @@ class BrokerClient:
         self._send_lock = threading.Lock()
         self._pending: set[int] = set()
         self._answers: dict[int, Granted | Refused] = {}
+        self._carriable: set[str] = set()  # leases the broker granted carriable
+        self._recalled: set[str] = set()  # ... and those it asked back since
+        self._watching = False  # a thread reads the connection for good (watch_recalls)
+        self._on_recall: Callable[[str], None] | None = None
         self._reading = False
         self._ids = iter(range(1, 2**62))
         self._pid = os.getpid()
@@ -145,11 +157,61 @@ class BrokerClient:
         """Give the lease back. No answer is awaited: the broker reads this connection in order,
         so the memory is free for this worker's next request."""
         self._check_usable()
+        with self._lock:
+            self._carriable.discard(lease.lease_id)
+            self._recalled.discard(lease.lease_id)
         self._send(Release(lease.lease_id))
+
+    def may_carry(self, lease: Lease) -> bool:
+        """Whether ``lease`` may go on to another test: the broker granted it carriable and has
+        not asked for it back (as far as its messages were read: see :meth:`watch_recalls`)."""
+        return lease.lease_id in self._carriable and lease.lease_id not in self._recalled
+
+    def carry(self, lease: Lease, test_id: str) -> Lease | None:
+        """Hand ``lease`` to the test ``test_id`` without a round trip (the broker learns the new
+        test id, one-way): the same memory, taken now, waited for 0 s. None when the broker has
+        asked for it back meanwhile: then it is released, and the test must :meth:`acquire`."""
+        self._check_usable()
+        if not self.may_carry(lease):
+            self.release(lease)
+            return None
+        self._send(Carry(lease.lease_id, test_id))
+        return dataclasses.replace(lease, test_id=test_id, taken_at=time.time(), waited_s=0.0)
+
+    def watch_recalls(self, on_recall: Callable[[str], None]) -> None:
+        """From now on, read the connection in a thread of its own, so that a recall is seen at
+        once, also while the worker waits between two tests (xdist's next test may be slow to
+        come): ``on_recall`` is called there with each recalled lease id. Requests' answers are
+        filed for their threads as before."""
+        self._check_usable()
+        with self._lock:
+            self._on_recall = on_recall
+            if self._watching:
+                return
+            self._watching = True
+        daemon_thread(self._read_on, "gpushare-broker-recalls").start()
+
+    def _read_on(self) -> None:
+        """The watching thread: read and file everything until the connection ends."""
+        with self._lock:
+            while self._reading:  # a request's thread reads now: wait for its turn to end
+                self._turn.wait()
+            self._reading = True
+        try:
+            while True:
+                self._file(self._receive(math.inf))
+        except (BrokerError, TimeoutError):
+            pass  # closed: a request that waits takes the turn and learns it itself
+        finally:
+            with self._lock:
+                self._reading = False
+                self._turn.notify_all()
 
     def close(self) -> None:
         """Disconnect: the broker returns whatever this worker still holds."""
         with self._send_lock:
+            with contextlib.suppress(OSError):  # wakes the watching thread (close alone does not)
+                self._sock.shutdown(socket.SHUT_RDWR)
             self._sock.close()
 
     def __enter__(self) -> BrokerClient:
@@ -214,20 +276,32 @@ class BrokerClient:
             self._file(messages)
 
     def _file(self, messages: list[Message]) -> None:
-        """File answers under their requests; a late grant of a request no thread waits for any
-        more is given back."""
+        """File answers under their requests and recalls; a late grant of a request no thread
+        waits for any more is given back."""
         stale: list[Granted] = []
+        recalled: list[str] = []
         with self._lock:
             for message in messages:
+                if isinstance(message, Recall):
+                    if message.lease_id in self._carriable:
+                        self._recalled.add(message.lease_id)
+                        recalled.append(message.lease_id)
+                    continue
                 if not isinstance(message, (Granted, Refused)):
                     raise BrokerError(f"the session broker sent {kind_of(message)} out of turn")
                 if message.request in self._pending:
                     self._answers[message.request] = message
+                    if isinstance(message, Granted) and message.carry:
+                        self._carriable.add(message.lease_id)  # before a recall that follows it
                 elif isinstance(message, Granted):
                     stale.append(message)
             self._turn.notify_all()
+            on_recall = self._on_recall
         for granted in stale:
             self._send(Release(granted.lease_id))
+        if on_recall is not None:
+            for lease_id in recalled:
+                on_recall(lease_id)
 
     def _receive(self, deadline: float) -> list[Message]:
         """The messages of one read; raises TimeoutError at ``deadline`` and BrokerError when

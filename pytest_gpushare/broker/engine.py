@@ -19,6 +19,13 @@ Routes of a request (worker ``w``, candidate GPUs ``C``):
 
 When memory goes back to the box: :mod:`.giveback`.
 
+Carried leases: a pool lease granted while no request waits on its GPUs is carriable: its worker
+may hand it to its next test of the same need (one-way ``Carry``; the running file shows the new
+test from the next publish). When a request starts to wait (in the pool or passed through), the
+pool leases on its GPUs are recalled (one-way ``Recall``), which workers read before they carry:
+the memory comes free at its holder's next test boundary, as it would without carrying, and the
+pool's fairness (``fair_after``) and the give-back to the box decide as before.
+
 Deadlines: a request is refused with "timeout" at its deadline; one whose box job is under way
 gets :data:`BOX_GRACE_S` more for the box's own answer, which names the holders of other sessions.
 """
@@ -27,7 +34,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -36,8 +42,16 @@ from typing import Any
 from pytest_gpushare.broker.box import Box, Done, Watched
 from pytest_gpushare.broker.giveback import LINGER_S, WATCH_S, GiveBack
 from pytest_gpushare.broker.pool import Ask, Pool
-from pytest_gpushare.broker.protocol import Acquire, Granted, Message, ProtocolError, Refused, need_from_wire
-from pytest_gpushare.broker.status import VERSION, RunningDoc, RunningLease, RunningWait
+from pytest_gpushare.broker.protocol import (
+    Acquire,
+    Granted,
+    Message,
+    ProtocolError,
+    Recall,
+    Refused,
+    need_from_wire,
+)
+from pytest_gpushare.broker.status import RunningDoc, RunningLease, RunningWait, running_doc
 from pytest_gpushare.errors import LeaseTimeout, NeverFits
 from pytest_gpushare.ledger import Lease, Need, candidates, never_fits
 from pytest_gpushare.units import MemRequest
@@ -61,6 +75,7 @@ class _Worker:
     pool_leases: dict[str, RunningLease] = field(default_factory=dict)
     direct_leases: dict[str, tuple[Lease, RunningLease]] = field(default_factory=dict)
     requests: dict[int, _Pending] = field(default_factory=dict)
+    recalled: set[str] = field(default_factory=set)  # pool leases asked back
     fds: list[int] = field(default_factory=list)  # liveness descriptors still to hand over
 
 
@@ -156,6 +171,7 @@ class Engine:
         self._queue.append(p)
         self._pool.wait(ask, uuids)
         self._changed = True
+        self._recall(uuids)
         self._start_job(p, now)
 
     def _understand(self, wire: list[Any]) -> tuple[Need, list[str], bool]:
@@ -177,6 +193,7 @@ class Engine:
 
     def release(self, conn: int, lease_id: str) -> None:
         w = self._workers[conn]
+        w.recalled.discard(lease_id)
         if w.pool_leases.pop(lease_id, None) is not None:
             self._pool.free(lease_id)
             self._changed = True
@@ -185,6 +202,37 @@ class Engine:
             lease, _ = w.direct_leases.pop(lease_id)
             self._box.release_direct(conn, lease)
             self._changed = True
+
+    def carry(self, conn: int, lease_id: str, test_id: str) -> None:
+        """The worker handed its pool lease to its next test (no answer is sent). A lease whose
+        GPU a request waits on is recalled, should it not have been yet."""
+        w = self._workers[conn]
+        running = w.pool_leases.get(lease_id)
+        if running is None:
+            return  # not a carriable lease of this worker: nothing to rename
+        taken = time.time()
+        running["test_id"] = test_id
+        running["taken_at"] = taken
+        self._pool.rename(lease_id, test_id, taken)
+        self._changed = True
+        if lease_id not in w.recalled and self._waited_on(u for u, _ in running["parts"]):
+            w.recalled.add(lease_id)
+            self._reply(w, Recall(lease_id))
+
+    def _waited_on(self, uuids: Iterable[str]) -> bool:
+        """Whether a request of the session waits on one of ``uuids``."""
+        wanted = set(uuids)
+        return any(wanted.intersection(p.candidates) for p in self._queue)
+
+    def _recall(self, uuids: Iterable[str]) -> None:
+        """Ask for every pool lease on ``uuids`` back, once each: their workers release them at
+        their next test boundary instead of carrying them."""
+        wanted = set(uuids)
+        for w in self._workers.values():
+            for lease_id, running in w.pool_leases.items():
+                if lease_id not in w.recalled and any(u in wanted for u, _ in running["parts"]):
+                    w.recalled.add(lease_id)
+                    self._reply(w, Recall(lease_id))
 
     def withdraw(self, conn: int, request: int) -> None:
         """The worker stopped waiting (no answer is sent)."""
@@ -283,23 +331,34 @@ class Engine:
         lease_id = f"{p.worker.conn}-{next(self._ids)}"
         self._pool.book(lease_id, p.ask, parts, taken)
         p.worker.pool_leases[lease_id] = self._running(lease_id, p, parts, taken, "pool")
-        self._grant(p, lease_id, parts, taken, now)
+        if p.ask.ticket in self._tickets:
+            self._drop(p)  # it waited: no longer in the queue when the others are looked at
+        carry = not self._waited_on(u for u, _ in parts)
+        self._grant(p, lease_id, parts, taken, now, carry=carry)
         return True
 
     def _grant_direct(self, p: _Pending, lease: Lease) -> None:
         parts = list(lease.parts)
         running = self._running(lease.lease_id, p, parts, lease.taken_at, "direct")
         p.worker.direct_leases[lease.lease_id] = (lease, running)
-        self._grant(p, lease.lease_id, parts, lease.taken_at, time.monotonic())
+        self._grant(p, lease.lease_id, parts, lease.taken_at, time.monotonic(), carry=False)
 
     def _grant(
-        self, p: _Pending, lease_id: str, parts: list[tuple[str, int]], taken: float, now: float
+        self,
+        p: _Pending,
+        lease_id: str,
+        parts: list[tuple[str, int]],
+        taken: float,
+        now: float,
+        *,
+        carry: bool,
     ) -> None:
         if p.ask.ticket in self._tickets:
             self._drop(p)
         self._changed = True
         wire = [[u, n] for u, n in parts]
-        self._reply(p.worker, Granted(p.request, lease_id, wire, taken, now - p.start, p.ask.need.exclusive))
+        exclusive = p.ask.need.exclusive
+        self._reply(p.worker, Granted(p.request, lease_id, wire, taken, now - p.start, exclusive, carry))
 
     def _start_job(self, p: _Pending, now: float) -> None:
         timeout = -1.0 if math.isinf(p.deadline) else p.deadline - now
@@ -388,12 +447,4 @@ class Engine:
             )
             for p in self._queue
         ]
-        return RunningDoc(
-            version=VERSION,
-            session_id=self._box.session_id,
-            controller_key=self._box.key,
-            pid=os.getpid(),
-            written_at=time.time(),
-            leases=leases,
-            waiting=waiting,
-        )
+        return running_doc(self._box.session_id, self._box.key, leases, waiting)

@@ -14,7 +14,7 @@ Only the serving thread touches a :class:`Pool`.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from pytest_gpushare.ledger import TEST, Booking, GpuState, Lease, LedgerGpu, Need, Waiter, evaluate, place
 from pytest_gpushare.units import format_size
@@ -174,6 +174,20 @@ class Pool:
             entries.append((uuid, booking))
             self._changed.add(uuid)
         self._leases[lease_id] = entries
+
+    def rename(self, lease_id: str, test_id: str, now: float) -> None:
+        """The lease now belongs to test ``test_id`` (taken over at ``now``): what a timeout's
+        message names as its holder."""
+        entries = self._leases.get(lease_id)
+        if entries is None:
+            return
+        renamed = []
+        for uuid, booking in entries:
+            new = replace(booking, test_id=test_id, taken_at=now)
+            state = self._states[uuid]
+            state.bookings[next(i for i, b in enumerate(state.bookings) if b is booking)] = new
+            renamed.append((uuid, new))
+        self._leases[lease_id] = renamed
 
     def free(self, lease_id: str) -> bool:
         """Return a lease to the pool; False if the pool did not hold it."""

@@ -10,6 +10,12 @@ connection keeps order, so memory a worker released is free for its next request
 :class:`Withdraw` (it gave up waiting); the broker answers each :class:`Acquire` with one
 :class:`Granted` or :class:`Refused`, which may also carry descriptors.
 
+A lease the broker marks carriable (:attr:`Granted.carry`) may go on to the worker's next test
+of the same need without a round trip: the worker says so with :class:`Carry` (one-way: the
+running test's id, for ``gpushare status``). The broker asks for such a lease back with
+:class:`Recall` (one-way, any time) when a request waits on its GPU; the worker reads recalls
+without waiting, before it carries, and releases a recalled lease instead.
+
 Peers are trusted only when three things hold: the socket lives in a folder of mode 0700, the
 kernel says the peer runs under our uid (``SO_PEERCRED``), and the peer knows the token that the
 controller handed its workers.
@@ -33,12 +39,14 @@ __all__ = [
     "Acquire",
     "BrokerError",
     "BrokerInput",
+    "Carry",
     "FrameReader",
     "Granted",
     "Hello",
     "LeaseCancelled",
     "Message",
     "ProtocolError",
+    "Recall",
     "Refused",
     "Rejected",
     "Release",
@@ -52,7 +60,7 @@ __all__ = [
     "peer_credentials",
 ]
 
-VERSION = 1
+VERSION = 2
 #: No message comes near this; a larger length means a confused or hostile peer.
 MAX_FRAME = 1 << 20
 _LENGTH = struct.Struct("!I")
@@ -111,7 +119,8 @@ class Withdraw(NamedTuple):
 
 
 class Granted(NamedTuple):
-    """``parts``: ``[uuid, bytes]`` in the order the test should use its GPUs."""
+    """``parts``: ``[uuid, bytes]`` in the order the test should use its GPUs; ``carry``: the
+    lease may go on to the worker's next test of the same need (:class:`Carry`)."""
 
     request: int
     lease_id: str
@@ -119,6 +128,20 @@ class Granted(NamedTuple):
     taken_at: float
     waited_s: float
     exclusive: bool
+    carry: bool
+
+
+class Carry(NamedTuple):
+    """The worker's carriable lease ``lease_id`` now belongs to its test ``test_id``."""
+
+    lease_id: str
+    test_id: str
+
+
+class Recall(NamedTuple):
+    """The broker wants lease ``lease_id`` back: the worker must not carry it to another test."""
+
+    lease_id: str
 
 
 class Refused(NamedTuple):
@@ -132,7 +155,7 @@ class Refused(NamedTuple):
     holders: list[str]
 
 
-Message = Hello | Welcome | Rejected | Acquire | Release | Withdraw | Granted | Refused
+Message = Hello | Welcome | Rejected | Acquire | Release | Withdraw | Granted | Refused | Carry | Recall
 _KIND: dict[type[Message], str] = {
     Hello: "hello",
     Welcome: "welcome",
@@ -142,6 +165,8 @@ _KIND: dict[type[Message], str] = {
     Withdraw: "withdraw",
     Granted: "granted",
     Refused: "refused",
+    Carry: "carry",
+    Recall: "recall",
 }
 #: What each annotation (a string, under ``from __future__ import annotations``) accepts on the
 #: wire, by exact type (so that JSON's true is no number).

@@ -31,6 +31,7 @@ from pytest_gpushare.broker.box import Box, DescriptorOf, Done, OpenLedger, Watc
 from pytest_gpushare.broker.engine import PUBLISH_S, Engine
 from pytest_gpushare.broker.giveback import LINGER_S, WATCH_S
 from pytest_gpushare.ledger import FAIR_AFTER_S
+from pytest_gpushare.threads import daemon_thread
 
 __all__ = ["Broker", "Listener"]
 
@@ -151,7 +152,7 @@ class Broker:
         self._ids = itertools.count(1)
         self._stopping = False
         self._closed = False
-        self._thread = threading.Thread(target=self._serve, name="gpushare-broker", daemon=True)
+        self._thread = daemon_thread(self._serve, "gpushare-broker")
         self._thread.start()
 
     def worker_input(self) -> proto.BrokerInput:
@@ -291,6 +292,8 @@ class Broker:
             self._engine.acquire(cid, msg, time.monotonic())
         elif isinstance(msg, proto.Release):
             self._engine.release(cid, msg.lease_id)
+        elif isinstance(msg, proto.Carry):
+            self._engine.carry(cid, msg.lease_id, msg.test_id)
         elif isinstance(msg, proto.Withdraw):
             self._engine.withdraw(cid, msg.request)
         else:

@@ -32,6 +32,7 @@ __all__ = [
     "live_owner_keys",
     "read_running",
     "remove_running",
+    "running_doc",
     "running_name",
     "write_running",
 ]
@@ -71,6 +72,21 @@ class RunningDoc(TypedDict):
     written_at: float
     leases: list[RunningLease]
     waiting: list[RunningWait]
+
+
+def running_doc(
+    session_id: str, controller_key: str, leases: list[RunningLease], waiting: list[RunningWait]
+) -> RunningDoc:
+    """The running file's document of this process's session, as of now."""
+    return RunningDoc(
+        version=VERSION,
+        session_id=session_id,
+        controller_key=controller_key,
+        pid=os.getpid(),
+        written_at=time.time(),
+        leases=leases,
+        waiting=waiting,
+    )
 
 
 def running_name(key: str) -> str:
