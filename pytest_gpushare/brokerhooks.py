@@ -28,13 +28,15 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from pytest_gpushare import ledger as ledgers  # the facade: its modules load on first use
 from pytest_gpushare.credits import nvml_refresh
 from pytest_gpushare.errors import LedgerError
-from pytest_gpushare.ledger import Ledger, Owner, ledger_gpus
 from pytest_gpushare.session import get_plan, get_settings, gpu_work_begun, ledger_folder_checked, session_id
+from pytest_gpushare.threads import daemon_thread
 
 if TYPE_CHECKING:
     from pytest_gpushare.broker import Broker, BrokerInput, Listener
+    from pytest_gpushare.ledger import Ledger, Owner
 
 __all__ = ["PLUGIN_NAME", "SessionBroker", "broker_for_workers"]
 
@@ -89,9 +91,9 @@ def _start(config: pytest.Config, listener: Listener, log: list[str]) -> Broker:
         return fresh
 
     def open_ledger(owner: Owner, context_bytes: int) -> Ledger:
-        ledger = Ledger(
+        ledger = ledgers.Ledger(
             folder,
-            ledger_gpus(plan),
+            ledgers.ledger_gpus(plan),
             owner,
             context_bytes=context_bytes,
             policy=s.policy,
@@ -134,9 +136,7 @@ class SessionBroker:
         self.cancelled = False
         self._lock = threading.Lock()
         self._stop_r, self._stop_w = os.pipe()
-        self._thread = threading.Thread(
-            target=self._start_on_first_worker, name="gpushare-broker-start", daemon=True
-        )
+        self._thread = daemon_thread(self._start_on_first_worker, "gpushare-broker-start")
         self._thread.start()
 
     def _start_on_first_worker(self) -> None:

@@ -17,13 +17,15 @@ Which tests are the plugin's (SPEC "Coexisting"), by :func:`gpu_role`:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import pytest
 
-from pytest_gpushare.enforce import Enforcement
 from pytest_gpushare.errors import GpuShareError
-from pytest_gpushare.runtime import GpuLease, Grant
+
+if TYPE_CHECKING:  # loaded with the first GPU test, not with the plugin
+    from pytest_gpushare.enforce import Enforcement
+    from pytest_gpushare.runtime import GpuLease, Grant
 
 __all__ = ["STATE_KEY", "ItemState", "Role", "gpu", "gpu_role", "gpus", "plugin_fixture"]
 

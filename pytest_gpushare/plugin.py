@@ -15,12 +15,16 @@ Neither does a run without GPU tests that does not ask for ``-n auto`` (SPEC "Co
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import pytest
 
 from pytest_gpushare import fixtures, hookspecs, session, summary, testhooks, workers
-from pytest_gpushare.gpus import Gpu, GpuInventory
-from pytest_gpushare.planner import Reservation
 from pytest_gpushare.settings.pytest_options import add_options
+
+if TYPE_CHECKING:
+    from pytest_gpushare.gpus import Gpu, GpuInventory
+    from pytest_gpushare.planner import Reservation
 
 
 def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:

@@ -26,15 +26,17 @@ from typing import TYPE_CHECKING, Any, Protocol, overload
 import pytest
 
 from pytest_gpushare import hookcalls
+from pytest_gpushare import ledger as ledgers  # the facade: its modules load on first use
 from pytest_gpushare.credits import nvml_refresh
 from pytest_gpushare.errors import LedgerError, SettingError
 from pytest_gpushare.gpus.visible import cuda_ordinal, one_process_view
-from pytest_gpushare.ledger import Lease, Ledger, Need, Owner, ledger_dir_for, ledger_gpus, prepare_ledger_dir
-from pytest_gpushare.planner import Plan
 from pytest_gpushare.units import MemRequest, parse_mem
 
 if TYPE_CHECKING:
     from pytest_gpushare.broker import BrokerInput
+    from pytest_gpushare.carrying import CarriedLease
+    from pytest_gpushare.ledger import Lease, Need
+    from pytest_gpushare.planner import Plan
 
 __all__ = ["GpuLease", "GpuLeases", "GpuNeed", "Grant", "LeaseRecord", "Runtime", "need_from_marker"]
 
@@ -214,6 +216,7 @@ class Grant:
     record: LeaseRecord | None
     fallback: str | None = None  # "cpu" when the test ran on CPU for lack of a GPU
     released: bool = False
+    need: Need | None = None  # what was asked of the lessor: a next test that asks the same may carry it
 
 
 @dataclass
@@ -241,6 +244,7 @@ class Runtime:
     ledger_source: str | None = None
     broker: BrokerInput | None = None
     _ledger: Lessor | None = None
+    _carried: CarriedLease | None = None  # where the ledger can carry leases: one kept for the next test
     _opening: threading.Lock = field(default_factory=threading.Lock, repr=False)
     records: list[LeaseRecord] = field(default_factory=list)
     log: list[str] = field(default_factory=list)
@@ -257,18 +261,21 @@ class Runtime:
 
     def _open_ledger(self) -> Lessor:
         if self.broker is not None:
-            from pytest_gpushare.broker import BrokerClient  # only workers of a broker session
+            from pytest_gpushare.broker.client import BrokerClient  # only workers of a broker session
+            from pytest_gpushare.carrying import CarriedLease
 
-            return BrokerClient(self.broker, self.worker)
+            client = BrokerClient(self.broker, self.worker)
+            self._carried = CarriedLease(client, lambda lease: self._give_back(lease, lease.test_id))
+            return client
         try:
-            folder = prepare_ledger_dir(self.ledger_folder())
+            folder = ledgers.prepare_ledger_dir(self.ledger_folder())
         except LedgerError as exc:
             where = f" ({self.ledger_source})" if self.ledger_source else ""
             raise LedgerError(f"{exc}{where}") from None
-        return Ledger(
+        return ledgers.Ledger(
             folder,
-            ledger_gpus(self.plan),
-            Owner.current(self.session, self.worker),
+            ledgers.ledger_gpus(self.plan),
+            ledgers.Owner.current(self.session, self.worker),
             context_bytes=self.context_bytes,
             policy=self.policy,
             log=self.log.append,
@@ -287,7 +294,7 @@ class Runtime:
 
     def ledger_folder(self) -> str:
         """The session's ledger folder: the setting, or the account's private default."""
-        return str(ledger_dir_for(self.ledger_dir))
+        return str(ledgers.ledger_dir_for(self.ledger_dir))
 
     def close(self) -> str | None:
         """Close the ledger; what went wrong, in one line, where the folder refused (the
@@ -295,6 +302,8 @@ class Runtime:
         ledger, self._ledger = self._ledger, None
         if ledger is None:
             return None
+        if self._carried is not None:
+            self._carried.forget()  # closing returns it with the rest
         try:
             ledger.close()
         except (LedgerError, OSError) as exc:
@@ -316,12 +325,9 @@ class Runtime:
         on the home GPU, where their memory really goes. Either way only devices this process
         can see are candidates (:attr:`visible`).
         """
-        prefer = self.visible[0] if self.visible else None
-        allowed = self.visible if anywhere or need.count > 1 or prefer is None else (prefer,)
-        ledger_need = Need(
-            mem=need.mem, count=need.count, exclusive=need.exclusive, prefer=prefer, allowed=allowed
-        )
-        lease = self.ledger.acquire(ledger_need, test_id, self.timeout)
+        ledger_need = self.ledger_need(need, anywhere=anywhere)
+        carried = None if block or self._carried is None else self._carried.take(ledger_need, test_id)
+        lease = carried if carried is not None else self.ledger.acquire(ledger_need, test_id, self.timeout)
         # Recorded times lie inside the real grant (taken after, released before), so an
         # overlap of records is a real overlap: peaks computed from them never overstate.
         taken = time.time()
@@ -346,30 +352,54 @@ class Runtime:
         record = LeaseRecord(test_id, self.worker, parts, lease.waited_s, taken, block=block)
         self.records.append(record)
         self._notify("pytest_gpushare_lease_acquired", gpus=gpus, test_id=test_id, waited=lease.waited_s)
-        return Grant(lease, gpus, record)
+        return Grant(lease, gpus, record, need=ledger_need)
 
-    def release(self, grant: Grant) -> None:
+    def ledger_need(self, need: GpuNeed, *, anywhere: bool) -> Need:
+        """What the lessor is asked for ``need``: a test that does not take ``gpu``/``gpus`` stays
+        on the home GPU, where its memory really goes (see :meth:`acquire`)."""
+        prefer = self.visible[0] if self.visible else None
+        allowed = self.visible if anywhere or need.count > 1 or prefer is None else (prefer,)
+        return ledgers.Need(
+            mem=need.mem, count=need.count, exclusive=need.exclusive, prefer=prefer, allowed=allowed
+        )
+
+    def drop_carried(self, *, unless: Need | None = None) -> None:
+        """Give back a lease kept for a next test that did not take it, unless it was kept for
+        ``unless`` (:meth:`CarriedLease.drop`)."""
+        if self._carried is not None:
+            self._carried.drop(unless)
+
+    def release(self, grant: Grant, *, then: Need | None = None) -> None:
         """Give the lease back. Where the ledger folder refuses (full, read-only), the lease stays
         booked until this process ends (the safe side: nobody is granted memory that may still be
-        in use), one line in the log says so, and the test's outcome is left alone."""
+        in use), one line in the log says so, and the test's outcome is left alone.
+
+        ``then``: what this process's next test will ask for (:meth:`ledger_need`). Where it is
+        what this lease was granted for and the lessor may carry it (the broker granted it so and
+        has not asked for it back), the lease is kept for that test instead of going back; for
+        this test it ends here all the same (its record, the released hook)."""
         if grant.released:
             return
         grant.released = True
         if grant.lease is None or grant.record is None:
             return
         grant.record.released_at = time.time()
-        try:
-            self.ledger.release(grant.lease)
-        except (LedgerError, OSError) as exc:
-            if str(exc) not in self.log:  # a ledger that defers the release says so itself
-                self.log.append(
-                    f"could not give back the lease of {grant.record.test_id}: {exc}; "
-                    "it stays booked until this process ends"
-                )
+        if self._carried is None or not self._carried.keep(grant.lease, grant.need, then):
+            self._give_back(grant.lease, grant.record.test_id)
         held = grant.record.released_at - grant.record.taken_at
         self._notify(
             "pytest_gpushare_lease_released", gpus=grant.gpus, test_id=grant.record.test_id, held=held
         )
+
+    def _give_back(self, lease: Lease, test_id: str) -> None:
+        try:
+            self.ledger.release(lease)
+        except (LedgerError, OSError) as exc:
+            if str(exc) not in self.log:  # a ledger that defers the release says so itself
+                self.log.append(
+                    f"could not give back the lease of {test_id}: {exc}; "
+                    "it stays booked until this process ends"
+                )
 
     def _notify(self, name: str, **kwargs: object) -> None:
         """Call an observer hook; an observer that raises is reported, never fails the test."""

@@ -39,6 +39,7 @@ from pytest_gpushare.settings.pytest_options import resolve_settings
 
 if TYPE_CHECKING:  # the broker is imported only by sessions that start one
     from pytest_gpushare.broker import BrokerInput
+    from pytest_gpushare.observations import GpuObservation
 
 __all__ = [
     "MARKER_HELP",
@@ -49,6 +50,7 @@ __all__ = [
     "begin_gpu_work",
     "broker_input",
     "check_report_path",
+    "compact_observation",
     "compute_plan",
     "env_set",
     "get_plan",
@@ -62,6 +64,7 @@ __all__ = [
     "runs_workers",
     "session_id",
     "suite_gpu_marker",
+    "teardown_entry",
     "worker_id",
     "worker_input",
 ]
@@ -106,8 +109,9 @@ class WorkerInput(_SessionInput, total=False):
 
 class LeaseEntry(TypedDict, total=False):
     """What the controller collects of one lease: a GPU test's (from its setup report while it
-    runs, outcome ``"running"``, and its teardown report, where the worker leaves ``test_id``
-    out) or a ``lease()`` block's (outcome ``"lease()"``)."""
+    runs, ``lease`` only, and its teardown report, where the worker leaves out ``test_id``, an
+    outcome that the report itself gives, and empty fields) or a ``lease()`` block's (outcome
+    ``"lease()"``)."""
 
     test_id: str
     outcome: str
@@ -115,6 +119,37 @@ class LeaseEntry(TypedDict, total=False):
     lease: dict[str, Any]  # LeaseRecord.to_dict(); absent when no memory was leased
     observed: list[dict[str, Any]]  # what the test was seen to use, per device
     log: list[str]  # the plugin's notes on the test (waits, enforcement, ignored hook errors)
+
+
+def teardown_entry(
+    outcome: str | None,
+    fallback: str | None,
+    observed: list[dict[str, Any]],
+    lease: dict[str, Any] | None,
+    log: list[str],
+) -> LeaseEntry:
+    """A GPU test's entry on its teardown report. xdist serialises every report of every test,
+    so it leaves out what the controller knows without it: an outcome of "passed" (None: every
+    phase passed, as the report says itself), no fallback, no observations, no notes."""
+    entry = LeaseEntry()
+    if outcome is not None:
+        entry["outcome"] = outcome
+    if fallback is not None:
+        entry["fallback"] = fallback
+    if observed:
+        entry["observed"] = observed
+    if lease is not None:
+        entry["lease"] = lease
+    if log:
+        entry["log"] = log
+    return entry
+
+
+def compact_observation(observation: GpuObservation) -> dict[str, Any]:
+    """An observation's dict for a report, without its fields at their defaults
+    (:meth:`GpuObservation.from_dict` puts them back)."""
+    fields = type(observation).__dataclass_fields__
+    return {k: v for k, v in observation.to_dict().items() if v != fields[k].default}
 
 
 class WorkerOutput(TypedDict):

@@ -10,6 +10,12 @@ holds for one test is one :class:`~pytest_gpushare.fixtures.ItemState` under
 :data:`~pytest_gpushare.fixtures.STATE_KEY`, set and cleared by that
 ``pytest_runtest_protocol`` wrapper; its :class:`~pytest_gpushare.session.LeaseEntry` travels
 to the controller on the test's setup report (while it runs) and teardown report.
+
+Under a session broker a test's lease may go on to the worker's next test (``nextitem``) when
+that test asks for exactly the same (the same need, placement and role) and the broker has not
+asked for the memory back: no round trip between the two. For each test the lease still begins
+and ends as before: its own record (taken when it starts, waited 0 s), its observation and cap,
+the lease hooks, its summary line.
 """
 
 from __future__ import annotations
@@ -18,30 +24,35 @@ import os
 import threading
 from collections.abc import Generator, Iterator
 from contextlib import contextmanager
-from typing import Any, NoReturn, cast
+from typing import TYPE_CHECKING, Any, NoReturn, cast
 
 import pytest
 
-from pytest_gpushare import observe
-from pytest_gpushare.enforce import annotate_oom, enforce
 from pytest_gpushare.errors import GpuShareError, LeaseCancelled, LeaseTimeout, NeverFits, SettingError
-from pytest_gpushare.fixtures import STATE_KEY, ItemState, Role, gpu_role, plugin_fixture
-from pytest_gpushare.runtime import GpuLease, GpuLeases, GpuNeed, Grant, Runtime, need_from_marker
+from pytest_gpushare.fixtures import STATE_KEY, ItemState, Role
+from pytest_gpushare.needs import TestNeeds
 from pytest_gpushare.session import (
     REPORT_ATTR,
     LeaseEntry,
     WorkerOutput,
     begin_gpu_work,
     broker_input,
+    compact_observation,
     get_settings,
     is_worker,
     note_env,
     runs_workers,
     session_id,
-    suite_gpu_marker,
+    teardown_entry,
     worker_id,
 )
 from pytest_gpushare.workers import framework_defaults, home_gpu
+
+# The runtime (and with it the ledger), enforce and observe are imported where the first GPU
+# test needs them: a run without GPU tests, and --collect-only, never load them.
+if TYPE_CHECKING:
+    from pytest_gpushare import observe
+    from pytest_gpushare.runtime import GpuLeases, GpuNeed, Grant, Runtime
 
 __all__ = ["LeaseHooks", "active_hooks", "lease"]
 
@@ -55,10 +66,7 @@ class LeaseHooks:
         self._making = threading.Lock()
         self._watch: observe.Watch | None = None
         self._enforce_said = False
-        self._suite_marker: bool | None = None
-        #: Validated markers by their arguments: a module's ``pytestmark`` is the same for each of
-        #: its tests. Only good markers are kept; a bad one fails each test naming it.
-        self._needs: dict[tuple[Any, ...], GpuNeed] = {}
+        self.needs = TestNeeds(config)
         #: ``lease()`` blocks no GPU could serve (their fallback), for the summary.
         self._blocks_not_run: list[LeaseEntry] = []
         _ACTIVE.append(self)
@@ -74,6 +82,8 @@ class LeaseHooks:
         return self._runtime
 
     def _make_runtime(self) -> Runtime:
+        from pytest_gpushare.runtime import Runtime
+
         config = self.config
         s = get_settings(config)
         return Runtime(
@@ -94,6 +104,8 @@ class LeaseHooks:
     @property
     def watch(self) -> observe.Watch:
         if self._watch is None:
+            from pytest_gpushare import observe
+
             s = get_settings(self.config)
             self._watch = observe.Watch(s.observe_interval_s, release_cached=s.framework_defaults)
         return self._watch
@@ -112,9 +124,11 @@ class LeaseHooks:
     # -- which tests are GPU tests ------------------------------------------------------------
 
     def role(self, item: pytest.Item) -> Role | None:
-        if self._suite_marker is None:  # asked once conftests are in: they may register it
-            self._suite_marker = suite_gpu_marker(self.config) is not None
-        return gpu_role(item, self._suite_marker, get_settings(self.config).adopt_marker)
+        return self.needs.role(item)
+
+    def _need(self, item: pytest.Item) -> tuple[GpuNeed, bool]:
+        """:meth:`TestNeeds.need` (the memory-aware dispatch asks it by this name)."""
+        return self.needs.need(item)
 
     @pytest.hookimpl(trylast=True)
     def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
@@ -136,14 +150,25 @@ class LeaseHooks:
     # -- one test: the state's lifetime -----------------------------------------------------
 
     @pytest.hookimpl(wrapper=True)
-    def pytest_runtest_protocol(self, item: pytest.Item) -> Generator[None, object, object]:
+    def pytest_runtest_protocol(
+        self, item: pytest.Item, nextitem: pytest.Item | None
+    ) -> Generator[None, object, object]:
         item.stash[STATE_KEY] = ItemState()
         try:
-            return (yield)
+            result = yield
+        except BaseException:
+            # KeyboardInterrupt or an internal error can skip the teardown hook: give it back
+            # here, and what was kept for the next test too.
+            self._release(item, None)
+            if self._runtime is not None:
+                self._runtime.drop_carried()
+            raise
         finally:
-            # KeyboardInterrupt or an internal error can skip the teardown hook: give it back here.
-            self._release(item)
+            grant = item.stash[STATE_KEY].grant
+            if grant is not None and not grant.released:  # the teardown hook did not run
+                self._release(item, nextitem)
             del item.stash[STATE_KEY]
+        return result
 
     # -- taking the lease ---------------------------------------------------------------------
 
@@ -156,38 +181,15 @@ class LeaseHooks:
         if problem is not None:
             pytest.fail(f"gpushare: {problem}", pytrace=False)
 
-    def _need(self, item: pytest.Item) -> tuple[GpuNeed, bool] | None:
-        """What ``item`` needs and whether it takes ``gpu``/``gpus``; None for no GPU test."""
-        marker = item.get_closest_marker("gpu")
-        default = get_settings(self.config).default_mem
-        if marker is None:
-            return GpuNeed(mem=default), True
-        # Types count: True == 1, but mem=True is a bad marker where mem=1 is a good one.
-        key = (
-            tuple((type(a), a) for a in marker.args),
-            tuple(sorted((k, type(v), v) for k, v in marker.kwargs.items())),
-        )
-        source = f"the marker on {item.nodeid}"
-        takes_fixture = plugin_fixture(item)
-        try:
-            need = self._needs.get(key)
-        except TypeError:  # an unhashable argument: validated every time
-            return need_from_marker(marker.args, dict(marker.kwargs), default, source), takes_fixture
-        if need is None:
-            need = self._needs[key] = need_from_marker(marker.args, dict(marker.kwargs), default, source)
-        return need, takes_fixture
-
     def _take(self, item: pytest.Item, state: ItemState) -> str | None:
         """Lease what ``item`` needs; a one-line problem when the test must fail instead."""
         role = self.role(item)
         if role is None:
             return None
         try:
-            found = self._need(item)
+            need, anywhere = self.needs.need(item)
         except SettingError as exc:
             return str(exc)
-        assert found is not None
-        need, anywhere = found
         if role == "guest":
             self._take_as_guest(item, state, need)
             return None
@@ -228,7 +230,7 @@ class LeaseHooks:
     def _not_run(self, state: ItemState, need: GpuNeed, why: str) -> None:
         """No GPU can ever serve this test: skip, run on CPU, or fail, per --gpushare-fallback."""
         mode = get_settings(self.config).fallback
-        state.grant = Grant(None, [GpuLease.cpu()] * need.count, None, fallback=mode)
+        state.grant = _cpu_grant(need, mode)
         if mode == "skip":
             # Reported at the test's own location, as a skip marker would be.
             raise pytest.skip.Exception(
@@ -241,6 +243,8 @@ class LeaseHooks:
         """Cap (``--gpushare-enforce``) then measure the test; the cap's empty_cache comes first
         so the measuring baseline is taken after it."""
         if get_settings(self.config).enforce:
+            from pytest_gpushare.enforce import enforce
+
             result = enforce(grant.gpus)
             if isinstance(result, str):
                 if not self._enforce_said:
@@ -277,32 +281,43 @@ class LeaseHooks:
             pytest.skip(f"gpushare: {why} (--gpushare-fallback=skip)")
         if mode == "fail":
             _fail(f"{why} (--gpushare-fallback=fail)")
-        return Grant(None, [GpuLease.cpu()] * need.count, None, fallback=mode)
+        return _cpu_grant(need, mode)
 
     # -- giving it back -----------------------------------------------------------------------
 
     @pytest.hookimpl(wrapper=True, tryfirst=True)
-    def pytest_runtest_teardown(self, item: pytest.Item) -> Generator[None, object, object]:
+    def pytest_runtest_teardown(
+        self, item: pytest.Item, nextitem: pytest.Item | None
+    ) -> Generator[None, object, object]:
         try:
             return (yield)
         finally:
-            self._release(item)
+            self._release(item, nextitem)
 
-    def _release(self, item: pytest.Item) -> None:
+    def _release(self, item: pytest.Item, nextitem: pytest.Item | None) -> None:
+        """Give the test's lease back, or keep it for ``nextitem`` where that test asks for the
+        same (:meth:`Runtime.release`); a lease kept for this test that it did not take goes
+        back unless ``nextitem`` asks for the same."""
+        rt = self._runtime
+        if rt is None:
+            return
         state = item.stash.get(STATE_KEY, None)
         grant = None if state is None else state.grant
-        if state is None or grant is None or self._runtime is None or grant.released:
+        if state is None or grant is None or grant.released:
+            then = self.needs.asks(nextitem, rt, guest=state is not None and state.guest)
+            rt.drop_carried(unless=then)
             return
         try:
             if grant.record is not None:
                 self._observe_end(state)
         finally:
-            self._runtime.release(grant)
+            then = None if grant.need is None else self.needs.asks(nextitem, rt, guest=state.guest)
+            rt.release(grant, then=then)
 
     def _observe_end(self, state: ItemState) -> None:
         if state.enforcement is not None:
             self.runtime.log.extend(state.enforcement.restore())
-        state.observed = [o.to_dict() for o in self.watch.end()]
+        state.observed = [compact_observation(o) for o in self.watch.end()]
 
     # -- what the controller learns -----------------------------------------------------------
 
@@ -314,6 +329,8 @@ class LeaseHooks:
         state = item.stash.get(STATE_KEY, None)
         grant = None if state is None else state.grant
         if grant is not None and call.when == "call" and rep.failed and call.excinfo is not None:
+            from pytest_gpushare.enforce import annotate_oom
+
             declared = max((g.mem for g in grant.gpus), default=0)
             note = annotate_oom(call.excinfo.value, declared)
             if note:
@@ -324,22 +341,18 @@ class LeaseHooks:
             if call.when == "setup" and grant.record is not None:
                 # The controller learns what the test holds before it runs: if its worker dies,
                 # the summary knows the lease it lost.
-                setattr(rep, REPORT_ATTR, LeaseEntry(outcome="running", lease=grant.record.to_dict()))
+                setattr(rep, REPORT_ATTR, LeaseEntry(lease=grant.record.to_dict()))
             elif call.when == "teardown":
                 setattr(rep, REPORT_ATTR, self._entry(state, grant))
         return rep
 
     def _entry(self, state: ItemState, grant: Grant) -> LeaseEntry:
         """The test's entry for the controller (its ``test_id`` is the report's node id)."""
-        entry = LeaseEntry(
-            fallback=grant.fallback, outcome=state.outcome or "passed", observed=state.observed
-        )
-        if grant.record is not None:
-            entry["lease"] = grant.record.to_dict()
-        entry["log"] = list(self._runtime.log) if self._runtime else []
-        if self._runtime:
+        log = list(self._runtime.log) if self._runtime is not None else []
+        if self._runtime is not None:
             self._runtime.log.clear()
-        return entry
+        lease = None if grant.record is None else grant.record.to_dict()
+        return teardown_entry(state.outcome, grant.fallback, state.observed, lease, log)
 
     @pytest.hookimpl(trylast=True)
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
@@ -356,6 +369,13 @@ class LeaseHooks:
                     tr.write_line(f"gpushare: {problem}")
         if self in _ACTIVE:
             _ACTIVE.remove(self)
+
+
+def _cpu_grant(need: GpuNeed, fallback: str) -> Grant:
+    """The grant of a test (or block) that runs on the CPU for lack of a GPU."""
+    from pytest_gpushare.runtime import GpuLease, Grant
+
+    return Grant(None, [GpuLease.cpu()] * need.count, None, fallback=fallback)
 
 
 def _no_gpu_reason(rt: Runtime) -> str:
@@ -406,6 +426,8 @@ def lease(
     reason), ``cpu`` yields CPU leases, ``fail`` fails them with one line. A wait past
     ``--gpushare-timeout`` and a bad argument fail with one line too.
     """
+    from pytest_gpushare.runtime import GpuLeases, need_from_marker
+
     hooks = active_hooks()
     label = name or os.environ.get("PYTEST_CURRENT_TEST", "").rsplit(" ", 1)[0] or "lease()"
     try:

@@ -286,3 +286,125 @@ def test_a_run_without_gpu_tests_starts_no_broker(suite: Path, env: dict[str, st
     assert "2 passed" in done.stdout, done.stdout
     assert not list(Path(env["GPUSHARE_LEDGER_DIR"]).glob("gpu-*")), "a ledger was written"
     assert not list(Path(env["TMPDIR"]).glob("gpushare-broker-*")), "the socket folder is left behind"
+
+
+# --- leases carried from a test to the next --------------------------------------------------
+
+# Each test writes its lease's id and size where the test can read them (the plugin's own state
+# of the running test), and may hold until told to go.
+CARRY_CONFTEST = """
+import os, time, pytest
+from pytest_gpushare.fixtures import STATE_KEY
+
+@pytest.fixture(autouse=True)
+def record_lease(request):
+    grant = request.node.stash[STATE_KEY].grant
+    if grant is not None:
+        with open(os.environ["MARK_DIR"] + "/leases", "a") as f:
+            f.write(f"{request.node.name} {grant.lease.lease_id} {grant.lease.parts[0][1]}\\n")
+
+@pytest.fixture
+def hold(request):
+    marks = os.environ["MARK_DIR"]
+    open(f"{marks}/{request.node.name}-started", "w").close()
+    deadline = time.monotonic() + 120
+    while not os.path.exists(f"{marks}/{request.node.name}-go") and time.monotonic() < deadline:
+        time.sleep(0.02)
+"""
+
+
+def leases_of(env: dict[str, str]) -> dict[str, tuple[str, int]]:
+    """Each test's lease id and bytes, as CARRY_CONFTEST wrote them."""
+    lines = (Path(env["MARK_DIR"]) / "leases").read_text().split("\n")
+    return {name: (lease_id, int(size)) for name, lease_id, size in (x.split() for x in lines if x)}
+
+
+def test_a_carried_lease_shows_its_new_test_in_status(
+    suite: Path, env: dict[str, str], started: list[subprocess.Popen[str]]
+) -> None:
+    (suite / "conftest.py").write_text(CARRY_CONFTEST)
+    (suite / "test_chain.py").write_text(
+        "import pytest\n"
+        "pytestmark = pytest.mark.gpu(mem='1GiB')\n"
+        "def test_warm(): pass\n"  # a worker's first lease books its context: it goes back
+        "def test_a(hold): pass\n"
+        "def test_b(hold): pass\n"
+    )
+    marks = Path(env["MARK_DIR"])
+    controller = start(started, suite, env, "-n", "1", "--gpushare-simulate=8GiB", "-q")
+
+    def running() -> list[tuple[str, str]]:
+        done = run_command([sys.executable, "-m", "pytest_gpushare", "status", "--json"], env=env)
+        return [
+            (x["test_id"], x["lease_id"]) for s in json.loads(done.stdout)["sessions"] for x in s["leases"]
+        ]
+
+    for name in ("test_a", "test_b"):
+        wait_until((marks / f"{name}-started").exists, f"{name} runs", timeout=120, proc=controller)
+        lease_id = leases_of(env)[name][0]
+        shown = [(f"test_chain.py::{name}", lease_id)]
+        wait_until(lambda shown=shown: running() == shown, f"status shows {name}")
+        (marks / f"{name}-go").touch()
+    assert controller.wait(timeout=120) == 0
+    ids = leases_of(env)
+    assert ids["test_a"] == ids["test_b"], "test_b did not get test_a's lease"
+    assert ids["test_warm"] != ids["test_a"]
+
+
+def test_a_test_of_another_need_never_takes_a_carried_lease(suite: Path, env: dict[str, str]) -> None:
+    (suite / "conftest.py").write_text(CARRY_CONFTEST)
+    (suite / "test_needs.py").write_text(
+        "import pytest\n"
+        "GiB = 2**30\n"
+        "@pytest.mark.gpu(mem='1GiB')\ndef test_warm(gpu): pass\n"
+        "@pytest.mark.gpu(mem='1GiB')\ndef test_one(gpu): assert gpu.mem == GiB\n"
+        "@pytest.mark.gpu(mem='2GiB')\ndef test_two(gpu): assert gpu.mem == 2 * GiB\n"
+        "@pytest.mark.gpu(mem='1GiB')\ndef test_one_again(gpu): assert gpu.mem == GiB\n"
+        "@pytest.mark.gpu(mem='1GiB')\ndef test_home_only(): pass\n"  # no fixture: its home GPU only
+        "@pytest.mark.gpu(mem='1GiB')\ndef test_home_again(): pass\n"
+    )
+    done = run_command([*PYTEST, "-n", "1", "--gpushare-simulate=8GiB,8GiB", "-q"], cwd=suite, env=env)
+    assert "6 passed" in done.stdout, done.stdout
+    ids = {name: lease_id for name, (lease_id, _) in leases_of(env).items()}
+    assert len({ids["test_warm"], ids["test_one"], ids["test_two"], ids["test_one_again"]}) == 4
+    assert ids["test_home_only"] != ids["test_one_again"], "a test placed differently took the lease"
+    assert ids["test_home_again"] == ids["test_home_only"]
+
+
+def test_a_request_that_waits_makes_the_carrier_give_the_memory_back_at_its_next_test(
+    suite: Path, env: dict[str, str], tmp_path: Path
+) -> None:
+    (suite / "conftest.py").write_text(CARRY_CONFTEST)
+    # Two leases of 60% never fit at once: gw1's test waits while gw0 carries its lease on.
+    (suite / "test_chain.py").write_text(
+        "import time, pytest\n"
+        "@pytest.mark.gpu(mem='60%')\n"
+        "@pytest.mark.parametrize('i', range(40))\n"
+        "def test_chain(i): time.sleep(0.1)\n"
+    )
+    (suite / "test_other.py").write_text(
+        "import time, pytest\n"
+        "def test_first(): time.sleep(0.5)\n"
+        "@pytest.mark.gpu(mem='60%')\n"
+        "def test_late(): pass\n"
+    )
+    report = tmp_path / "report.json"
+    done = run_command(
+        [*PYTEST, "-n", "2", "--dist", "loadfile", "--gpushare-simulate=8GiB", f"--gpushare-report={report}"],
+        cwd=suite,
+        env=env,
+    )
+    assert "42 passed" in done.stdout, done.stdout
+    leases = json.loads(report.read_text())["leases"]
+    late = next(x for x in leases if x["test_id"].endswith("test_late"))
+    chain = sorted((x for x in leases if "test_chain" in x["test_id"]), key=lambda x: x["taken_at"])
+    assert late["taken_at"] < chain[-1]["taken_at"], "test_late waited until the chain ended"
+    for x in chain:  # records lie within their leases: two of 60% never overlap
+        assert x["released_at"] <= late["taken_at"] or x["taken_at"] >= late["released_at"], (x, late)
+    # Before test_late asked, each chain test (past the first, whose lease booked gw0's context
+    # and went back) got its predecessor's lease.
+    asked = late["taken_at"] - late["waited_s"]
+    ids = leases_of(env)
+    before = [i for i in range(1, 39) if chain[i + 1]["taken_at"] < asked]
+    assert before, "test_late asked before the chain carried anything"
+    assert all(ids[f"test_chain[{i}]"][0] == ids[f"test_chain[{i + 1}]"][0] for i in before), ids

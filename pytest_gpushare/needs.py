@@ -1,0 +1,78 @@
+"""What each test asks for: whether it is a GPU test of the plugin (its role) and its validated
+need, as :mod:`~pytest_gpushare.testhooks` leases it and the memory-aware dispatch reads it.
+
+Markers are validated once per distinct marker: a module's ``pytestmark`` is the same for each
+of its tests. The runtime's types load with the first GPU test (start-up stays lean).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from pytest_gpushare.errors import SettingError
+from pytest_gpushare.fixtures import Role, gpu_role, plugin_fixture
+from pytest_gpushare.session import get_settings, suite_gpu_marker
+
+if TYPE_CHECKING:
+    from pytest_gpushare.ledger import Need
+    from pytest_gpushare.runtime import GpuNeed, Runtime
+
+__all__ = ["TestNeeds"]
+
+
+class TestNeeds:
+    """The roles and needs of a session's tests."""
+
+    __test__ = False  # not a test class, whatever its name says
+
+    def __init__(self, config: pytest.Config) -> None:
+        self.config = config
+        self._suite_marker: bool | None = None
+        #: Validated markers by their arguments. Only good markers are kept; a bad one fails each
+        #: test naming it.
+        self._needs: dict[tuple[Any, ...], GpuNeed] = {}
+
+    def role(self, item: pytest.Item) -> Role | None:
+        if self._suite_marker is None:  # asked once conftests are in: they may register it
+            self._suite_marker = suite_gpu_marker(self.config) is not None
+        return gpu_role(item, self._suite_marker, get_settings(self.config).adopt_marker)
+
+    def need(self, item: pytest.Item) -> tuple[GpuNeed, bool]:
+        """What GPU test ``item`` needs and whether it takes ``gpu``/``gpus``; a bad marker raises
+        :class:`SettingError`."""
+        from pytest_gpushare.runtime import GpuNeed, need_from_marker
+
+        marker = item.get_closest_marker("gpu")
+        default = get_settings(self.config).default_mem
+        if marker is None:
+            return GpuNeed(mem=default), True
+        # Types count: True == 1, but mem=True is a bad marker where mem=1 is a good one.
+        key = (
+            tuple((type(a), a) for a in marker.args),
+            tuple(sorted((k, type(v), v) for k, v in marker.kwargs.items())),
+        )
+        source = f"the marker on {item.nodeid}"
+        takes_fixture = plugin_fixture(item)
+        try:
+            need = self._needs.get(key)
+        except TypeError:  # an unhashable argument: validated every time
+            return need_from_marker(marker.args, dict(marker.kwargs), default, source), takes_fixture
+        if need is None:
+            need = self._needs[key] = need_from_marker(marker.args, dict(marker.kwargs), default, source)
+        return need, takes_fixture
+
+    def asks(self, item: pytest.Item | None, runtime: Runtime, *, guest: bool) -> Need | None:
+        """What ``item`` will ask ``runtime``'s lessor for, where it is a GPU test whose role is
+        the guest's (``guest``) or ours and whose marker is good; None otherwise."""
+        if item is None:
+            return None
+        role = self.role(item)
+        if role is None or (role == "guest") != guest:
+            return None
+        try:
+            need, takes_fixture = self.need(item)
+        except SettingError:
+            return None
+        return runtime.ledger_need(need, anywhere=takes_fixture and role == "ours")
