@@ -202,13 +202,14 @@ def peak_concurrent(intervals: Sequence[tuple[float, float, int]]) -> int:
 
 
 def summarize(
-    collected: Sequence[dict[str, Any]], lost: Sequence[str], now: float, plan: Plan
+    collected: Sequence[dict[str, Any]], lost: Sequence[str], now: float, plan: Plan | None
 ) -> dict[str, Any]:
     """Fold the per-test records the controller received into the run's lease summary.
 
     A lease never given back (its process died) counts as held until ``now``. ``workers`` has
     each worker's wait for memory and the part of it with room for another pending test
-    (:mod:`pytest_gpushare.waits`, against ``plan``'s usable memory and CUDA context size).
+    (:mod:`pytest_gpushare.waits`, against ``plan``'s usable memory and CUDA context size;
+    ``plan`` is None only where nothing was collected, so that nothing is planned for it).
     """
     leases: list[dict[str, Any]] = []
     not_run: list[dict[str, Any]] = []
@@ -233,8 +234,9 @@ def summarize(
         for uuid, v in per_gpu.items()
     }
     waited = sorted((x for x in leases if x["waited_s"] >= NOTABLE_WAIT_S), key=lambda x: -x["waited_s"])
-    usable = {g.gpu.uuid: g.usable_bytes for g in plan.gpus}
-    waits = find_waits(leases, usable, context_bytes=plan.budget.context_bytes, finished=now)
+    usable = {} if plan is None else {g.gpu.uuid: g.usable_bytes for g in plan.gpus}
+    context = 0 if plan is None else plan.budget.context_bytes
+    waits = find_waits(leases, usable, context_bytes=context, finished=now)
     return {
         "leases": leases,
         "not_run": not_run,

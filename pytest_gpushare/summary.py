@@ -233,7 +233,9 @@ class Collector:
         if self._summary is not None and self._summary[:2] == seen:
             return self._summary[2]
         collected = cast(list[dict[str, Any]], self.collected)
-        data = report.summarize(collected, self.lost + self.crashed, time.time(), get_plan(self.config))
+        # A run without GPU tests collected nothing: it must not plan (no NVML, no Ollama) here.
+        plan = get_plan(self.config) if collected else None
+        data = report.summarize(collected, self.lost + self.crashed, time.time(), plan)
         observed = [e for e in collected if e.get("observed")]
         records = [advice.observation_record(e["test_id"], e["observed"]) for e in observed]
         data["observed"] = advice.observed_table(records)
