@@ -307,6 +307,13 @@ def test_a_pool_lease_carried_to_the_next_test_shows_that_test(session: Callable
         0.0,
     )
     wait_until(lambda: running_leases(s) == [("t-b", lease.lease_id)], "the running file shows t-b")
+    # A worker that watches for recalls writes each new holder into the slot it passed the
+    # broker: no message per test, the running file shows it all the same.
+    c.watch_recalls(lambda _lease_id: None)
+    for n in range(3):
+        carried = c.carry(carried, f"t-slot-{n}")
+        assert carried is not None
+        wait_until(lambda n=n: running_leases(s) == [(f"t-slot-{n}", lease.lease_id)], f"t-slot-{n} shown")
     c.release(carried)
     wait_until(lambda: running_leases(s) == [], "the running file shows no lease")
 

@@ -32,6 +32,7 @@ from pytest_gpushare.broker.protocol import (
     Refused,
     Rejected,
     Release,
+    Slot,
     Welcome,
     Withdraw,
     decode,
@@ -39,6 +40,7 @@ from pytest_gpushare.broker.protocol import (
     kind_of,
     need_to_wire,
 )
+from pytest_gpushare.broker.slot import SLOT_BYTES, SlotWriter
 from pytest_gpushare.errors import LeaseTimeout, NeverFits
 from pytest_gpushare.ledger import Lease, Need, Owner
 from pytest_gpushare.threads import daemon_thread
@@ -75,6 +77,7 @@ class BrokerClient:
         self._carriable: set[str] = set()  # leases the broker granted carriable
         self._recalled: set[str] = set()  # ... and those it asked back since
         self._watching = False  # a thread reads the connection for good (watch_recalls)
+        self._slot: SlotWriter | None = None
         self._on_recall: Callable[[str], None] | None = None
         self._reading = False
         self._ids = iter(range(1, 2**62))
@@ -175,8 +178,10 @@ class BrokerClient:
         if not self.may_carry(lease):
             self.release(lease)
             return None
-        self._send(Carry(lease.lease_id, test_id))
-        return dataclasses.replace(lease, test_id=test_id, taken_at=time.time(), waited_s=0.0)
+        taken = time.time()
+        if self._slot is None or not self._slot.write(lease.lease_id, test_id, taken):
+            self._send(Carry(lease.lease_id, test_id))
+        return dataclasses.replace(lease, test_id=test_id, taken_at=taken, waited_s=0.0)
 
     def watch_recalls(self, on_recall: Callable[[str], None]) -> None:
         """From now on, read the connection in a thread of its own, so that a recall is seen at
@@ -189,7 +194,25 @@ class BrokerClient:
             if self._watching:
                 return
             self._watching = True
+        self._open_slot()
         daemon_thread(self._read_on, "gpushare-broker-recalls").start()
+
+    def _open_slot(self) -> None:
+        """Pass the broker a slot to read carried leases' holders from (:mod:`.slot`); where
+        none can be made, each carry is a message."""
+        try:
+            slot = SlotWriter()
+        except (OSError, AttributeError):  # no memfd here
+            return
+        assert slot.fd is not None
+        try:
+            with self._send_lock:
+                socket.send_fds(self._sock, [encode(Slot(SLOT_BYTES))], [slot.fd])
+        except OSError as exc:
+            raise BrokerError(f"the session broker is gone: {exc}") from None
+        finally:
+            slot.close_fd()
+        self._slot = slot
 
     def _read_on(self) -> None:
         """The watching thread: read and file everything until the connection ends."""

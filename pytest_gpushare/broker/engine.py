@@ -36,7 +36,6 @@ import itertools
 import math
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from typing import Any
 
 from pytest_gpushare.broker.box import Box, Done, Watched
@@ -51,7 +50,9 @@ from pytest_gpushare.broker.protocol import (
     Refused,
     need_from_wire,
 )
-from pytest_gpushare.broker.status import RunningDoc, RunningLease, RunningWait, running_doc
+from pytest_gpushare.broker.slot import SlotReader
+from pytest_gpushare.broker.state import Pending, Worker
+from pytest_gpushare.broker.status import RunningDoc, RunningWait, running_doc, running_lease
 from pytest_gpushare.errors import LeaseTimeout, NeverFits
 from pytest_gpushare.ledger import Lease, Need, candidates, never_fits
 from pytest_gpushare.units import MemRequest
@@ -65,30 +66,6 @@ BOX_GRACE_S = 0.5
 
 Send = Callable[[int, Message, list[int]], None]
 _NEEDS_KEPT = 1024
-
-
-@dataclass
-class _Worker:
-    conn: int
-    worker_id: str
-    contexts: set[str] = field(default_factory=set)  # GPUs where its context is booked in the box
-    pool_leases: dict[str, RunningLease] = field(default_factory=dict)
-    direct_leases: dict[str, tuple[Lease, RunningLease]] = field(default_factory=dict)
-    requests: dict[int, _Pending] = field(default_factory=dict)
-    recalled: set[str] = field(default_factory=set)  # pool leases asked back
-    fds: list[int] = field(default_factory=list)  # liveness descriptors still to hand over
-
-
-@dataclass(eq=False)
-class _Pending:
-    worker: _Worker
-    request: int
-    ask: Ask
-    candidates: list[str]
-    start: float
-    deadline: float
-    direct: bool
-    job: bool = False  # a growth or pass-through is under way in the box
 
 
 class Engine:
@@ -114,13 +91,14 @@ class Engine:
         self._pool = Pool(box.gpus, policy=policy, fair_after=fair_after)
         self._giveback = GiveBack(self._pool, box, linger_s=linger_s, watch_s=watch_s)
         self._publish_s = publish_s
-        self._workers: dict[int, _Worker] = {}
-        self._queue: list[_Pending] = []  # waiting requests, oldest first
-        self._tickets: dict[str, _Pending] = {}
+        self._workers: dict[int, Worker] = {}
+        self._queue: list[Pending] = []  # waiting requests, oldest first
+        self._tickets: dict[str, Pending] = {}
         self._ids = itertools.count(1)
         self._cancelled = False
         self._changed = False
         self._published = -math.inf
+        self._slots_read = -math.inf
         self._needs: dict[tuple[Any, ...], tuple[Need, list[str], bool]] = {}
 
     @property
@@ -130,7 +108,7 @@ class Engine:
     # --- connections --------------------------------------------------------------------------------
 
     def connect(self, conn: int, worker_id: str) -> None:
-        self._workers[conn] = _Worker(conn, worker_id)
+        self._workers[conn] = Worker(conn, worker_id)
 
     def disconnect(self, conn: int) -> None:
         """The worker is gone: its pool leases return now, its box owner is closed."""
@@ -139,6 +117,8 @@ class Engine:
             return
         for lease_id in w.pool_leases:
             self._pool.free(lease_id)
+        if w.slot is not None:
+            w.slot.close()
         for p in list(w.requests.values()):
             self._drop(p)
         self._box.close_worker(conn)
@@ -163,7 +143,7 @@ class Engine:
             return
         deadline = now + msg.timeout if msg.timeout >= 0 and math.isfinite(msg.timeout) else math.inf
         ask = Ask(f"c{conn}r{msg.request}", w.worker_id, msg.test_id, need, time.time())
-        p = _Pending(w, msg.request, ask, uuids, now, deadline, self._goes_direct(w, need, uuids))
+        p = Pending(w, msg.request, ask, uuids, now, deadline, self._goes_direct(w, need, uuids))
         if not p.direct and self._serve(p, now):
             return
         w.requests[msg.request] = p
@@ -203,14 +183,35 @@ class Engine:
             self._box.release_direct(conn, lease)
             self._changed = True
 
-    def carry(self, conn: int, lease_id: str, test_id: str) -> None:
+    def attach_slot(self, conn: int, slot: SlotReader) -> None:
+        """The worker writes its carried lease's holders in ``slot``, read before each publish."""
+        w = self._workers[conn]
+        if w.slot is not None:
+            w.slot.close()
+        w.slot = slot
+
+    def _read_slots(self, now: float, wake: list[float]) -> None:
+        """Every ``publish_s`` while a worker with a slot holds a lease: who holds it now."""
+        watched = [w for w in self._workers.values() if w.slot is not None and w.pool_leases]
+        if not watched:
+            return
+        if now >= self._slots_read + self._publish_s:
+            self._slots_read = now
+            for w in watched:
+                found = w.slot.read() if w.slot is not None else None
+                if found is not None:
+                    self.carry(w.conn, *found)
+                    self._published = -math.inf  # shown now: a rename is seen within publish_s
+        wake.append(self._slots_read + self._publish_s)
+
+    def carry(self, conn: int, lease_id: str, test_id: str, taken: float | None = None) -> None:
         """The worker handed its pool lease to its next test (no answer is sent). A lease whose
         GPU a request waits on is recalled, should it not have been yet."""
         w = self._workers[conn]
         running = w.pool_leases.get(lease_id)
         if running is None:
             return  # not a carriable lease of this worker: nothing to rename
-        taken = time.time()
+        taken = time.time() if taken is None else taken
         running["test_id"] = test_id
         running["taken_at"] = taken
         self._pool.rename(lease_id, test_id, taken)
@@ -282,6 +283,7 @@ class Engine:
         wake: list[float] = []
         self._expire(now, wake)
         self._shrink(now, wake)
+        self._read_slots(now, wake)
         if self._changed:
             if now >= self._published + self._publish_s:
                 self._box.publish(self.running())
@@ -314,14 +316,14 @@ class Engine:
     # --- routes -------------------------------------------------------------------------------------
 
     @staticmethod
-    def _goes_direct(w: _Worker, need: Need, uuids: list[str]) -> bool:
+    def _goes_direct(w: Worker, need: Need, uuids: list[str]) -> bool:
         if need.exclusive or need.count > 1:
             return True
         if need.prefer in uuids and need.prefer not in w.contexts:
             return True  # its home GPU comes first, and it has no context there yet
         return not w.contexts.intersection(uuids)
 
-    def _serve(self, p: _Pending, now: float) -> bool:
+    def _serve(self, p: Pending, now: float) -> bool:
         """Serve ``p`` from the pool if it can be now."""
         uuids = [u for u in p.candidates if u in p.worker.contexts]
         taken = time.time()
@@ -330,22 +332,26 @@ class Engine:
             return False
         lease_id = f"{p.worker.conn}-{next(self._ids)}"
         self._pool.book(lease_id, p.ask, parts, taken)
-        p.worker.pool_leases[lease_id] = self._running(lease_id, p, parts, taken, "pool")
+        p.worker.pool_leases[lease_id] = running_lease(
+            lease_id, p.ask.test_id, p.worker.worker_id, parts, taken, "pool"
+        )
         if p.ask.ticket in self._tickets:
             self._drop(p)  # it waited: no longer in the queue when the others are looked at
         carry = not self._waited_on(u for u, _ in parts)
         self._grant(p, lease_id, parts, taken, now, carry=carry)
         return True
 
-    def _grant_direct(self, p: _Pending, lease: Lease) -> None:
+    def _grant_direct(self, p: Pending, lease: Lease) -> None:
         parts = list(lease.parts)
-        running = self._running(lease.lease_id, p, parts, lease.taken_at, "direct")
+        running = running_lease(
+            lease.lease_id, p.ask.test_id, p.worker.worker_id, parts, lease.taken_at, "direct"
+        )
         p.worker.direct_leases[lease.lease_id] = (lease, running)
         self._grant(p, lease.lease_id, parts, lease.taken_at, time.monotonic(), carry=False)
 
     def _grant(
         self,
-        p: _Pending,
+        p: Pending,
         lease_id: str,
         parts: list[tuple[str, int]],
         taken: float,
@@ -360,7 +366,7 @@ class Engine:
         exclusive = p.ask.need.exclusive
         self._reply(p.worker, Granted(p.request, lease_id, wire, taken, now - p.start, exclusive, carry))
 
-    def _start_job(self, p: _Pending, now: float) -> None:
+    def _start_job(self, p: Pending, now: float) -> None:
         timeout = -1.0 if math.isinf(p.deadline) else p.deadline - now
         if timeout < 0 and not math.isinf(p.deadline):
             return  # its deadline has passed: the next tick refuses it
@@ -388,7 +394,7 @@ class Engine:
 
     # --- answers ------------------------------------------------------------------------------------
 
-    def _refuse_error(self, p: _Pending, error: Exception) -> None:
+    def _refuse_error(self, p: Pending, error: Exception) -> None:
         if isinstance(error, NeverFits):
             self._refuse(p, "never", error.reason)
         elif isinstance(error, LeaseTimeout):
@@ -397,16 +403,16 @@ class Engine:
             self._refuse(p, "error", f"{p.ask.test_id}: {error}")
 
     def _refuse(
-        self, p: _Pending, reason: str, message: str, waited: float | None = None, holders: Iterable[str] = ()
+        self, p: Pending, reason: str, message: str, waited: float | None = None, holders: Iterable[str] = ()
     ) -> None:
         self._drop(p)
         spent = time.monotonic() - p.start if waited is None else waited
         self._reply(p.worker, Refused(p.request, reason, message, spent, list(holders)))
 
-    def _refuse_new(self, w: _Worker, msg: Acquire, reason: str, message: str) -> None:
+    def _refuse_new(self, w: Worker, msg: Acquire, reason: str, message: str) -> None:
         self._reply(w, Refused(msg.request, reason, message, 0.0, []))
 
-    def _drop(self, p: _Pending) -> None:
+    def _drop(self, p: Pending) -> None:
         """Forget a waiting request; a box job under way for it becomes an orphan."""
         self._queue.remove(p)
         del self._tickets[p.ask.ticket]
@@ -414,25 +420,11 @@ class Engine:
         self._pool.unwait(p.ask.ticket)
         self._changed = True
 
-    def _reply(self, w: _Worker, message: Message) -> None:
+    def _reply(self, w: Worker, message: Message) -> None:
         fds, w.fds = w.fds, []
         self._send(w.conn, message, fds)
 
     # --- the running file ---------------------------------------------------------------------------
-
-    @staticmethod
-    def _running(
-        lease_id: str, p: _Pending, parts: list[tuple[str, int]], taken: float, route: str
-    ) -> RunningLease:
-        wire: list[list[Any]] = [[u, n] for u, n in parts]
-        return RunningLease(
-            lease_id=lease_id,
-            test_id=p.ask.test_id,
-            worker_id=p.worker.worker_id,
-            parts=wire,
-            taken_at=taken,
-            route=route,
-        )
 
     def running(self) -> RunningDoc:
         """The session's running tests and waiting requests, as :mod:`.status` writes them."""

@@ -14,7 +14,9 @@ A lease the broker marks carriable (:attr:`Granted.carry`) may go on to the work
 of the same need without a round trip: the worker says so with :class:`Carry` (one-way: the
 running test's id, for ``gpushare status``). The broker asks for such a lease back with
 :class:`Recall` (one-way, any time) when a request waits on its GPU; the worker reads recalls
-without waiting, before it carries, and releases a recalled lease instead.
+as they come, and releases a recalled lease instead of carrying it. Rather than a
+:class:`Carry` per test, a worker may pass a shared memory slot once (:class:`Slot`, its
+descriptor along with it) and write each new holder there (:mod:`.slot`).
 
 Peers are trusted only when three things hold: the socket lives in a folder of mode 0700, the
 kernel says the peer runs under our uid (``SO_PEERCRED``), and the peer knows the token that the
@@ -50,6 +52,7 @@ __all__ = [
     "Refused",
     "Rejected",
     "Release",
+    "Slot",
     "Welcome",
     "Withdraw",
     "decode",
@@ -138,6 +141,12 @@ class Carry(NamedTuple):
     test_id: str
 
 
+class Slot(NamedTuple):
+    """The worker's slot (:mod:`.slot`) of ``size`` bytes travels with this message."""
+
+    size: int
+
+
 class Recall(NamedTuple):
     """The broker wants lease ``lease_id`` back: the worker must not carry it to another test."""
 
@@ -155,7 +164,9 @@ class Refused(NamedTuple):
     holders: list[str]
 
 
-Message = Hello | Welcome | Rejected | Acquire | Release | Withdraw | Granted | Refused | Carry | Recall
+Message = (
+    Hello | Welcome | Rejected | Acquire | Release | Withdraw | Granted | Refused | Carry | Slot | Recall
+)
 _KIND: dict[type[Message], str] = {
     Hello: "hello",
     Welcome: "welcome",
@@ -166,6 +177,7 @@ _KIND: dict[type[Message], str] = {
     Granted: "granted",
     Refused: "refused",
     Carry: "carry",
+    Slot: "slot",
     Recall: "recall",
 }
 #: What each annotation (a string, under ``from __future__ import annotations``) accepts on the

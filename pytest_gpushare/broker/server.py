@@ -30,6 +30,7 @@ from pytest_gpushare.broker import protocol as proto
 from pytest_gpushare.broker.box import Box, DescriptorOf, Done, OpenLedger, Watched, facade_descriptor
 from pytest_gpushare.broker.engine import PUBLISH_S, Engine
 from pytest_gpushare.broker.giveback import LINGER_S, WATCH_S
+from pytest_gpushare.broker.slot import SlotReader
 from pytest_gpushare.ledger import FAIR_AFTER_S
 from pytest_gpushare.threads import daemon_thread
 
@@ -50,6 +51,7 @@ class _Conn:
     out: deque[tuple[memoryview, list[int]]] = field(default_factory=deque)
     worker_id: str | None = None  # set by its hello
     writing: bool = False
+    fds: list[int] = field(default_factory=list)  # received, for the message they came with
 
 
 @dataclass(frozen=True)
@@ -268,11 +270,12 @@ class Broker:
 
     def _read(self, cid: int, conn: _Conn) -> None:
         try:
-            data = conn.sock.recv(65536)
+            data, fds, _flags, _addr = socket.recv_fds(conn.sock, 65536, 1)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
-            data = b""
+            data, fds = b"", []
+        conn.fds += fds
         if not data:
             self._drop(cid)
             return
@@ -294,6 +297,12 @@ class Broker:
             self._engine.release(cid, msg.lease_id)
         elif isinstance(msg, proto.Carry):
             self._engine.carry(cid, msg.lease_id, msg.test_id)
+        elif isinstance(msg, proto.Slot) and conn.fds:
+            fd = conn.fds.pop(0)
+            try:
+                self._engine.attach_slot(cid, SlotReader(fd))
+            except (OSError, ValueError) as exc:
+                raise proto.ProtocolError(f"an unusable slot: {exc}") from None
         elif isinstance(msg, proto.Withdraw):
             self._engine.withdraw(cid, msg.request)
         else:
@@ -348,6 +357,8 @@ class Broker:
         with contextlib.suppress(KeyError, ValueError):
             self._selector.unregister(conn.sock)
         conn.sock.close()
+        for fd in conn.fds:
+            os.close(fd)
         if conn.worker_id is not None:
             self._engine.disconnect(cid)
 

@@ -33,6 +33,7 @@ __all__ = [
     "read_running",
     "remove_running",
     "running_doc",
+    "running_lease",
     "running_name",
     "write_running",
 ]
@@ -72,6 +73,15 @@ class RunningDoc(TypedDict):
     written_at: float
     leases: list[RunningLease]
     waiting: list[RunningWait]
+
+
+def running_lease(
+    lease_id: str, test_id: str, worker_id: str, parts: list[tuple[str, int]], taken_at: float, route: str
+) -> RunningLease:
+    wire: list[list[Any]] = [[u, n] for u, n in parts]
+    return RunningLease(
+        lease_id=lease_id, test_id=test_id, worker_id=worker_id, parts=wire, taken_at=taken_at, route=route
+    )
 
 
 def running_doc(
