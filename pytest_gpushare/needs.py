@@ -2,7 +2,9 @@
 need, as :mod:`~pytest_gpushare.testhooks` leases it and the memory-aware dispatch reads it.
 
 Markers are validated once per distinct marker: a module's ``pytestmark`` is the same for each
-of its tests. The runtime's types load with the first GPU test (start-up stays lean).
+of its tests; and each test's role and need are worked out once, kept in its stash (a test is
+asked at its setup, at its predecessor's teardown and by the dispatch). The runtime's types load
+with the first GPU test (start-up stays lean).
 """
 
 from __future__ import annotations
@@ -21,6 +23,9 @@ if TYPE_CHECKING:
 
 __all__ = ["TestNeeds"]
 
+_ROLE_KEY = pytest.StashKey["Role | None"]()
+_NEED_KEY = pytest.StashKey["tuple[GpuNeed, bool] | SettingError"]()
+
 
 class TestNeeds:
     """The roles and needs of a session's tests."""
@@ -35,13 +40,32 @@ class TestNeeds:
         self._needs: dict[tuple[Any, ...], GpuNeed] = {}
 
     def role(self, item: pytest.Item) -> Role | None:
+        try:
+            return item.stash[_ROLE_KEY]
+        except KeyError:
+            pass
         if self._suite_marker is None:  # asked once conftests are in: they may register it
             self._suite_marker = suite_gpu_marker(self.config) is not None
-        return gpu_role(item, self._suite_marker, get_settings(self.config).adopt_marker)
+        role = item.stash[_ROLE_KEY] = gpu_role(
+            item, self._suite_marker, get_settings(self.config).adopt_marker
+        )
+        return role
 
     def need(self, item: pytest.Item) -> tuple[GpuNeed, bool]:
         """What GPU test ``item`` needs and whether it takes ``gpu``/``gpus``; a bad marker raises
         :class:`SettingError`."""
+        found = item.stash.get(_NEED_KEY, None)
+        if found is None:
+            try:
+                found = self._work_out(item)
+            except SettingError as exc:
+                found = exc
+            item.stash[_NEED_KEY] = found
+        if isinstance(found, SettingError):
+            raise found
+        return found
+
+    def _work_out(self, item: pytest.Item) -> tuple[GpuNeed, bool]:
         from pytest_gpushare.runtime import GpuNeed, need_from_marker
 
         marker = item.get_closest_marker("gpu")
