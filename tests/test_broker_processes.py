@@ -7,9 +7,11 @@ from __future__ import annotations
 import json
 import os
 import queue
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -38,9 +40,13 @@ CONTEXT = 256 * MiB
 class Proc:
     """A process of proc.py: commands go to its stdin, its events come back one by one."""
 
-    def __init__(self, role: str, cfg: dict[str, Any]) -> None:
-        env = dict(
-            os.environ, PYTHONPATH=os.pathsep.join([str(PROC.parent), os.environ.get("PYTHONPATH", "")])
+    def __init__(self, role: str, cfg: dict[str, Any], sockets: str) -> None:
+        env = {k: v for k, v in os.environ.items() if k != "XDG_RUNTIME_DIR"}
+        env.update(
+            PYTHONPATH=os.pathsep.join([str(PROC.parent), os.environ.get("PYTHONPATH", "")]),
+            # The broker's socket folder goes under TMPDIR: a controller these tests kill leaves
+            # its folder there, not in the real /tmp.
+            TMPDIR=sockets,
         )
         self.proc = subprocess.Popen(
             [sys.executable, str(PROC), role, json.dumps(cfg)],
@@ -91,10 +97,11 @@ def need_spec(size: int) -> dict[str, Any]:
 @pytest.fixture
 def procs(tmp_path: Path) -> Iterator[Callable[..., Proc]]:
     started: list[Proc] = []
+    sockets = tempfile.mkdtemp(prefix="gsb-")  # short: a socket path must fit in 108 bytes
 
     def start(role: str, **cfg: Any) -> Proc:
         base = {"folder": str(tmp_path / "ledgers"), "gpus": [GPU], "context": CONTEXT}
-        started.append(Proc(role, {**base, **cfg}))
+        started.append(Proc(role, {**base, **cfg}, sockets))
         return started[-1]
 
     yield start
@@ -103,6 +110,7 @@ def procs(tmp_path: Path) -> Iterator[Callable[..., Proc]]:
             p.proc.send_signal(signal.SIGCONT)
             p.proc.kill()
         p.proc.wait(30)
+    shutil.rmtree(sockets, ignore_errors=True)
 
 
 def booked(folder: Path) -> list[tuple[str, str, int]]:
