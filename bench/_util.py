@@ -156,6 +156,16 @@ def clean_env(ledger_dir: str | os.PathLike[str] | None, **extra: str) -> dict[s
     return env
 
 
+def with_bytecode(env: Mapping[str, str], cache: str | os.PathLike[str]) -> dict[str, str]:
+    """``env`` with Python's bytecode cached under ``cache`` (outside the repository) instead of
+    none at all: an installed package has its bytecode, and without it every process compiles
+    each module it imports, the plugin's some 60 among them (about 90 ms per process on 2 cores).
+    Python then reads bytecode from ``cache`` only: run each command once before timing it."""
+    out = {k: v for k, v in env.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    out["PYTHONPYCACHEPREFIX"] = os.fspath(cache)
+    return out
+
+
 @dataclass(frozen=True)
 class Run:
     """A finished command: its wall time, exit status and output."""

@@ -13,7 +13,12 @@ tests, how often it writes the box ledger for them, and what it adds to start-up
    header (every write increments it).
 3. ``pytest --collect-only`` in a folder with one GPU test, with and without the plugin, Ollama
    absent (``GPUSHARE_OLLAMA`` unset, so the plugin would ask ``127.0.0.1:11434``) and no
-   simulated GPU (the NVML probe runs as it would for a user).
+   simulated GPU (the NVML probe runs as it would for a user); with bytecode, and without any
+   (each process compiles every module it imports: how earlier rounds measured).
+
+Every run but the start-up rows without bytecode has Python's bytecode cached outside the
+repository (``PYTHONPYCACHEPREFIX``), as an installed package has it; each command runs once,
+untimed, before its timed runs.
 
 Goals (issue 13): at most 1.10x the wall time without the plugin at ``-n 2`` (done means 1.25x
 on a 2-core box); at most one box-ledger write per 20 tests; start-up at most 100 ms more.
@@ -39,6 +44,7 @@ from _util import (
     require_ok,
     run,
     table,
+    with_bytecode,
 )
 
 INI = """\
@@ -93,13 +99,15 @@ def suite_runs(work: Path, tests: int, files: int, repeats: int) -> dict[str, Me
     suite = work / "suite"
     write_suite(suite, tests, files)
     ledger = work / "ledger"
-    env = clean_env(ledger, GPUSHARE_SIMULATE="24GiB", GPUSHARE_OLLAMA="off")
+    env = with_bytecode(clean_env(ledger, GPUSHARE_SIMULATE="24GiB", GPUSHARE_OLLAMA="off"), work / "pyc")
     modes: dict[str, list[str]] = {}
     for name, n in LAYOUTS.items():
         xdist = ["-n", n] if n else ["-p", "no:xdist"]
         modes[f"{name}, with plugin"] = pytest_cmd(*xdist, "-q")
         modes[f"{name}, -p no:gpushare"] = pytest_cmd(*xdist, "-q", "-p", "no:gpushare")
     measured = {m: Measured() for m in modes}
+    for mode, args in modes.items():  # compile once: the timed runs read the bytecode
+        require_ok(run(args, suite, env), f"{mode} warm-up run")
     for r in range(repeats):
         # Alternate the order, so a drift of the machine hits every mode alike.
         order = list(modes) if r % 2 == 0 else list(reversed(modes))
@@ -123,16 +131,24 @@ def startup_runs(work: Path, repeats: int) -> dict[str, Measured]:
     folder = work / "one-gpu-test"
     write_suite(folder, 1, 1)
     # GPUSHARE_OLLAMA unset on purpose: "auto" would ask 127.0.0.1:11434, as a user's run would.
-    env = clean_env(work / "ledger")
+    plain = clean_env(work / "ledger")
+    cached = with_bytecode(plain, work / "pyc")
+    with_plugin = pytest_cmd("--collect-only", "-q")
+    without = pytest_cmd("--collect-only", "-q", "-p", "no:gpushare")
     modes = {
-        "with plugin": pytest_cmd("--collect-only", "-q"),
-        "-p no:gpushare": pytest_cmd("--collect-only", "-q", "-p", "no:gpushare"),
+        "with plugin": (with_plugin, cached),
+        "-p no:gpushare": (without, cached),
+        "with plugin, no bytecode": (with_plugin, plain),
+        "-p no:gpushare, no bytecode": (without, plain),
     }
     measured = {m: Measured() for m in modes}
+    for args, env in modes.values():
+        run(args, folder, env)  # compiles into the cache (where there is one)
     for r in range(repeats):
         order = list(modes) if r % 2 == 0 else list(reversed(modes))
         for mode in order:
-            result = run(modes[mode], folder, env)
+            args, env = modes[mode]
+            result = run(args, folder, env)
             require_ok(result, f"--collect-only {mode}")
             measured[mode].walls.append(result.wall_s)
             measured[mode].loads.append(load())
@@ -180,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
         ],
     )
     table(
-        f"pytest --collect-only, one GPU test, Ollama absent, {startup_repeats} runs each, alternated",
+        f"pytest --collect-only, one GPU test, Ollama absent, {startup_repeats} runs each, alternated "
+        "(no bytecode: every module compiled in each run)",
         ["mode", "median", "min", "max", "load after (median run)"],
         [
             (
@@ -203,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
         ratios.append(Ratio(f"wall with plugin / without, {name} (median)", with_plugin / without, 1.10))
     writes = [median(suites[f"{name}, with plugin"].writes) / tests for name in LAYOUTS if LAYOUTS[name]]
     delta = (median(starts["with plugin"].walls) - median(starts["-p no:gpushare"].walls)) * 1000
+    plain = [median(starts[f"{m}, no bytecode"].walls) for m in ("with plugin", "-p no:gpushare")]
+    print(f"start-up delta without bytecode: {(plain[0] - plain[1]) * 1000:.0f} ms (medians)")
     print_ratios(
         [
             *ratios,

@@ -75,6 +75,8 @@ def test_overhead_prints_rows_and_ratios() -> None:
         )
         assert re.search(rf"^  {layout}, -p no:gpushare +\d+\.\d\d s .* - +load \d", text, re.M), layout
     assert re.search(r"^  -p no:gpushare +\d+ ms", text, re.M)
+    assert re.search(r"^  -p no:gpushare, no bytecode +\d+ ms", text, re.M)
+    assert re.search(r"^start-up delta without bytecode: -?\d+ ms", text, re.M)
     ratios = ratio_lines(lines)
     assert all(RATIO_RE.match(r) for r in ratios), ratios
     assert ratios[0].startswith("ratio wall with plugin / without, -n 2 (median) ")
