@@ -16,7 +16,7 @@ Scenarios (each a simulated box, a suite, and who else is on the box):
 * ``two sessions``: the mix split in two suites run at once by two sessions sharing the card.
 
 Every test sleeps its duration holding its declared memory and appends a record (session,
-worker, GPU index, bytes, start, end) to a file of its worker. The bench's own auditor reads
+worker, GPU, bytes, start, end) to a file of its worker. The bench's own auditor reads
 those records, not the plugin's ledger: on every GPU it sums, at each test start, the memory of
 the tests running there plus one CUDA context for each worker that has run a test there (from
 its first start there to its last end), and compares the sum with the usable memory the bench
@@ -61,6 +61,7 @@ import math
 import os
 import random
 import re
+import subprocess
 import sys
 import tempfile
 import time
@@ -368,12 +369,14 @@ def record(gpu):
         f.write(json.dumps(rec) + "\\n")
 """
 
+# The plugin's GpuLease.index is the device's place in this process's list (home GPU first):
+# the record keeps the uuid, which names the same GPU in every process.
 PLUGIN_CONFTEST = (
     RECORD_FIXTURE
     + """
 
 def gpu_index(gpu):
-    return gpu.index
+    return gpu.uuid
 """
 )
 
@@ -504,6 +507,10 @@ def session_command(sc: Scenario, way: Way, slots: Sequence[int]) -> tuple[list[
     return pytest_cmd("-p", "no:gpushare", "-n", n, "-q"), env
 
 
+class Hung(Exception):
+    """A run that did not end within its limit: reported in place of its row."""
+
+
 def run_way(work: Path, sc: Scenario, way: Way) -> Outcome:
     """Run ``way``'s sessions at once; time them from the first start to the last exit."""
     tag = re.sub(r"[^a-z0-9]+", "-", f"{sc.name}-{way.kind}-{way.label}".lower()).strip("-")
@@ -531,15 +538,25 @@ def run_way(work: Path, sc: Scenario, way: Way) -> Outcome:
             (args, suite, clean_env(None, **shared, **env, BENCH_SESSION=f"s{s}", BENCH_RECORDS=str(records)))
         )
     start = time.perf_counter()
-    with ThreadPoolExecutor(len(jobs)) as pool:
-        # A hung run stops the benchmark instead of its machine's next ten minutes.
-        limit = 120 + 4 * sum(c.seconds for c in sc.cases)
-        results = list(pool.map(lambda job: run(job[0], job[1], job[2], timeout=limit), jobs))
+    limit = 60 + 3 * sum(c.seconds for c in sc.cases)
+    try:
+        with ThreadPoolExecutor(len(jobs)) as pool:
+            results = list(pool.map(lambda job: run(job[0], job[1], job[2], timeout=limit), jobs))
+    except subprocess.TimeoutExpired as exc:
+        ran = sum(len(p.read_text().splitlines()) for p in records.glob("*.jsonl"))
+        out = exc.output or b""
+        tail = "\n".join((out.decode(errors="replace") if isinstance(out, bytes) else out).splitlines()[-15:])
+        raise Hung(
+            f"{way.label}: HUNG, killed after {limit:.0f} s, {ran} of {len(sc.cases)} tests ran\n{tail}"
+        ) from None
     wall = time.perf_counter() - start
     for s, result in enumerate(results):
         require_ok(result, f"{sc.name}, {way.label}, session {s}")
     workers = sum(_worker_count(r.output, way, slots) for r in results)
     recs = read_records(records, len(sc.cases))
+    if way.kind == "plugin":
+        places = gpu_places(sc.box)
+        recs = [{**r, "gpu": places[r["gpu"]]} for r in recs]
     makespan = max(r["end"] for r in recs) - min(r["start"] for r in recs)
     peak, over = occupancy(recs, sc.box.usable, way.context)
     return Outcome(way, workers, wall, makespan, peak, over, cache, os.getloadavg()[0])
@@ -552,6 +569,13 @@ def _worker_count(output: str, way: Way, slots: Sequence[int]) -> int:
     if found is None:
         raise SystemExit(f"no 'workers: N' line in the plugin's header:\n{output[-2000:]}")
     return int(found.group(1))
+
+
+def gpu_places(box: Box) -> dict[str, int]:
+    """Each simulated GPU's uuid and its place on ``box``."""
+    from pytest_gpushare.gpus.simulated import parse_simulate, simulated_uuid
+
+    return {simulated_uuid(i, g): i for i, g in enumerate(parse_simulate(box.simulate, "bench"))}
 
 
 def read_records(folder: Path, expected: int) -> list[dict[str, Any]]:
@@ -599,7 +623,12 @@ class Refs:
 def measure(work: Path, sc: Scenario) -> list[Ratio]:
     """Run every way of ``sc``, print its table, return its ratio lines."""
     title = describe(sc)
-    outcomes = [run_way(work, sc, way) for way in ways(sc)]
+    outcomes, hung = [], []
+    for way in ways(sc):
+        try:
+            outcomes.append(run_way(work, sc, way))
+        except Hung as exc:
+            hung.append(str(exc))
     workers = next(o.workers for o in outcomes if o.way.kind == "plugin")
     refs: dict[int, Refs] = {}
     for c in sorted(CONTEXTS, reverse=True):
@@ -638,6 +667,8 @@ def measure(work: Path, sc: Scenario) -> list[Ratio]:
         ],
         [row if len(row) == 10 else (*row[:2], "-", "-", *row[2:], "-", "-", "-") for row in rows],
     )
+    for text in hung:
+        print("  " + text.replace("\n", "\n    "))
     for c, ref in refs.items():
         print(
             f"  bound's terms, contexts {ctx(c)}: "
@@ -674,7 +705,7 @@ def _ratios(sc: Scenario, outcomes: Sequence[Outcome], refs: dict[int, Refs]) ->
             Ratio(f"{sc.name} makespan / offline greedy, {o.way.label}", o.makespan_s / ref.greedy, 1.05)
         )
     fixed = next((o for o in outcomes if o.way.kind == "fixed"), None)
-    if fixed is not None:
+    if fixed is not None and default:
         ratios.append(
             Ratio(
                 f"{sc.name} wall, {fixed.way.label.split(' (')[0]} / {default[0].way.label}",

@@ -121,6 +121,7 @@ def test_fixed_slots_and_plain_n_auto_only_where_safe() -> None:
     two = Box("2x80GiB", (Card(80 * GIB, reserved=12 * GIB), Card(80 * GIB, reserved=4 * GIB)))
     assert two.usable == [67 * GIB, 75 * GIB]
     assert two.reserve == "0:12.0GiB,1:4.0GiB"
+    assert sorted(schedule.gpu_places(two).values()) == [0, 1]  # two alike cards, two uuids
     assert schedule.fixed_slots(two, [Case("c", 16 * GIB, 1.0)]) == [
         0,
         1,
