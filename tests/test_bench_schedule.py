@@ -38,6 +38,7 @@ def test_quick_run_prints_every_row_and_no_start_over_usable() -> None:
     ):
         assert f"\n  {ref}" in text, ref
     assert "bound's terms, contexts 0: memory " in text
+    assert "HUNG" not in text  # every run ended within its limit
     assert "\n  plain -n auto" not in text  # two workers could put two 14GiB tests on 21GiB
     ratios = ratio_lines(lines)
     assert all(RATIO_RE.match(r) for r in ratios), ratios
