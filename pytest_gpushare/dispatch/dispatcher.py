@@ -197,15 +197,21 @@ class Dispatcher(Generic[W]):
 
     # --- sending -----------------------------------------------------------------------------
 
-    def fill(self, worker: W, now: float) -> list[int]:
-        """The tests to send ``worker`` now, in order."""
+    def fill(self, worker: W, now: float, limit: int | None = None, *, refill: bool = False) -> list[int]:
+        """The tests to send ``worker`` now, in order: at most ``limit`` (None: up to its depth).
+
+        A caller that hands tests out a few at a time, to each worker in turn, passes
+        ``refill=True`` after the first call of a round: the worker's queue is then filled up to
+        its depth, not only when it ran below half of it."""
         state = self._workers[worker]
         if state.closing or not self.pending:
             return []
         self._reserve_starved(now)
-        if not self._wants_more(state, low=True):
+        if not self._wants_more(state, low=not refill):
             return []
-        sent = self._fill_fitting(worker, state, now)
+        sent = self._fill_fitting(worker, state, now, limit)
+        if limit is not None and len(sent) >= limit:
+            return sent  # its turn is over: the stall rule waits until every worker had one
         if len(state.queue) == 1 and self.pending and self._nothing_runs():
             if self._reserved is not None:
                 # The reserved test does not fit beside what the stalled workers hold, and only
@@ -217,9 +223,9 @@ class Dispatcher(Generic[W]):
                 sent.append(self._send(worker, state, *self._stall_pick(worker, state), forced=True))
         return sent
 
-    def _fill_fitting(self, worker: W, state: _Worker, now: float) -> list[int]:
+    def _fill_fitting(self, worker: W, state: _Worker, now: float, limit: int | None = None) -> list[int]:
         sent: list[int] = []
-        while self.pending and self._wants_more(state):
+        while self.pending and self._wants_more(state) and (limit is None or len(sent) < limit):
             chosen = self._best(worker, state, now)
             if chosen is None:
                 break

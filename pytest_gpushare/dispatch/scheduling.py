@@ -246,12 +246,37 @@ class MemoryScheduling:
         self._check_all(waiting)
 
     def _check_all(self, waiting: frozenset[str] | None = None) -> None:
-        """Fill every worker that would take more, but those whose test waits for memory."""
-        assert self._core is not None
-        hungry = set(self._core.hungry(exclude=self._waiting() if waiting is None else waiting))
-        for node in list(self._nodes):
-            if node.gateway.id in hungry:
-                self._check(node)
+        """Fill every worker that would take more, but those whose test waits for memory: one
+        test to each in turn, as xdist's load deals its first tests out, so that a few tests
+        are spread over the workers rather than queued behind one another on the first."""
+        core = self._core
+        assert core is not None
+        hungry = set(core.hungry(exclude=self._waiting() if waiting is None else waiting))
+        turn = [n for n in self._nodes if n.gateway.id in hungry]
+        dealt: dict[WorkerController, list[int]] = {}
+        first = True
+        while turn and core.pending:
+            turn = [n for n in turn if self._deal(n, dealt, refill=not first)]
+            first = False
+        for node, indices in dealt.items():
+            node.send_runtest_some(indices)
+        if not core.pending and self._steal_from is None:
+            for node in [n for n in self._nodes if n.gateway.id in hungry]:
+                self._check(node)  # nothing left to send: it is told to shut down
+
+    def _deal(
+        self, node: WorkerController, dealt: dict[WorkerController, list[int]], *, refill: bool
+    ) -> bool:
+        """One test for ``node`` (into ``dealt``); whether it got one."""
+        core = self._core
+        assert core is not None
+        if node.shutting_down:
+            core.close(node.gateway.id)
+            return False
+        sent = core.fill(node.gateway.id, self.facts.clock(), 1, refill=refill)
+        if sent:
+            dealt.setdefault(node, []).extend(sent)
+        return bool(sent)
 
     def _check(self, node: WorkerController) -> None:
         core = self._core
