@@ -7,7 +7,7 @@ The settings, the plan, what Ollama holds and the session id are made on first u
 worker on this box receives the controller's plan in its ``workerinput`` (:class:`WorkerInput`),
 so it asks NVML, Ollama and the planning hooks nothing; a worker on another host (a remote
 gateway) plans on its own host. What flows back (each test's lease on its reports, the
-``lease()`` blocks in ``workeroutput``) is a :class:`LeaseEntry`.
+``lease()`` blocks in ``workeroutput``) is a :class:`~pytest_gpushare.entries.LeaseEntry`.
 
 A run that never meets a GPU test does no GPU work (SPEC "Coexisting"): the plan is made when
 something needs it (``-n auto``'s count, the workers' home GPUs, the first GPU test), Ollama is
@@ -29,6 +29,7 @@ import pytest
 from pytest_gpushare import hookcalls, planner
 from pytest_gpushare import observations as advice
 from pytest_gpushare.credits import holder_credits
+from pytest_gpushare.entries import LeaseEntry
 from pytest_gpushare.errors import GpuShareError, LedgerError
 from pytest_gpushare.gpus import Gpu, GpuInventory, probe_for
 from pytest_gpushare.ledger import ledger_dir_for, prepare_ledger_dir
@@ -39,18 +40,14 @@ from pytest_gpushare.settings.pytest_options import resolve_settings
 
 if TYPE_CHECKING:  # the broker is imported only by sessions that start one
     from pytest_gpushare.broker import BrokerInput
-    from pytest_gpushare.observations import GpuObservation
 
 __all__ = [
     "MARKER_HELP",
-    "REPORT_ATTR",
-    "LeaseEntry",
     "WorkerInput",
     "WorkerOutput",
     "begin_gpu_work",
     "broker_input",
     "check_report_path",
-    "compact_observation",
     "compute_plan",
     "env_set",
     "get_plan",
@@ -64,7 +61,6 @@ __all__ = [
     "runs_workers",
     "session_id",
     "suite_gpu_marker",
-    "teardown_entry",
     "worker_id",
     "worker_input",
 ]
@@ -86,10 +82,6 @@ MARKER_HELP = (
     "test's duration. exclusive=True holds all usable memory of each GPU."
 )
 
-#: The attribute of a GPU test's teardown report that carries its :class:`LeaseEntry` (xdist
-#: serialises a report's attributes, so it reaches the controller).
-REPORT_ATTR = "gpushare"
-
 
 class _SessionInput(TypedDict):
     gpushare_session: str
@@ -105,51 +97,6 @@ class WorkerInput(_SessionInput, total=False):
 
     gpushare_plan: dict[str, Any]
     gpushare_broker: BrokerInput
-
-
-class LeaseEntry(TypedDict, total=False):
-    """What the controller collects of one lease: a GPU test's (from its setup report while it
-    runs, ``lease`` only, and its teardown report, where the worker leaves out ``test_id``, an
-    outcome that the report itself gives, and empty fields) or a ``lease()`` block's (outcome
-    ``"lease()"``)."""
-
-    test_id: str
-    outcome: str
-    fallback: str | None  # how a test (or lease() block) no GPU could serve ran: "skip", "cpu", "fail"
-    lease: dict[str, Any]  # LeaseRecord.to_dict(); absent when no memory was leased
-    observed: list[dict[str, Any]]  # what the test was seen to use, per device
-    log: list[str]  # the plugin's notes on the test (waits, enforcement, ignored hook errors)
-
-
-def teardown_entry(
-    outcome: str | None,
-    fallback: str | None,
-    observed: list[dict[str, Any]],
-    lease: dict[str, Any] | None,
-    log: list[str],
-) -> LeaseEntry:
-    """A GPU test's entry on its teardown report. xdist serialises every report of every test,
-    so it leaves out what the controller knows without it: an outcome of "passed" (None: every
-    phase passed, as the report says itself), no fallback, no observations, no notes."""
-    entry = LeaseEntry()
-    if outcome is not None:
-        entry["outcome"] = outcome
-    if fallback is not None:
-        entry["fallback"] = fallback
-    if observed:
-        entry["observed"] = observed
-    if lease is not None:
-        entry["lease"] = lease
-    if log:
-        entry["log"] = log
-    return entry
-
-
-def compact_observation(observation: GpuObservation) -> dict[str, Any]:
-    """An observation's dict for a report, without its fields at their defaults
-    (:meth:`GpuObservation.from_dict` puts them back)."""
-    fields = type(observation).__dataclass_fields__
-    return {k: v for k, v in observation.to_dict().items() if v != fields[k].default}
 
 
 class WorkerOutput(TypedDict):

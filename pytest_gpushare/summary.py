@@ -25,14 +25,12 @@ from typing import Any, cast
 
 import pytest
 
+from pytest_gpushare import ledger, report
 from pytest_gpushare import observations as advice
-from pytest_gpushare import report
-from pytest_gpushare.ledger import ledger_dir_for, read_status, waiting_lines
+from pytest_gpushare.entries import REPORT_ATTR, LeaseEntry, merged_entry
 from pytest_gpushare.ollama import attribute_held
 from pytest_gpushare.planner import Plan
 from pytest_gpushare.session import (
-    REPORT_ATTR,
-    LeaseEntry,
     env_set,
     get_plan,
     get_settings,
@@ -62,7 +60,7 @@ def header(config: pytest.Config, workers: report.WorkerLine | None = None) -> l
     plan = get_plan(config)
     s = get_settings(config)
     extra = ollama_lines(config, plan) if plan.gpus else []
-    ledger_dir = s.ledger_dir or f"{ledger_dir_for(None)} (this account's private folder)"
+    ledger_dir = s.ledger_dir or f"{ledger.ledger_dir_for(None)} (this account's private folder)"
     if not s.ledger_dir:
         extra += report.foreign_lines(_foreign_processes(plan))
     extra += coexist_notes(config)
@@ -163,23 +161,32 @@ class Collector:
         self.collected: list[LeaseEntry] = []
         self.lost: list[str] = []  # tests whose process died holding a lease
         self.crashed: list[str] = []  # workers that died
-        #: What each running GPU test holds, from its setup report, until its teardown report.
-        self.running: dict[str, LeaseEntry] = {}
+        #: The setup half of each running GPU test's entry (what it holds), by the worker that
+        #: runs it (None: this process) and its node id, until its teardown report.
+        self.running: dict[tuple[str | None, str], LeaseEntry] = {}
         self.started = time.time()
         self._waiter: WaitWatcher | None = None
         self._watch_checked = False
         self._summary: tuple[int, int, dict[str, Any]] | None = None
 
+    @pytest.hookimpl(trylast=True)
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        """Keep a GPU test's entry: its setup half until its teardown half completes it.
+
+        The entry comes off the report once read (trylast: after every other plugin saw the
+        report whole): pytest's terminal reporter keeps every report to the end of the run,
+        and the entry is kept here once."""
         info = getattr(report, REPORT_ATTR, None)
         if not isinstance(info, dict):
             return
-        entry = cast(LeaseEntry, dict(info))
+        delattr(report, REPORT_ATTR)
+        entry = cast(LeaseEntry, info)
         entry["test_id"] = report.nodeid
+        key = (_worker_of(report), report.nodeid)
         if report.when == "setup":
-            self.running[report.nodeid] = entry
+            self.running[key] = entry
             return
-        self.running.pop(report.nodeid, None)
+        entry = merged_entry(self.running.pop(key, None), entry)
         entry.setdefault("outcome", report.outcome)
         self.collected.append(entry)
 
@@ -193,7 +200,7 @@ class Collector:
     @pytest.hookimpl(optionalhook=True)
     def pytest_handlecrashitem(self, crashitem: str, report: Any, sched: Any) -> None:
         """A test's worker died under it: only a test that held a lease lost one."""
-        entry = self.running.pop(crashitem, None)
+        entry = self.running.pop((_worker_of(report), crashitem), None)
         if entry is None or "lease" not in entry:
             return
         lease = dict(entry["lease"])
@@ -211,7 +218,7 @@ class Collector:
         if tr is None or not get_plan(self.config).gpus:
             return
         s = get_settings(self.config)
-        folder = str(ledger_dir_for(s.ledger_dir))
+        folder = str(ledger.ledger_dir_for(s.ledger_dir))
         self._waiter = WaitWatcher(tr, folder, session_id(self.config), s.notice_after_s)
         self._waiter.start()
 
@@ -286,6 +293,13 @@ class Collector:
             self._waiter.stop()
 
 
+def _worker_of(report: object) -> str | None:
+    """The id of the xdist worker a report came from (xdist's controller sets ``node`` on each
+    one it receives); None for a report of this process's own."""
+    node = getattr(report, "node", None)
+    return None if node is None else str(node.gateway.id)
+
+
 def _write_json(target: Path, doc: object) -> None:
     """Write ``doc`` whole or not at all: a reader never sees half a report."""
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -332,9 +346,9 @@ class WaitWatcher:
                 self.terminal.write_line(line)
 
     def lines(self, now: float) -> list[str]:
-        snapshot = read_status(self.folder)
+        snapshot = ledger.read_status(self.folder)
         out: list[str] = []
-        for line in waiting_lines(snapshot, session_id=self.session, min_wait_s=self.notice_after_s):
+        for line in ledger.waiting_lines(snapshot, session_id=self.session, min_wait_s=self.notice_after_s):
             key = line.split(" has waited ", 1)[0]
             if now - self._last.get(key, float("-inf")) < WAIT_REPEAT_S:
                 continue

@@ -8,7 +8,7 @@ teardown in every outcome (the ``pytest_runtest_protocol`` wrapper is the safety
 interrupts; a crashed process is covered by the ledger's liveness locks). What the plugin
 holds for one test is one :class:`~pytest_gpushare.fixtures.ItemState` under
 :data:`~pytest_gpushare.fixtures.STATE_KEY`, set and cleared by that
-``pytest_runtest_protocol`` wrapper; its :class:`~pytest_gpushare.session.LeaseEntry` travels
+``pytest_runtest_protocol`` wrapper; its :class:`~pytest_gpushare.entries.LeaseEntry` travels
 to the controller on the test's setup report (while it runs) and teardown report.
 
 Under a session broker a test's lease may go on to the worker's next test (``nextitem``) when
@@ -28,22 +28,19 @@ from typing import TYPE_CHECKING, Any, NoReturn, cast
 
 import pytest
 
+from pytest_gpushare.entries import REPORT_ATTR, LeaseEntry, compact_observation, teardown_entry
 from pytest_gpushare.errors import GpuShareError, LeaseCancelled, LeaseTimeout, NeverFits, SettingError
 from pytest_gpushare.fixtures import STATE_KEY, ItemState, Role
 from pytest_gpushare.needs import TestNeeds
 from pytest_gpushare.session import (
-    REPORT_ATTR,
-    LeaseEntry,
     WorkerOutput,
     begin_gpu_work,
     broker_input,
-    compact_observation,
     get_settings,
     is_worker,
     note_env,
     runs_workers,
     session_id,
-    teardown_entry,
     worker_id,
 )
 from pytest_gpushare.workers import framework_defaults, home_gpu
@@ -347,7 +344,9 @@ class LeaseHooks:
         return rep
 
     def _entry(self, state: ItemState, grant: Grant) -> LeaseEntry:
-        """The test's entry for the controller (its ``test_id`` is the report's node id)."""
+        """The teardown half of the test's entry for the controller (its ``test_id`` is the
+        report's node id; :func:`~pytest_gpushare.entries.teardown_entry` says what it leaves
+        to the setup half)."""
         log = list(self._runtime.log) if self._runtime is not None else []
         if self._runtime is not None:
             self._runtime.log.clear()

@@ -1,6 +1,7 @@
 """summary.py: what the controller shows of the session; here, each worker's wait for memory in the
-terminal summary and the JSON report, from a real ``pytest -n 2`` on a simulated GPU, and the
-thread that prints waiting lines."""
+terminal summary and the JSON report, from a real ``pytest -n 2`` on a simulated GPU, each GPU
+test's entry made of its setup and teardown reports, what the module loads, and the thread that
+prints waiting lines."""
 
 from __future__ import annotations
 
@@ -9,13 +10,17 @@ import signal
 import sys
 import threading
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, cast
 
 import pytest
 from conftest import wait_until
 from process_support import clean_env, run_command
 
 from pytest_gpushare import summary
+from pytest_gpushare.entries import REPORT_ATTR, LeaseEntry, teardown_entry
 from pytest_gpushare.report import NOTABLE_WAIT_S, worker_wait_text
+from pytest_gpushare.runtime import LeaseRecord
 
 pytest_plugins = ["pytester"]
 
@@ -154,6 +159,107 @@ def test_no_worker_line_when_nobody_waited(pytester: pytest.Pytester, tmp_path: 
     assert " for memory, " not in proc.stdout
     (worker,) = json.loads((pytester.path / "report.json").read_text())["workers"]
     assert worker["waited_s"] < NOTABLE_WAIT_S and worker["waited_with_room_s"] <= worker["waited_s"]
+
+
+# --- each GPU test's entry, from its setup and teardown reports ---------------------------------
+
+
+def _report(nodeid: str, when: str, entry: LeaseEntry | None, worker: str | None = None) -> pytest.TestReport:
+    """A report as the controller receives it: from xdist's worker ``worker`` (its ``node``)."""
+    rep = pytest.TestReport(nodeid, (nodeid, 0, nodeid), {}, "passed", None, when)  # type: ignore[arg-type]
+    if entry is not None:
+        setattr(rep, REPORT_ATTR, entry)
+    if worker is not None:
+        rep.node = SimpleNamespace(gateway=SimpleNamespace(id=worker))  # type: ignore[attr-defined]
+    return rep
+
+
+def _collector() -> summary.Collector:
+    return summary.Collector(cast(pytest.Config, None), list)
+
+
+def _halves(record: LeaseRecord, released_at: float, **teardown: Any) -> tuple[LeaseEntry, LeaseEntry]:
+    """The entries of a test's setup and teardown reports, as testhooks.py makes them."""
+    setup = LeaseEntry(lease=record.to_dict())
+    record.released_at = released_at
+    args = {"outcome": None, "fallback": None, "observed": [], "log": [], **teardown}
+    return setup, teardown_entry(lease=record.to_dict(), **args)
+
+
+def test_a_teardown_report_carries_only_what_the_setup_report_did_not() -> None:
+    record = LeaseRecord("t.py::test_a", "gw0", [("GPU-1", 0, 2**30)], 0.25, 100.0)
+    _, teardown = _halves(record, 101.5, outcome="failed", log=["a note"])
+    released = {"released_at": 101.5, "held_s": 1.5}
+    assert teardown == {"outcome": "failed", "released": released, "log": ["a note"]}
+    # Neither half of a passed test that took no lease says anything (a CPU fallback says so).
+    assert teardown_entry(None, None, [], None, []) == {}
+    assert teardown_entry(None, "cpu", [], None, []) == {"fallback": "cpu"}
+    # A lease whose release failed adds nothing: the setup report's says "not given back".
+    unreleased = LeaseRecord("t.py::test_b", "gw0", [("GPU-1", 0, 2**30)], 0.0, 100.0).to_dict()
+    assert teardown_entry(None, None, [], unreleased, []) == {}
+
+
+def test_the_controller_keeps_one_entry_per_test_and_takes_it_off_both_reports() -> None:
+    record = LeaseRecord("t.py::test_a", "gw0", [("GPU-1", 0, 2**30)], 0.25, 100.0)
+    setup, teardown = _halves(record, 101.5, outcome="failed", observed=[{"uuid": "GPU-1"}], log=["a note"])
+    collector = _collector()
+    halves = {"setup": setup, "teardown": teardown}
+    reports = [_report("t.py::test_a", when, half, "gw0") for when, half in halves.items()]
+    for rep in reports:
+        collector.pytest_runtest_logreport(rep)
+    # The entry is what a teardown report carried whole before: the record as released.
+    assert collector.collected == [
+        {
+            "test_id": "t.py::test_a",
+            "outcome": "failed",
+            "observed": [{"uuid": "GPU-1"}],
+            "lease": record.to_dict(),
+            "log": ["a note"],
+        }
+    ]
+    assert collector.running == {}
+    # pytest's terminal reporter keeps every report to the end of the run: none keeps an entry.
+    assert not any(hasattr(rep, REPORT_ATTR) for rep in reports)
+
+
+def test_a_passed_test_without_a_lease_gets_its_outcome_from_the_report() -> None:
+    collector = _collector()
+    collector.pytest_runtest_logreport(_report("t.py::test_cpu", "setup", None))
+    collector.pytest_runtest_logreport(_report("t.py::test_cpu", "teardown", LeaseEntry(fallback="cpu")))
+    assert collector.collected == [{"test_id": "t.py::test_cpu", "fallback": "cpu", "outcome": "passed"}]
+
+
+def test_one_test_on_two_workers_at_once_keeps_each_workers_lease() -> None:
+    """``--dist each`` runs every test on every worker: a node id alone names two leases."""
+    mine = LeaseRecord("t.py::test_a", "gw0", [("GPU-1", 0, 2**30)], 0.0, 100.0)
+    theirs = LeaseRecord("t.py::test_a", "gw1", [("GPU-2", 1, 2**30)], 0.0, 100.5)
+    (my_setup, _), (their_setup, their_teardown) = _halves(mine, 102.0), _halves(theirs, 101.0)
+    collector = _collector()
+    collector.pytest_runtest_logreport(_report("t.py::test_a", "setup", my_setup, "gw0"))
+    collector.pytest_runtest_logreport(_report("t.py::test_a", "setup", their_setup, "gw1"))
+    collector.pytest_runtest_logreport(_report("t.py::test_a", "teardown", their_teardown, "gw1"))
+    # gw0's worker dies holding its lease: the one it lost is its own, still held.
+    collector.pytest_handlecrashitem("t.py::test_a", _report("t.py::test_a", "???", None, "gw0"), None)
+    assert [e["lease"] for e in collector.collected[:1]] == [theirs.to_dict()]
+    lost = collector.collected[1]
+    assert (lost["outcome"], lost["lease"]["worker"], lost["lease"]["taken_at"]) == ("crashed", "gw0", 100.0)
+    assert lost["lease"]["released_at"] >= 100.0
+    assert len(collector.lost) == 1 and collector.running == {}
+
+
+def test_the_controllers_modules_load_no_ledger_access_or_frameworks_on_import() -> None:
+    """Waiting lines (the ledger's status) and the frameworks' defaults (enforce, observe) load on
+    first use: a run without GPU work, ``--collect-only`` among them, never pays for them."""
+    code = (
+        "import json, sys, pytest_gpushare.summary, pytest_gpushare.workers; "
+        "print(json.dumps([m for m in sys.modules if m.startswith('pytest_gpushare')]))"
+    )
+    proc = run_command([sys.executable, "-c", code], env=clean_env())
+    assert proc.returncode == 0, proc.stdout
+    loaded = set(json.loads(proc.stdout))
+    assert {"pytest_gpushare.summary", "pytest_gpushare.workers"} <= loaded
+    lazy = {"pytest_gpushare.enforce", "pytest_gpushare.observe", "pytest_gpushare.ledger.status"}
+    assert loaded.isdisjoint(lazy | {"pytest_gpushare.ledger.access", "pytest_gpushare.ledger.views"})
 
 
 # --- the thread that prints waiting lines --------------------------------------------------------
