@@ -29,7 +29,6 @@ from pytest_gpushare.brokerhooks import PLUGIN_NAME as BROKER_PLUGIN
 from pytest_gpushare.brokerhooks import broker_for_workers
 from pytest_gpushare.dispatch.needs import INPUT_KEY, DispatchInput, write_needs
 from pytest_gpushare.dispatch.order import MarkedNeed
-from pytest_gpushare.enforce import framework_env
 from pytest_gpushare.errors import SettingError
 from pytest_gpushare.gpus.visible import cuda_visible_env
 from pytest_gpushare.session import (
@@ -158,6 +157,10 @@ def framework_defaults(config: pytest.Config, plan: planner.Plan) -> dict[str, s
     and only where the plan found real GPUs (simulated ones have no device to grab)."""
     if not get_settings(config).framework_defaults or not any(not g.gpu.simulated for g in plan.gpus):
         return {}
+    # Here, not at the top: enforce loads observe, which a run that starts no real GPU work
+    # (--collect-only, a box without GPUs) never needs.
+    from pytest_gpushare.enforce import framework_env
+
     return framework_env(os.environ)
 
 
