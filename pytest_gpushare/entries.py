@@ -9,7 +9,8 @@ run. A ``lease()`` block's entry travels whole in the worker's ``workeroutput``.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, TypedDict
+import sys
+from typing import TYPE_CHECKING, Any, TypedDict, cast
 
 if TYPE_CHECKING:
     from pytest_gpushare.observations import GpuObservation
@@ -19,6 +20,7 @@ __all__ = [
     "REPORT_ATTR",
     "LeaseEntry",
     "compact_observation",
+    "kept",
     "merged_entry",
     "teardown_entry",
 ]
@@ -81,6 +83,28 @@ def merged_entry(setup: LeaseEntry | None, teardown: LeaseEntry) -> LeaseEntry:
     if setup is not None and "lease" in setup:
         teardown["lease"] = {**setup["lease"], **(released or {})}
     return teardown
+
+
+def kept(entry: LeaseEntry, test_id: str) -> LeaseEntry:
+    """A half of an entry as the controller keeps it to the end of the run: ``test_id`` (the
+    report's node id, which pytest keeps too) as its own and its lease's, and every other string
+    and every key interned (each report arrives deserialised on its own, with its own copies of
+    the same keys, uuids, worker ids and notes)."""
+    out = cast(LeaseEntry, _interned(entry))
+    out["test_id"] = test_id
+    if "lease" in out:
+        out["lease"]["test_id"] = test_id
+    return out
+
+
+def _interned(value: Any) -> Any:
+    if isinstance(value, str):
+        return sys.intern(value)
+    if isinstance(value, dict):
+        return {sys.intern(k): v if k == "test_id" else _interned(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_interned(v) for v in value]
+    return value
 
 
 def compact_observation(observation: GpuObservation) -> dict[str, Any]:

@@ -27,7 +27,7 @@ import pytest
 
 from pytest_gpushare import ledger, report
 from pytest_gpushare import observations as advice
-from pytest_gpushare.entries import REPORT_ATTR, LeaseEntry, merged_entry
+from pytest_gpushare.entries import REPORT_ATTR, LeaseEntry, kept, merged_entry
 from pytest_gpushare.ollama import attribute_held
 from pytest_gpushare.planner import Plan
 from pytest_gpushare.session import (
@@ -175,13 +175,12 @@ class Collector:
 
         The entry comes off the report once read (trylast: after every other plugin saw the
         report whole): pytest's terminal reporter keeps every report to the end of the run,
-        and the entry is kept here once."""
+        and the entry is kept here once, its repeated strings shared (:func:`kept`)."""
         info = getattr(report, REPORT_ATTR, None)
         if not isinstance(info, dict):
             return
         delattr(report, REPORT_ATTR)
-        entry = cast(LeaseEntry, info)
-        entry["test_id"] = report.nodeid
+        entry = kept(cast(LeaseEntry, info), report.nodeid)
         key = (_worker_of(report), report.nodeid)
         if report.when == "setup":
             self.running[key] = entry

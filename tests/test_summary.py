@@ -222,6 +222,24 @@ def test_the_controller_keeps_one_entry_per_test_and_takes_it_off_both_reports()
     assert not any(hasattr(rep, REPORT_ATTR) for rep in reports)
 
 
+def test_the_controller_keeps_one_copy_of_what_every_report_repeats() -> None:
+    """Each report arrives deserialised on its own: the node id is the report's (pytest keeps it
+    anyway), and a uuid, a worker id or a key that two entries share is one string."""
+    collector = _collector()
+    nodeids = []
+    for i in range(2):
+        nodeid = "".join(["t.py::test_", str(i)])  # not interned, as a deserialised one
+        record = LeaseRecord(nodeid, "gw0", [("GPU-1", 0, 2**30)], 0.0, 100.0)
+        for when, half in zip(("setup", "teardown"), _halves(record, 101.0), strict=True):
+            collector.pytest_runtest_logreport(_report(nodeid, when, json.loads(json.dumps(half)), "gw0"))
+        nodeids.append(nodeid)
+    first, second = (e["lease"] for e in collector.collected)
+    assert [first["test_id"], second["test_id"]] == nodeids
+    assert first["test_id"] is nodeids[0] and second["test_id"] is nodeids[1]
+    assert first["worker"] is second["worker"] and first["gpus"][0]["uuid"] is second["gpus"][0]["uuid"]
+    assert {id(k) for k in first} == {id(k) for k in second}
+
+
 def test_a_passed_test_without_a_lease_gets_its_outcome_from_the_report() -> None:
     collector = _collector()
     collector.pytest_runtest_logreport(_report("t.py::test_cpu", "setup", None))
