@@ -11,6 +11,8 @@ Routes of a request (worker ``w``, candidate GPUs ``C``):
   controller's owner, with the request's deadline, so the box's fairness, waiter lines and
   timeout messages hold for it. The granted chunk joins the pool, and every waiting request is
   examined again, as on every release. A request served meanwhile leaves its chunk to the pool.
+  A growth's size is fixed when asked for; the pool keeps no more spare chunks than it needs
+  besides it (:func:`.giveback.over_asked`), and a request still short asks again.
 * **direct**: anything else (exclusive, multi-GPU, or ``w``'s first lease on a GPU) is passed
   through to the box ledger under ``w``'s own owner, which books ``w``'s context with it. While
   it waits, spare chunks on its GPUs go back to the box at once (our own pool must not block
@@ -39,7 +41,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from pytest_gpushare.broker.box import Box, Done, Watched
-from pytest_gpushare.broker.giveback import LINGER_S, WATCH_S, GiveBack
+from pytest_gpushare.broker.giveback import LINGER_S, WATCH_S, GiveBack, over_asked
 from pytest_gpushare.broker.pool import Ask, Pool
 from pytest_gpushare.broker.protocol import (
     Acquire,
@@ -264,6 +266,7 @@ class Engine:
                 w.contexts.update(u for u, _ in event.lease.parts)  # booked with the lease, kept after
         if p is not None:
             p.job = False
+            p.asked = 0
         if event.kind == "grow":
             if event.lease is not None:
                 self._pool.add_chunk(event.lease)  # even for a request gone meanwhile: others may use it
@@ -310,7 +313,8 @@ class Engine:
     def _shrink(self, now: float, wake: list[float]) -> None:
         direct = {u for p in self._queue if p.direct for u in p.candidates}
         waited_on = {u for p in self._queue if not p.direct for u in p.candidates}
-        if self._giveback.tick(now, wake, urgent=direct, waited_on=waited_on):
+        over = over_asked(self._pool, self._queue)
+        if self._giveback.tick(now, wake, urgent=direct, waited_on=waited_on, over=over):
             self._changed = True
 
     # --- routes -------------------------------------------------------------------------------------
@@ -382,6 +386,7 @@ class Engine:
         prefer = p.ask.need.prefer if p.ask.need.prefer in uuids else None
         need = Need(MemRequest(bytes=size), 1, False, prefer, tuple(uuids))
         label = f"session pool of {w.worker_id}: {p.ask.test_id}"
+        p.asked = size
         self._box.grow(p.ask.ticket, w.conn, need, label, timeout)
 
     def _examine(self) -> None:

@@ -9,18 +9,26 @@ and growing again (each is a box-ledger write).
 
 Sooner, at once, go the chunks that no lease needs *now* on a GPU where another session waits,
 or where a request of ours passed through to the box waits (our own pool must not block it).
+On a GPU where requests of ours wait for the pool to grow, the pool keeps of its spare chunks
+what they lack besides the growths under way, and the rest goes at once (:func:`over_asked`,
+:meth:`Pool.take_unneeded`): a growth's size is fixed when it is asked for, so once tests end
+meanwhile (or when only the fairness among waiters held its request back) it asks for more than
+the pool lacks, and the box, full of the pool's idle chunks, would never grant it. Where no
+spare chunk is small enough, the smallest goes, and the request asks again for what it lacks
+once its growth comes.
 Whether another session waits is asked of the box (:meth:`Box.watch`, off this thread) every
 ``watch_s`` (default :data:`WATCH_S`) while some GPU has had spare memory that long.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Iterable, Mapping
 
 from pytest_gpushare.broker.box import Box
 from pytest_gpushare.broker.pool import Pool
+from pytest_gpushare.broker.state import Pending
 
-__all__ = ["LINGER_S", "WATCH_S", "GiveBack"]
+__all__ = ["LINGER_S", "WATCH_S", "GiveBack", "over_asked"]
 
 #: The window: memory that no test of the session used for a window of this long and the next
 #: goes back to the box (within ``2 * LINGER_S`` of its last use when no other session waits).
@@ -49,12 +57,24 @@ class GiveBack:
         self._others = set(uuids)
 
     def tick(
-        self, now: float, wake: list[float], *, urgent: Collection[str], waited_on: Collection[str]
+        self,
+        now: float,
+        wake: list[float],
+        *,
+        urgent: Collection[str],
+        waited_on: Collection[str],
+        over: Mapping[str, int],
     ) -> bool:
         """Give back what is due; ``urgent``: GPUs where a pass-through of ours waits,
-        ``waited_on``: GPUs where a request of ours waits for the pool. Appends to ``wake`` when
-        to tick again; True if anything was given back."""
+        ``waited_on``: GPUs where a request of ours waits for the pool, ``over``: by how many
+        bytes the growths under way for those exceed what the pool lacks (:meth:`Pool.take_unneeded`).
+        Appends to ``wake`` when to tick again; True if anything was given back."""
         gave = False
+        for uuid, most in over.items():
+            if most > 0 and uuid not in urgent:
+                chunks = self._pool.take_unneeded(uuid, most)
+                self._box.release_chunks(chunks)
+                gave = gave or bool(chunks)
         if now >= self._window_start + self._linger_s:
             self._pool.new_window()
             self._window_start = now
@@ -88,3 +108,21 @@ class GiveBack:
             self._box.watch(lingering)
         if self._spare_since:
             wake.append(max(self._next_watch, min(self._spare_since.values()) + self._watch_s))
+
+
+def over_asked(pool: Pool, waiting: Iterable[Pending]) -> dict[str, int]:
+    """For each GPU where requests wait for the pool, the bytes of its spare memory that their
+    growths under way do not need: the least, among them, of how much a growth asked for beyond
+    what its request's pool lacks now (0 for a request without a growth under way). Tests that
+    ended since a growth was asked for make it ask too much, and a request held back only by
+    the fairness among waiters asks for all it needs; this much may go back to the box without
+    leaving any of them short once its growth comes."""
+    over: dict[str, int] = {}
+    for p in waiting:
+        if p.direct:
+            continue
+        for u in p.candidates:
+            if u in p.worker.contexts:
+                extra = p.asked - pool.shortfall(p.ask, u) if p.job else 0
+                over[u] = min(over.get(u, extra), extra)
+    return over

@@ -122,18 +122,39 @@ class Pool:
         no lease needed in this window or the one before), the largest first, each only if what
         stays still covers the leases."""
         state = self._states[uuid]
-        free = self._free(state, idle)
-        spare = []
+        return self._take(uuid, self._pick(uuid, self._free(state, idle)))
+
+    def take_unneeded(self, uuid: str, most: int) -> list[Lease]:
+        """Remove and return chunks of the GPU that no lease needs now and that add up to at
+        most ``most`` bytes, the largest first; where no such chunk is that small, the smallest
+        one that no lease needs (growths under way asked for ``most`` bytes more than the pool
+        lacks: a chunk kept idle here could be what the box lacks to grant them)."""
+        state = self._states[uuid]
+        free = state.held - state.used
+        chosen = self._pick(uuid, min(free, most))
+        if not chosen and most > 0:
+            spare = [c for c in self._chunks[uuid] if c.parts[0][1] <= free]
+            chosen = [min(spare, key=lambda c: c.parts[0][1])] if spare else []
+        return self._take(uuid, chosen)
+
+    def _pick(self, uuid: str, free: int) -> list[Lease]:
+        """Chunks of the GPU adding up to at most ``free`` bytes, the largest first."""
+        picked = []
         for chunk in sorted(self._chunks[uuid], key=lambda c: -c.parts[0][1]):
             size = chunk.parts[0][1]
             if size <= free:
-                spare.append(chunk)
+                picked.append(chunk)
                 free -= size
-        for chunk in spare:
+        return picked
+
+    def _take(self, uuid: str, chunks: list[Lease]) -> list[Lease]:
+        state = self._states[uuid]
+        for chunk in chunks:
             self._chunks[uuid].remove(chunk)
             state.held -= chunk.parts[0][1]
-        self._changed.add(uuid)
-        return spare
+        if chunks:
+            self._changed.add(uuid)
+        return chunks
 
     def has_spare(self, uuid: str, *, idle: bool = False) -> bool:
         state = self._states[uuid]

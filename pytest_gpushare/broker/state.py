@@ -36,3 +36,4 @@ class Pending:
     deadline: float
     direct: bool
     job: bool = False  # a growth or pass-through is under way in the box
+    asked: int = 0  # the bytes of the growth under way
