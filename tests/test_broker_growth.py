@@ -218,6 +218,48 @@ def test_a_request_held_back_by_fairness_does_not_keep_idle_chunks_from_an_older
     assert run.granted(3, 9) is not None, f"t-1 still waits; the box: {run.box}"
 
 
+def test_a_younger_growth_that_counts_on_an_idle_chunk_does_not_keep_it_from_the_oldest(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Another hung mix run: a 14GiB test has waited long enough for the box's fairness on its
+    # growth of 14GiB; a 6GiB test ends (6GiB idle) as a 10GiB test asks for a growth of the
+    # 4GiB it lacks, counting the idle 6GiB. The box grants no growth before the oldest, which
+    # needs the idle 6GiB back; the younger growth asks again once it lacks more.
+    run = Run(monkeypatch, FakeBox(usable=20 * GiB), workers=4)
+    sixes = run.two_6gib_tests()
+    assert run.acquire(2, 14 * GiB, "t-14") is None
+    run.step(3.0)
+    run.engine.release(0, str(sixes[0][1]))  # in the same turn of the serving loop as the next
+    assert run.acquire(3, 10 * GiB, "t-10") is None
+    run.step(10.0)  # t-6 on gw1 still runs
+    assert run.granted(2, 7) is not None, f"t-14 still waits; the box: {run.box}"
+    run.end(sixes[1:])
+    run.step(10.0)
+    assert run.granted(3, 8) is None  # t-14 holds 14GiB of the 20
+    run.end([(2, run.granted(2, 7))])
+    assert run.granted(3, 8) is not None, f"t-10 still waits; the box: {run.box}"
+
+
+def test_idle_chunks_go_back_while_a_growth_whose_request_was_served_waits_first_in_the_box(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A 6GiB test got the memory of one that ended while its growth waited: the growth goes on
+    # (the box cannot take it back), waits long enough for the box's fairness and so holds back
+    # every younger growth. The pool's idle 12GiB must go back so that the box can grant the
+    # orphan, and then the growths of a 13GiB test (which lacks 1GiB while the pool keeps them).
+    run = Run(monkeypatch, FakeBox(usable=17 * GiB), workers=4)
+    sixes = run.two_6gib_tests()
+    assert run.acquire(2, 6 * GiB, "t-6-late") is None
+    run.step(3.0)
+    run.end(sixes[:1])
+    late = run.granted(2, 7)
+    assert late is not None and [j.size for j in run.box.jobs] == [6 * GiB]
+    run.end([*sixes[1:], (2, late)])
+    run.acquire(3, 13 * GiB, "t-13")
+    run.step(10.0)
+    assert run.granted(3, 8) is not None, f"t-13 still waits; the box: {run.box}"
+
+
 def test_a_chunk_larger_than_what_the_growth_over_asks_goes_back_and_the_growth_is_asked_again(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -11,8 +11,7 @@ Routes of a request (worker ``w``, candidate GPUs ``C``):
   controller's owner, with the request's deadline, so the box's fairness, waiter lines and
   timeout messages hold for it. The granted chunk joins the pool, and every waiting request is
   examined again, as on every release. A request served meanwhile leaves its chunk to the pool.
-  A growth's size is fixed when asked for; the pool keeps no more spare chunks than it needs
-  besides it (:func:`.giveback.over_asked`), and a request still short asks again.
+  A request still short once its growth came asks again (spare chunks: :func:`.giveback.over_asked`).
 * **direct**: anything else (exclusive, multi-GPU, or ``w``'s first lease on a GPU) is passed
   through to the box ledger under ``w``'s own owner, which books ``w``'s context with it. While
   it waits, spare chunks on its GPUs go back to the box at once (our own pool must not block
@@ -53,7 +52,7 @@ from pytest_gpushare.broker.protocol import (
     need_from_wire,
 )
 from pytest_gpushare.broker.slot import SlotReader
-from pytest_gpushare.broker.state import Pending, Worker
+from pytest_gpushare.broker.state import Growth, Pending, Worker
 from pytest_gpushare.broker.status import RunningDoc, RunningWait, running_doc, running_lease
 from pytest_gpushare.errors import LeaseTimeout, NeverFits
 from pytest_gpushare.ledger import Lease, Need, candidates, never_fits
@@ -96,6 +95,7 @@ class Engine:
         self._workers: dict[int, Worker] = {}
         self._queue: list[Pending] = []  # waiting requests, oldest first
         self._tickets: dict[str, Pending] = {}
+        self._growths: dict[str, Growth] = {}  # under way in the box, by ticket
         self._ids = itertools.count(1)
         self._cancelled = False
         self._changed = False
@@ -266,7 +266,7 @@ class Engine:
                 w.contexts.update(u for u, _ in event.lease.parts)  # booked with the lease, kept after
         if p is not None:
             p.job = False
-            p.asked = 0
+        self._growths.pop(event.ticket, None)
         if event.kind == "grow":
             if event.lease is not None:
                 self._pool.add_chunk(event.lease)  # even for a request gone meanwhile: others may use it
@@ -313,7 +313,7 @@ class Engine:
     def _shrink(self, now: float, wake: list[float]) -> None:
         direct = {u for p in self._queue if p.direct for u in p.candidates}
         waited_on = {u for p in self._queue if not p.direct for u in p.candidates}
-        over = over_asked(self._pool, self._queue)
+        over = over_asked(self._pool, self._growths.values())
         if self._giveback.tick(now, wake, urgent=direct, waited_on=waited_on, over=over):
             self._changed = True
 
@@ -386,7 +386,7 @@ class Engine:
         prefer = p.ask.need.prefer if p.ask.need.prefer in uuids else None
         need = Need(MemRequest(bytes=size), 1, False, prefer, tuple(uuids))
         label = f"session pool of {w.worker_id}: {p.ask.test_id}"
-        p.asked = size
+        self._growths[p.ask.ticket] = Growth(p.ask.ticket, uuids, size, now, p.ask)
         self._box.grow(p.ask.ticket, w.conn, need, label, timeout)
 
     def _examine(self) -> None:
@@ -419,6 +419,9 @@ class Engine:
 
     def _drop(self, p: Pending) -> None:
         """Forget a waiting request; a box job under way for it becomes an orphan."""
+        growth = self._growths.get(p.ask.ticket)
+        if growth is not None:
+            growth.ask = None
         self._queue.remove(p)
         del self._tickets[p.ask.ticket]
         del p.worker.requests[p.request]

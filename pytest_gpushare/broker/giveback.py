@@ -9,13 +9,14 @@ and growing again (each is a box-ledger write).
 
 Sooner, at once, go the chunks that no lease needs *now* on a GPU where another session waits,
 or where a request of ours passed through to the box waits (our own pool must not block it).
-On a GPU where requests of ours wait for the pool to grow, the pool keeps of its spare chunks
-what they lack besides the growths under way, and the rest goes at once (:func:`over_asked`,
-:meth:`Pool.take_unneeded`): a growth's size is fixed when it is asked for, so once tests end
-meanwhile (or when only the fairness among waiters held its request back) it asks for more than
-the pool lacks, and the box, full of the pool's idle chunks, would never grant it. Where no
-spare chunk is small enough, the smallest goes, and the request asks again for what it lacks
-once its growth comes.
+On a GPU where the pool grows, the pool keeps of its spare chunks what the request of the
+oldest growth under way lacks besides it, and the rest goes at once (:func:`over_asked`,
+:meth:`Pool.take_unneeded`); all of them while that growth's request is gone (it was served
+meanwhile: the box cannot take a growth back). The box grants that growth first, and a growth's
+size is fixed when it is asked for: once tests end meanwhile (or when only the fairness among
+waiters held its request back) it asks for more than the pool lacks, and the box, full of the
+pool's idle chunks, would never grant it nor any younger one. Where no spare chunk is small
+enough, the smallest goes, and a request still short once its growth comes asks again.
 Whether another session waits is asked of the box (:meth:`Box.watch`, off this thread) every
 ``watch_s`` (default :data:`WATCH_S`) while some GPU has had spare memory that long.
 """
@@ -26,7 +27,7 @@ from collections.abc import Collection, Iterable, Mapping
 
 from pytest_gpushare.broker.box import Box
 from pytest_gpushare.broker.pool import Pool
-from pytest_gpushare.broker.state import Pending
+from pytest_gpushare.broker.state import Growth
 
 __all__ = ["LINGER_S", "WATCH_S", "GiveBack", "over_asked"]
 
@@ -110,19 +111,18 @@ class GiveBack:
             wake.append(max(self._next_watch, min(self._spare_since.values()) + self._watch_s))
 
 
-def over_asked(pool: Pool, waiting: Iterable[Pending]) -> dict[str, int]:
-    """For each GPU where requests wait for the pool, the bytes of its spare memory that their
-    growths under way do not need: the least, among them, of how much a growth asked for beyond
-    what its request's pool lacks now (0 for a request without a growth under way). Tests that
-    ended since a growth was asked for make it ask too much, and a request held back only by
-    the fairness among waiters asks for all it needs; this much may go back to the box without
-    leaving any of them short once its growth comes."""
-    over: dict[str, int] = {}
-    for p in waiting:
-        if p.direct:
-            continue
-        for u in p.candidates:
-            if u in p.worker.contexts:
-                extra = p.asked - pool.shortfall(p.ask, u) if p.job else 0
-                over[u] = min(over.get(u, extra), extra)
-    return over
+def over_asked(pool: Pool, growths: Iterable[Growth]) -> dict[str, int]:
+    """For each GPU where the pool grows, the bytes of its spare memory that the oldest growth
+    under way there does not need: how much it asked for beyond what its request's pool lacks
+    now (all of it for an orphan, whose request is gone). Tests that ended since it was asked
+    for, or a request that only the fairness among waiters held back, make it ask for more than
+    the pool lacks, and the box grants the oldest growth first (younger ones wait for it once
+    it has waited ``FAIR_AFTER_S``): this much may go back without leaving it short."""
+    oldest: dict[str, Growth] = {}
+    for g in growths:
+        for u in g.uuids:
+            if u not in oldest or g.asked_at < oldest[u].asked_at:
+                oldest[u] = g
+    return {
+        u: pool.held(u) if g.ask is None else g.size - pool.shortfall(g.ask, u) for u, g in oldest.items()
+    }

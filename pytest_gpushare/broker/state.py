@@ -10,7 +10,7 @@ from pytest_gpushare.broker.slot import SlotReader
 from pytest_gpushare.broker.status import RunningLease
 from pytest_gpushare.ledger import Lease
 
-__all__ = ["Pending", "Worker"]
+__all__ = ["Growth", "Pending", "Worker"]
 
 
 @dataclass
@@ -36,4 +36,15 @@ class Pending:
     deadline: float
     direct: bool
     job: bool = False  # a growth or pass-through is under way in the box
-    asked: int = 0  # the bytes of the growth under way
+
+
+@dataclass(eq=False)
+class Growth:
+    """A growth of the pool under way in the box: ``size`` bytes on one of ``uuids``, asked for
+    at ``asked_at`` for ``ask`` (None once its request is gone: the growth goes on, an orphan)."""
+
+    ticket: str
+    uuids: list[str]
+    size: int
+    asked_at: float
+    ask: Ask | None
