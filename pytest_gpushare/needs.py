@@ -87,16 +87,24 @@ class TestNeeds:
             need = self._needs[key] = need_from_marker(marker.args, dict(marker.kwargs), default, source)
         return need, takes_fixture
 
-    def asks(self, item: pytest.Item | None, runtime: Runtime, *, guest: bool) -> Need | None:
-        """What ``item`` will ask ``runtime``'s lessor for, where it is a GPU test whose role is
-        the guest's (``guest``) or ours and whose marker is good; None otherwise."""
-        if item is None:
-            return None
+    def placed(self, item: pytest.Item) -> tuple[Role, GpuNeed, bool] | None:
+        """``item``'s role, need, and whether its lease may go to any GPU (it takes ``gpu`` or
+        ``gpus`` and is fully ours: a suite's own bare marker stays on the home GPU); None for
+        no GPU test or a bad marker (which fails the test at setup)."""
         role = self.role(item)
-        if role is None or (role == "guest") != guest:
+        if role is None:
             return None
         try:
             need, takes_fixture = self.need(item)
         except SettingError:
             return None
-        return runtime.ledger_need(need, anywhere=takes_fixture and role == "ours")
+        return role, need, takes_fixture and role == "ours"
+
+    def asks(self, item: pytest.Item | None, runtime: Runtime, *, guest: bool) -> Need | None:
+        """What ``item`` will ask ``runtime``'s lessor for, where it is a GPU test whose role is
+        the guest's (``guest``) or ours and whose marker is good; None otherwise."""
+        found = None if item is None else self.placed(item)
+        if found is None or (found[0] == "guest") != guest:
+            return None
+        _, need, anywhere = found
+        return runtime.ledger_need(need, anywhere=anywhere)

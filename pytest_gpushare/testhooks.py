@@ -123,10 +123,6 @@ class LeaseHooks:
     def role(self, item: pytest.Item) -> Role | None:
         return self.needs.role(item)
 
-    def _need(self, item: pytest.Item) -> tuple[GpuNeed, bool]:
-        """:meth:`TestNeeds.need` (the memory-aware dispatch asks it by this name)."""
-        return self.needs.need(item)
-
     @pytest.hookimpl(trylast=True)
     def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
         """Once the run's tests are known (deselection done): GPU work begins only if one of them

@@ -29,7 +29,6 @@ from pytest_gpushare.brokerhooks import PLUGIN_NAME as BROKER_PLUGIN
 from pytest_gpushare.brokerhooks import broker_for_workers
 from pytest_gpushare.dispatch.needs import INPUT_KEY, DispatchInput, write_needs
 from pytest_gpushare.dispatch.order import MarkedNeed
-from pytest_gpushare.errors import SettingError
 from pytest_gpushare.gpus.visible import cuda_visible_env
 from pytest_gpushare.session import (
     begin_gpu_work,
@@ -44,6 +43,7 @@ from pytest_gpushare.session import (
 
 if TYPE_CHECKING:
     from pytest_gpushare.dispatch.scheduling import MemoryScheduling
+    from pytest_gpushare.needs import TestNeeds
 
 __all__ = [
     "HOME_ENV",
@@ -296,8 +296,8 @@ class _LeaseHooks(Protocol):
     """What dispatch asks of :class:`pytest_gpushare.testhooks.LeaseHooks` (found by its plugin
     name: testhooks imports this module)."""
 
-    def role(self, item: pytest.Item) -> str | None: ...
-    def _need(self, item: pytest.Item) -> tuple[Any, bool] | None: ...
+    @property
+    def needs(self) -> TestNeeds: ...
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -319,18 +319,11 @@ def pytest_collection_finish(session: pytest.Session) -> None:
 def _marked_need(hooks: _LeaseHooks, item: pytest.Item) -> MarkedNeed | None:
     """What ``item`` needs, as its lease will ask (None: no GPU test, or a bad marker, which
     fails at setup without a lease)."""
-    role = hooks.role(item)
-    if role is None:
-        return None
-    try:
-        found = hooks._need(item)
-    except SettingError:
-        return None
+    found = hooks.needs.placed(item)
     if found is None:
         return None
-    need, takes_fixture = found
-    # A suite's own bare marker (a guest) stays on its home GPU, fixture or not.
-    return MarkedNeed(need.mem, need.count, need.exclusive, takes_fixture and role == "ours")
+    _, need, anywhere = found
+    return MarkedNeed(need.mem, need.count, need.exclusive, anywhere)
 
 
 def _read_durations(config: pytest.Config) -> dict[str, float]:
