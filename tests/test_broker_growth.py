@@ -14,6 +14,7 @@ import pytest
 from pytest_gpushare.broker import engine as engine_module
 from pytest_gpushare.broker.box import Done
 from pytest_gpushare.broker.engine import Engine
+from pytest_gpushare.broker.giveback import PATIENCE_S
 from pytest_gpushare.broker.pool import Ask, Pool
 from pytest_gpushare.broker.protocol import Acquire, Granted, Message, need_to_wire
 from pytest_gpushare.ledger import FAIR_AFTER_S, Lease, LedgerGpu, Need, Owner
@@ -130,13 +131,15 @@ class Run:
             self.engine.connect(conn, f"gw{conn}")
             self.release(conn, self.acquire(conn, GiB, "warm"))  # its first lease books its context
 
-    def acquire(self, conn: int, size: int, test_id: str) -> str | None:
-        """Ask; the lease id if granted once the box has settled, else None."""
+    def acquire(self, conn: int, size: int, test_id: str, *, settle: bool = True) -> str | None:
+        """Ask; the lease id if granted (once the box has settled, unless ``settle`` is false:
+        then the box has not answered yet), else None."""
         self._requests += 1
         request = self._requests
         need = Need(MemRequest(bytes=size), prefer=UUID, allowed=(UUID,))
         self.engine.acquire(conn, Acquire(request, test_id, need_to_wire(need), 60.0), self.now)
-        self.step()
+        if settle:
+            self.step()
         return self.granted(conn, request)
 
     def granted(self, conn: int, request: int) -> str | None:
@@ -308,3 +311,64 @@ def test_the_chunks_a_growth_does_not_need_are_the_largest_spare_ones_within_the
     assert [c.lease_id for c in pool.take_unneeded(UUID, GiB // 2)] == ["c2"]
     assert pool.take_unneeded(UUID, 8 * GiB) == []  # what stays covers the 5GiB leased
     assert pool.held(UUID) == 6 * GiB
+
+
+def test_a_request_served_by_a_chunk_that_came_free_leaves_its_growth_to_the_next_request(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Row 3 of issue 13 (box-ledger writes): gw0 and gw1 hold the pool's two chunks; gw2 asks,
+    # and the pool grows. gw0's test ends before the box answers: gw2 gets its chunk, and gw0's
+    # next test waits for the growth under way instead of asking the box for one more.
+    box = FakeBox(usable=20 * GiB)
+    run = Run(monkeypatch, box, workers=3)
+    held = [(conn, run.acquire(conn, GiB, f"t-{conn}")) for conn in (0, 1)]
+    assert run.engine.pool.held(UUID) == 2 * GiB and len(box.given_back) == 0
+    assert run.acquire(2, GiB, "t-2", settle=False) is None
+    assert [j.size for j in box.jobs] == [GiB]
+    run.engine.release(0, str(held[0][1]))
+    assert run.granted(2, 6) is not None
+    assert run.acquire(0, GiB, "t-0-next", settle=False) is None
+    assert [j.size for j in box.jobs] == [GiB], "a second growth for what the first brings"
+    run.step()
+    assert run.granted(0, 7) is not None
+    assert run.engine.pool.held(UUID) == 3 * GiB and box.given_back == []
+
+
+def _spare_chunk_and_an_orphan(run: Run) -> None:
+    """gw1 asks while gw0 holds the pool's one chunk; gw0's test ends before the box answers, so
+    gw1 gets the chunk and its growth goes on without it (an orphan); then gw1's test ends."""
+    first = run.acquire(0, GiB, "t-0")
+    assert run.acquire(1, GiB, "t-1", settle=False) is None
+    run.engine.release(0, str(first))
+    second = run.granted(1, 4)
+    assert second is not None
+    run.engine.release(1, second)
+
+
+def test_a_growth_that_the_box_grants_at_once_keeps_the_chunks_it_did_not_need(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A young orphan keeps the pool's spare chunks: the box grants it in a moment, and giving
+    # them back would only make the pool grow again (two box-ledger writes).
+    box = FakeBox(usable=20 * GiB)
+    run = Run(monkeypatch, box, workers=2)
+    _spare_chunk_and_an_orphan(run)
+    run.engine.tick(run.now)
+    assert box.given_back == [], "a young orphan's spare chunk went back"
+    run.step()  # the box grants the orphan
+    assert run.engine.pool.held(UUID) == 2 * GiB and box.given_back == []
+
+
+def test_a_growth_that_waits_in_the_box_gets_the_chunks_it_did_not_need_given_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The same orphan in a box that another session fills: once it has waited PATIENCE_S, the
+    # pool's spare chunk goes back (the box grants the oldest growth first: the hung runs).
+    box = FakeBox(usable=20 * GiB)
+    run = Run(monkeypatch, box, workers=2)
+    box.others = box.free() - GiB  # room for gw0's chunk only
+    _spare_chunk_and_an_orphan(run)
+    run.step(PATIENCE_S / 2)
+    assert box.given_back == []
+    run.step(PATIENCE_S)
+    assert box.given_back == [GiB]

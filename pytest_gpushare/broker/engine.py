@@ -40,7 +40,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from pytest_gpushare.broker.box import Box, Done, Watched
-from pytest_gpushare.broker.giveback import LINGER_S, WATCH_S, GiveBack, over_asked
+from pytest_gpushare.broker.giveback import LINGER_S, PATIENCE_S, WATCH_S, GiveBack, growths_bring
 from pytest_gpushare.broker.pool import Ask, Pool
 from pytest_gpushare.broker.protocol import (
     Acquire,
@@ -83,6 +83,7 @@ class Engine:
         fair_after: float,
         linger_s: float = LINGER_S,
         watch_s: float = WATCH_S,
+        patience_s: float = PATIENCE_S,
         publish_s: float = PUBLISH_S,
     ) -> None:
         self._box = box
@@ -90,7 +91,7 @@ class Engine:
         self._context_bytes = context_bytes
         self._gpus = {g.uuid: g for g in box.gpus}
         self._pool = Pool(box.gpus, policy=policy, fair_after=fair_after)
-        self._giveback = GiveBack(self._pool, box, linger_s=linger_s, watch_s=watch_s)
+        self._giveback = GiveBack(self._pool, box, linger_s=linger_s, watch_s=watch_s, patience_s=patience_s)
         self._publish_s = publish_s
         self._workers: dict[int, Worker] = {}
         self._queue: list[Pending] = []  # waiting requests, oldest first
@@ -285,7 +286,8 @@ class Engine:
         """Time out requests, give spare memory back, watch, publish; when to tick again."""
         wake: list[float] = []
         self._expire(now, wake)
-        self._shrink(now, wake)
+        if self._giveback.tick(now, wake, self._queue, self._growths.values()):
+            self._changed = True
         self._read_slots(now, wake)
         if self._changed:
             if now >= self._published + self._publish_s:
@@ -309,13 +311,6 @@ class Engine:
                 f" ({'; '.join(lines)})"
             )
             self._refuse(p, "timeout", message, waited, self._pool.holders(p.candidates))
-
-    def _shrink(self, now: float, wake: list[float]) -> None:
-        direct = {u for p in self._queue if p.direct for u in p.candidates}
-        waited_on = {u for p in self._queue if not p.direct for u in p.candidates}
-        over = over_asked(self._pool, self._growths.values())
-        if self._giveback.tick(now, wake, urgent=direct, waited_on=waited_on, over=over):
-            self._changed = True
 
     # --- routes -------------------------------------------------------------------------------------
 
@@ -374,12 +369,15 @@ class Engine:
         timeout = -1.0 if math.isinf(p.deadline) else p.deadline - now
         if timeout < 0 and not math.isinf(p.deadline):
             return  # its deadline has passed: the next tick refuses it
-        p.job = True
         w = p.worker
         if p.direct:
+            p.job = True
             self._box.direct(p.ask.ticket, w.conn, w.worker_id, p.ask.need, p.ask.test_id, timeout)
             return
         uuids = [u for u in p.candidates if u in w.contexts]
+        if any(growths_bring(self._pool, self._growths.values(), self._queue, u) for u in uuids):
+            return  # it waits for them: each ends in done(), which examines the queue again
+        p.job = True
         size = max(self._pool.shortfall(p.ask, u) for u in uuids)
         if size == 0:  # only fairness holds it back: grow by what it needs, so both can run
             size = max(p.ask.need.mem.resolve(self._gpus[u].total_bytes) for u in uuids)

@@ -9,31 +9,38 @@ and growing again (each is a box-ledger write).
 
 Sooner, at once, go the chunks that no lease needs *now* on a GPU where another session waits,
 or where a request of ours passed through to the box waits (our own pool must not block it).
-On a GPU where the pool grows, the pool keeps of its spare chunks what the request of the
-oldest growth under way lacks besides it, and the rest goes at once (:func:`over_asked`,
+On a GPU where the pool grows and the oldest growth under way has waited in the box for
+``patience_s`` (default :data:`PATIENCE_S`), the pool keeps of its spare chunks what that
+growth's request lacks besides it, and the rest goes at once (:func:`over_asked`,
 :meth:`Pool.take_unneeded`); all of them while that growth's request is gone (it was served
 meanwhile: the box cannot take a growth back). The box grants that growth first, and a growth's
 size is fixed when it is asked for: once tests end meanwhile (or when only the fairness among
 waiters held its request back) it asks for more than the pool lacks, and the box, full of the
 pool's idle chunks, would never grant it nor any younger one. Where no spare chunk is small
-enough, the smallest goes, and a request still short once its growth comes asks again.
+enough, the smallest goes, and a request still short once its growth comes asks again. A growth
+younger than ``patience_s`` is most likely being granted (the box had the memory): giving a
+chunk back for it then only made the pool grow again a moment later, two box-ledger writes for
+nothing (issue 13, row 3: with 8 workers, most of the session's writes).
 Whether another session waits is asked of the box (:meth:`Box.watch`, off this thread) every
 ``watch_s`` (default :data:`WATCH_S`) while some GPU has had spare memory that long.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Collection, Iterable
 
 from pytest_gpushare.broker.box import Box
 from pytest_gpushare.broker.pool import Pool
-from pytest_gpushare.broker.state import Growth
+from pytest_gpushare.broker.state import Growth, Pending
 
-__all__ = ["LINGER_S", "WATCH_S", "GiveBack", "over_asked"]
+__all__ = ["LINGER_S", "PATIENCE_S", "WATCH_S", "GiveBack", "growths_bring", "over_asked"]
 
 #: The window: memory that no test of the session used for a window of this long and the next
 #: goes back to the box (within ``2 * LINGER_S`` of its last use when no other session waits).
 LINGER_S = 1.0
+#: A growth under way this long waits in the box: only then do the chunks it does not need go
+#: back for it (a free box grants one in about a millisecond, a loaded one in tens).
+PATIENCE_S = 0.1
 #: While spare memory lingers, the box ledger is asked this often whether another session waits.
 WATCH_S = 0.1
 
@@ -41,11 +48,12 @@ WATCH_S = 0.1
 class GiveBack:
     """The give-back policy over ``pool``; releases go through ``box`` (queued, never waited for)."""
 
-    def __init__(self, pool: Pool, box: Box, *, linger_s: float, watch_s: float) -> None:
+    def __init__(self, pool: Pool, box: Box, *, linger_s: float, watch_s: float, patience_s: float) -> None:
         self._pool = pool
         self._box = box
         self._linger_s = linger_s
         self._watch_s = watch_s
+        self._patience_s = patience_s
         self._window_start = 0.0
         self._spare_since: dict[str, float] = {}  # GPUs with spare memory now, since when
         self._others: set[str] = set()  # GPUs where the last watch saw another session wait
@@ -58,18 +66,14 @@ class GiveBack:
         self._others = set(uuids)
 
     def tick(
-        self,
-        now: float,
-        wake: list[float],
-        *,
-        urgent: Collection[str],
-        waited_on: Collection[str],
-        over: Mapping[str, int],
+        self, now: float, wake: list[float], queue: Collection[Pending], growths: Iterable[Growth]
     ) -> bool:
-        """Give back what is due; ``urgent``: GPUs where a pass-through of ours waits,
-        ``waited_on``: GPUs where a request of ours waits for the pool, ``over``: by how many
-        bytes the growths under way for those exceed what the pool lacks (:meth:`Pool.take_unneeded`).
-        Appends to ``wake`` when to tick again; True if anything was given back."""
+        """Give back what is due, with the session's waiting requests (``queue``) and its
+        growths under way in the box. Appends to ``wake`` when to tick again; True if anything
+        was given back."""
+        urgent = {u for p in queue if p.direct for u in p.candidates}  # a pass-through waits there
+        waited_on = {u for p in queue if not p.direct for u in p.candidates}
+        over = over_asked(self._pool, growths, now, self._patience_s, wake)
         gave = False
         for uuid, most in over.items():
             if most > 0 and uuid not in urgent:
@@ -111,18 +115,40 @@ class GiveBack:
             wake.append(max(self._next_watch, min(self._spare_since.values()) + self._watch_s))
 
 
-def over_asked(pool: Pool, growths: Iterable[Growth]) -> dict[str, int]:
-    """For each GPU where the pool grows, the bytes of its spare memory that the oldest growth
-    under way there does not need: how much it asked for beyond what its request's pool lacks
-    now (all of it for an orphan, whose request is gone). Tests that ended since it was asked
-    for, or a request that only the fairness among waiters held back, make it ask for more than
-    the pool lacks, and the box grants the oldest growth first (younger ones wait for it once
-    it has waited ``FAIR_AFTER_S``): this much may go back without leaving it short."""
+def over_asked(
+    pool: Pool, growths: Iterable[Growth], now: float, patience_s: float, wake: list[float]
+) -> dict[str, int]:
+    """For each GPU where the oldest growth under way has waited ``patience_s`` or more, the
+    bytes of the pool's spare memory that it does not need: how much it asked for beyond what
+    its request's pool lacks now (all of it for an orphan, whose request is gone). Tests that
+    ended since it was asked for, or a request that only the fairness among waiters held back,
+    make it ask for more than the pool lacks, and the box grants the oldest growth first
+    (younger ones wait for it once it has waited ``FAIR_AFTER_S``): this much may go back
+    without leaving it short. Appends to ``wake`` when a younger oldest growth comes of age."""
     oldest: dict[str, Growth] = {}
     for g in growths:
         for u in g.uuids:
             if u not in oldest or g.asked_at < oldest[u].asked_at:
                 oldest[u] = g
-    return {
-        u: pool.held(u) if g.ask is None else g.size - pool.shortfall(g.ask, u) for u, g in oldest.items()
-    }
+    over = {}
+    for u, g in oldest.items():
+        if now - g.asked_at < patience_s:
+            wake.append(g.asked_at + patience_s)
+        else:
+            over[u] = pool.held(u) if g.ask is None else g.size - pool.shortfall(g.ask, u)
+    return over
+
+
+def growths_bring(pool: Pool, growths: Iterable[Growth], queue: Iterable[Pending], uuid: str) -> bool:
+    """Whether the growths under way on the GPU bring what the requests of ``queue`` that wait
+    for its pool lack: a request then waits for them rather than grow the pool itself. With several workers
+    asking at once (a session's start, a recall), one growth per request grew the pool by a
+    chunk for each while the chunks of the others served them, each chunk a box-ledger write to
+    take and one to give back (issue 13, row 3). A growth that the box places on another of its
+    GPUs only makes a request ask later: each growth ends in the engine's ``done``, which
+    examines the waiting requests again."""
+    coming = sum(g.size for g in growths if uuid in g.uuids)
+    if not coming:
+        return False
+    wanted = sum(pool.want(p.ask, uuid) for p in queue if not p.direct and uuid in p.candidates)
+    return pool.held(uuid) + coming >= pool.used(uuid) + wanted

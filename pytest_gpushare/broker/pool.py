@@ -220,11 +220,14 @@ class Pool:
             self._changed.add(uuid)
         return True
 
+    def want(self, ask: Ask, uuid: str) -> int:
+        """The bytes ``ask`` needs on the GPU."""
+        return ask.need.mem.resolve(self._gpus[uuid].total_bytes)
+
     def shortfall(self, ask: Ask, uuid: str) -> int:
         """What the GPU's pool lacks to serve ``ask`` by size (0 when only fairness holds it back)."""
         state = self._states[uuid]
-        want = ask.need.mem.resolve(self._gpus[uuid].total_bytes)
-        return max(0, state.booked() + want - state.held)
+        return max(0, state.booked() + self.want(ask, uuid) - state.held)
 
     # --- waiting -----------------------------------------------------------------------------------
 
@@ -232,12 +235,11 @@ class Pool:
         """Register ``ask`` as waiting on ``uuids``, so that once it has waited ``fair_after``
         younger requests may not take what it needs there (the ledger's fairness)."""
         for uuid in uuids:
-            want = ask.need.mem.resolve(self._gpus[uuid].total_bytes)
             waiter = Waiter(
                 ask.ticket,
                 ask.worker,
                 ask.test_id,
-                want,
+                self.want(ask, uuid),
                 context_bytes,
                 ask.need.count,
                 ask.need.exclusive,
