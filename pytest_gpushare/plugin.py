@@ -6,7 +6,7 @@
 - :mod:`~pytest_gpushare.testhooks`: the lease around each test, ``lease()``;
   :mod:`~pytest_gpushare.fixtures`: each test's state, which tests are GPU tests, the fixtures.
 - :mod:`~pytest_gpushare.summary`: the header, the waiting lines, the terminal summary, the
-  JSON report and the history of observed peaks (controller only).
+  JSON report and the history of observed peaks (controller only: workers never import it).
 
 ``--help``, ``--version`` and ``--markers`` never reach a path that starts NVML or contacts
 Ollama: nothing is computed before it is asked for, and those invocations register no part.
@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from pytest_gpushare import fixtures, hookspecs, session, summary, testhooks, workers
+from pytest_gpushare import fixtures, hookspecs, session, testhooks, workers
 from pytest_gpushare.settings.pytest_options import add_options
 
 if TYPE_CHECKING:
@@ -66,6 +66,8 @@ def pytest_configure(config: pytest.Config) -> None:
         config.pluginmanager.register(fixtures, "gpushare-fixtures")
     config.pluginmanager.register(leases, "gpushare-leases")
     if not session.is_worker(config):
+        from pytest_gpushare import summary
+
         config.pluginmanager.register(summary.Collector(config, leases.block_entries), "gpushare-summary")
 
 
@@ -73,4 +75,6 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_report_header(config: pytest.Config) -> list[str] | None:
     if session.is_worker(config):
         return None
+    from pytest_gpushare import summary
+
     return summary.report_header(config)

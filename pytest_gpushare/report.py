@@ -8,7 +8,6 @@ from typing import TYPE_CHECKING, Any
 
 from pytest_gpushare.planner import GpuPlan, Plan, WorkerCount
 from pytest_gpushare.units import format_size
-from pytest_gpushare.waits import find_waits, per_worker
 
 if TYPE_CHECKING:
     from pytest_gpushare.ollama import OllamaStatus
@@ -236,6 +235,9 @@ def summarize(
     waited = sorted((x for x in leases if x["waited_s"] >= NOTABLE_WAIT_S), key=lambda x: -x["waited_s"])
     usable = {} if plan is None else {g.gpu.uuid: g.usable_bytes for g in plan.gpus}
     context = 0 if plan is None else plan.budget.context_bytes
+    # Here and not at the top: xdist workers import this module for their header lines only.
+    from pytest_gpushare.waits import find_waits, per_worker
+
     waits = find_waits(leases, usable, context_bytes=context, finished=now)
     return {
         "leases": leases,

@@ -27,21 +27,23 @@ from typing import TYPE_CHECKING, Any, Literal, TypedDict, TypeVar, cast
 import pytest
 
 from pytest_gpushare import hookcalls, planner
-from pytest_gpushare import observations as advice
 from pytest_gpushare.credits import holder_credits
 from pytest_gpushare.entries import LeaseEntry
 from pytest_gpushare.errors import GpuShareError, LedgerError
 from pytest_gpushare.gpus import Gpu, GpuInventory, probe_for
 from pytest_gpushare.ledger import ledger_dir_for, prepare_ledger_dir
-from pytest_gpushare.ollama import OllamaStatus, attribute_held, query_ollama
 from pytest_gpushare.planner import Budget, Plan, Reservation
 from pytest_gpushare.settings import DEFAULT_SOURCE, Settings
 from pytest_gpushare.settings.pytest_options import resolve_settings
 
-if TYPE_CHECKING:  # the broker is imported only by sessions that start one
+# The broker is imported only by sessions that start one; Ollama and the history of observed
+# peaks only where a plan is made (never in a worker on this box, which receives it).
+if TYPE_CHECKING:
     from pytest_gpushare.broker import BrokerInput
+    from pytest_gpushare.ollama import OllamaStatus
 
 __all__ = [
+    "MAIN_WORKER",
     "MARKER_HELP",
     "WorkerInput",
     "WorkerOutput",
@@ -69,7 +71,7 @@ T = TypeVar("T")
 
 SETTINGS_KEY = pytest.StashKey[Settings]()
 PLAN_KEY = pytest.StashKey[Plan]()
-OLLAMA_KEY = pytest.StashKey[OllamaStatus]()
+OLLAMA_KEY = pytest.StashKey["OllamaStatus"]()
 SESSION_KEY = pytest.StashKey[str]()
 GPU_WORK_KEY = pytest.StashKey[bool]()
 OWN_TESTS_KEY = pytest.StashKey[bool]()
@@ -109,9 +111,14 @@ def is_worker(config: pytest.Config) -> bool:
     return hasattr(config, "workerinput")
 
 
+#: The worker that a lease record of the controller or of a run without xdist names.
+MAIN_WORKER = "main"
+
+
 def worker_id(config: pytest.Config) -> str:
-    """xdist's id of this worker (``gw0``), or ``main`` in the controller or a run without xdist."""
-    return str(config.workerinput["workerid"]) if is_worker(config) else "main"  # type: ignore[attr-defined]
+    """xdist's id of this worker (``gw0``), or :data:`MAIN_WORKER` in the controller or a run
+    without xdist."""
+    return str(config.workerinput["workerid"]) if is_worker(config) else MAIN_WORKER  # type: ignore[attr-defined]
 
 
 def never_plans(config: pytest.Config) -> bool:
@@ -181,6 +188,8 @@ def ollama_status(config: pytest.Config) -> OllamaStatus:
     """What Ollama holds: asked once per session by the process that plans (the controller, or a
     worker on another host), and only where the plan needs it (a box with GPUs)."""
     if OLLAMA_KEY not in config.stash:
+        from pytest_gpushare.ollama import query_ollama
+
         config.stash[OLLAMA_KEY] = query_ollama(get_settings(config).ollama, os.environ)
     return config.stash[OLLAMA_KEY]
 
@@ -295,6 +304,8 @@ def own_reservations(config: pytest.Config, gpus: tuple[Gpu, ...]) -> list[Reser
         return []
     s = get_settings(config)
     out = planner.reservations_from_sizes(s.reserve, gpus, "reserve")
+    from pytest_gpushare.ollama import attribute_held
+
     held = attribute_held(ollama_status(config), gpus).by_gpu
     out += planner.ollama_reservations(s.ollama_reserve, held, gpus)
     return out
@@ -336,7 +347,9 @@ def _budget(config: pytest.Config, notes: list[str]) -> Budget:
     s = get_settings(config)
     worker_mem = s.worker_mem_bytes
     if s.sources.get("worker_mem_bytes") == DEFAULT_SOURCE and s.worker_mem_from != "off":
-        learned = advice.budget_from_history(
+        from pytest_gpushare.observations import budget_from_history
+
+        learned = budget_from_history(
             read_history(config), s.worker_mem_from, context_fallback=s.context_mem_bytes
         )
         if learned is not None:
@@ -380,7 +393,9 @@ def read_history(config: pytest.Config) -> object:
         cache_dir = config.rootpath / os.path.expanduser(str(config.getini("cache_dir")))
     except (ValueError, KeyError):
         return None
-    path = cache_dir / "v" / advice.HISTORY_KEY
+    from pytest_gpushare.observations import HISTORY_KEY
+
+    path = cache_dir / "v" / HISTORY_KEY
     try:
         return json.loads(path.read_text("utf-8"))
     except (OSError, ValueError):

@@ -23,12 +23,33 @@ session wait past its own timeout (its workers give up :data:`GRACE_S` past thei
 
 from __future__ import annotations
 
-from pytest_gpushare.broker.client import GRACE_S, BrokerClient
-from pytest_gpushare.broker.giveback import LINGER_S
-from pytest_gpushare.broker.protocol import BrokerInput
-from pytest_gpushare.broker.server import Broker, Listener
-from pytest_gpushare.broker.status import RunningDoc, live_owner_keys, read_running
-from pytest_gpushare.errors import BrokerError, LeaseCancelled
+from typing import TYPE_CHECKING
+
+from pytest_gpushare.lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from pytest_gpushare.broker.client import GRACE_S, BrokerClient
+    from pytest_gpushare.broker.giveback import LINGER_S
+    from pytest_gpushare.broker.protocol import BrokerInput
+    from pytest_gpushare.broker.server import Broker, Listener
+    from pytest_gpushare.broker.status import RunningDoc, live_owner_keys, read_running
+    from pytest_gpushare.errors import BrokerError, LeaseCancelled
+
+#: public name -> the module that defines it. Imported on first use (PEP 562): a worker needs the
+#: client alone, the controller the server, ``gpushare status`` the running file.
+_HOMES = {
+    "GRACE_S": "pytest_gpushare.broker.client",
+    "LINGER_S": "pytest_gpushare.broker.giveback",
+    "Broker": "pytest_gpushare.broker.server",
+    "BrokerClient": "pytest_gpushare.broker.client",
+    "BrokerError": "pytest_gpushare.errors",
+    "BrokerInput": "pytest_gpushare.broker.protocol",
+    "LeaseCancelled": "pytest_gpushare.errors",
+    "Listener": "pytest_gpushare.broker.server",
+    "RunningDoc": "pytest_gpushare.broker.status",
+    "live_owner_keys": "pytest_gpushare.broker.status",
+    "read_running": "pytest_gpushare.broker.status",
+}
 
 __all__ = [
     "GRACE_S",
@@ -43,3 +64,5 @@ __all__ = [
     "live_owner_keys",
     "read_running",
 ]
+
+__getattr__, __dir__ = lazy_exports(globals(), _HOMES)
