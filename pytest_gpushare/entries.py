@@ -1,10 +1,13 @@
 """What a GPU test's reports carry to the controller: its :class:`LeaseEntry`, in two halves.
 
-The setup report carries the lease whole while the test runs, so that the controller knows what
-a worker that dies holds; the teardown report carries only what the controller does not know by
-then (:func:`teardown_entry`), and the controller merges the two (:func:`merged_entry`), then
-takes the entry off the report: pytest's terminal reporter keeps every report to the end of the
-run. A ``lease()`` block's entry travels whole in the worker's ``workeroutput``.
+xdist serialises every report of every test, so each half carries only what the controller does
+not know without it. The setup report carries the lease while the test runs, so that the
+controller knows what a worker that dies holds, in short (:func:`setup_entry`: its GPUs, wait
+and start; the test id and worker are the report's own); the teardown report carries what the
+controller does not know by then (:func:`teardown_entry`). The controller makes the lease's
+record whole again from the setup half (:func:`kept`), merges the two (:func:`merged_entry`),
+then takes the entry off the report: pytest's terminal reporter keeps every report to the end
+of the run. A ``lease()`` block's entry travels whole in the worker's ``workeroutput``.
 """
 
 from __future__ import annotations
@@ -14,14 +17,15 @@ from typing import TYPE_CHECKING, Any, TypedDict, cast
 
 if TYPE_CHECKING:
     from pytest_gpushare.observations import GpuObservation
+    from pytest_gpushare.runtime import LeaseRecord
 
 __all__ = [
-    "RELEASE_FIELDS",
     "REPORT_ATTR",
     "LeaseEntry",
     "compact_observation",
     "kept",
     "merged_entry",
+    "setup_entry",
     "teardown_entry",
 ]
 
@@ -39,28 +43,31 @@ class LeaseEntry(TypedDict, total=False):
     outcome: str
     fallback: str | None  # how a test (or lease() block) no GPU could serve ran: "skip", "cpu", "fail"
     lease: dict[str, Any]  # LeaseRecord.to_dict(); absent when no memory was leased
-    released: dict[str, Any]  # a teardown report's only word on the lease: the RELEASE_FIELDS
+    taken: list[Any]  # a setup report's only word on the lease: [[uuid, index, bytes]...], waited_s, taken_at
+    released_at: float  # a teardown report's only word on the lease (its held_s follows from it)
     observed: list[dict[str, Any]]  # what the test was seen to use, per device
     log: list[str]  # the plugin's notes on the test (waits, enforcement, ignored hook errors)
 
 
-#: What the release of a lease sets in its record's dict (``LeaseRecord.to_dict``): all that a
-#: teardown report says of a lease its setup report carried.
-RELEASE_FIELDS = ("released_at", "held_s")
+def setup_entry(record: LeaseRecord) -> LeaseEntry:
+    """A GPU test's entry on its setup report: its lease in short (``taken``), which
+    :func:`kept` makes the record's dict (``LeaseRecord.to_dict``) again. The test id and the
+    worker are the report's own, and nothing is released yet."""
+    return LeaseEntry(taken=[[list(p) for p in record.parts], round(record.waited_s, 4), record.taken_at])
 
 
 def teardown_entry(
     outcome: str | None,
     fallback: str | None,
     observed: list[dict[str, Any]],
-    lease: dict[str, Any] | None,
+    released_at: float | None,
     log: list[str],
 ) -> LeaseEntry:
-    """A GPU test's entry on its teardown report. xdist serialises every report of every test,
-    so it leaves out what the controller knows without it: an outcome of "passed" (None: every
-    phase passed, as the report says itself), no fallback, no observations, no notes, and of
-    ``lease`` (the record's dict, which the setup report carried when the lease was taken) all
-    but the :data:`RELEASE_FIELDS`, and those too where the lease was not given back."""
+    """A GPU test's entry on its teardown report. It leaves out what the controller knows
+    without it: an outcome of "passed" (None: every phase passed, as the report says itself), no
+    fallback, no observations (a test on simulated GPUs has none: the controller writes their
+    "not measurable"), no notes, and of the lease, which the setup report carried when it was
+    taken, all but when it was given back (None: it was not)."""
     entry = LeaseEntry()
     if outcome is not None:
         entry["outcome"] = outcome
@@ -68,40 +75,60 @@ def teardown_entry(
         entry["fallback"] = fallback
     if observed:
         entry["observed"] = observed
-    if lease is not None and lease["released_at"] is not None:
-        entry["released"] = {key: lease[key] for key in RELEASE_FIELDS}
+    if released_at is not None:
+        entry["released_at"] = released_at
     if log:
         entry["log"] = log
     return entry
 
 
 def merged_entry(setup: LeaseEntry | None, teardown: LeaseEntry) -> LeaseEntry:
-    """A GPU test's one entry: ``teardown`` (its teardown report's, which the function takes
-    over) with the ``lease`` of ``setup`` (its setup report's, None where it carried none: no
-    lease was taken), released as ``teardown`` says."""
-    released = teardown.pop("released", None)
+    """A GPU test's one entry: ``teardown`` (its teardown half, which the function takes over)
+    with the ``lease`` of ``setup`` (its setup half as :func:`kept` made it, None where it
+    carried none: no lease was taken), released when ``teardown`` says."""
+    released_at = teardown.pop("released_at", None)
     if setup is not None and "lease" in setup:
-        teardown["lease"] = {**setup["lease"], **(released or {})}
+        lease = teardown["lease"] = setup["lease"]
+        if released_at is not None:
+            # As LeaseRecord.to_dict rounds it, from the same two floats.
+            lease["released_at"] = released_at
+            lease["held_s"] = round(released_at - lease["taken_at"], 4)
     return teardown
 
 
-def kept(entry: LeaseEntry, test_id: str) -> LeaseEntry:
-    """A half of an entry as the controller keeps it to the end of the run: ``test_id`` (the
-    report's node id, which pytest keeps too) as its own and its lease's, and every other string
-    and every key interned (each report arrives deserialised on its own, with its own copies of
-    the same keys, uuids, worker ids and notes)."""
-    out = cast(LeaseEntry, _interned(entry))
-    out["test_id"] = test_id
-    if "lease" in out:
-        out["lease"]["test_id"] = test_id
-    return out
+def kept(entry: LeaseEntry, test_id: str, worker: str) -> LeaseEntry:
+    """A half of an entry as the controller keeps it to the end of the run, from the report of
+    ``test_id`` (the report's node id, which pytest keeps too) that ``worker`` ran: a setup
+    half's lease as its record's dict, and every other string interned (each report arrives
+    deserialised on its own, with its own copies of the same uuids and notes)."""
+    out: dict[str, Any] = {"test_id": test_id}
+    for key, value in cast(dict[str, Any], entry).items():
+        if key == "taken":
+            out["lease"] = _lease(value, test_id, worker)
+        else:
+            out[key] = value if key == "released_at" else _interned(value)
+    return cast(LeaseEntry, out)
+
+
+def _lease(taken: list[Any], test_id: str, worker: str) -> dict[str, Any]:
+    """The dict of ``LeaseRecord.to_dict`` from a setup half's ``taken``."""
+    parts, waited_s, taken_at = taken
+    return {
+        "test_id": test_id,
+        "worker": worker,
+        "gpus": [{"uuid": sys.intern(uuid), "index": index, "bytes": size} for uuid, index, size in parts],
+        "waited_s": waited_s,
+        "taken_at": taken_at,
+        "released_at": None,
+        "held_s": None,
+    }
 
 
 def _interned(value: Any) -> Any:
     if isinstance(value, str):
         return sys.intern(value)
     if isinstance(value, dict):
-        return {sys.intern(k): v if k == "test_id" else _interned(v) for k, v in value.items()}
+        return {sys.intern(k): _interned(v) for k, v in value.items()}
     if isinstance(value, list):
         return [_interned(v) for v in value]
     return value

@@ -58,6 +58,8 @@ def planning_results(
 
 def notify(pm: pytest.PytestPluginManager, name: str, log: Callable[[str], None], **kwargs: object) -> None:
     """Call observer hook ``name``; an implementation that raises goes to ``log`` and is ignored."""
+    if not getattr(pm.hook, name).get_hookimpls():
+        return  # nobody listens (the usual case: this runs twice for every GPU test)
     for plugin_name, caller in _each_plugin(pm, name):
         try:
             caller(**kwargs)

@@ -38,6 +38,9 @@ class TestNeeds:
         #: Validated markers by their arguments. Only good markers are kept; a bad one fails each
         #: test naming it.
         self._needs: dict[tuple[Any, ...], GpuNeed] = {}
+        #: The same by the marker object (a module's ``pytestmark`` is one object for all its
+        #: tests), which is kept with its need so that its id is not reused.
+        self._by_mark: dict[int, tuple[pytest.Mark, GpuNeed]] = {}
 
     def role(self, item: pytest.Item) -> Role | None:
         try:
@@ -72,6 +75,9 @@ class TestNeeds:
         default = get_settings(self.config).default_mem
         if marker is None:
             return GpuNeed(mem=default), True
+        seen = self._by_mark.get(id(marker))
+        if seen is not None and seen[0] is marker:
+            return seen[1], plugin_fixture(item)
         # Types count: True == 1, but mem=True is a bad marker where mem=1 is a good one.
         key = (
             tuple((type(a), a) for a in marker.args),
@@ -85,6 +91,7 @@ class TestNeeds:
             return need_from_marker(marker.args, dict(marker.kwargs), default, source), takes_fixture
         if need is None:
             need = self._needs[key] = need_from_marker(marker.args, dict(marker.kwargs), default, source)
+        self._by_mark[id(marker)] = (marker, need)
         return need, takes_fixture
 
     def placed(self, item: pytest.Item) -> tuple[Role, GpuNeed, bool] | None:

@@ -32,6 +32,7 @@ __all__ = [
     "GENEROUS_WASTE_BYTES",
     "HISTORY_KEY",
     "NOT_MEASURABLE",
+    "SIMULATED_NOTE",
     "GpuObservation",
     "HistoryBudget",
     "budget_from_history",
@@ -39,6 +40,7 @@ __all__ = [
     "merge_history",
     "observation_record",
     "observed_table",
+    "on_simulated",
     "parse_budget_mode",
     "run_observations",
     "suggest_mem",
@@ -81,6 +83,16 @@ class GpuObservation:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> GpuObservation:
         return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+
+
+SIMULATED_NOTE: Final = "simulated GPU: nothing to measure"
+
+
+def on_simulated(uuid: str, device: str, declared_bytes: int) -> GpuObservation:
+    """What a test used on a simulated GPU: nothing to measure (no CUDA device behind it). A test
+    that holds simulated GPUs only is not watched at all (``Grant.observable``): the controller
+    writes this for each of its GPUs."""
+    return GpuObservation(uuid, device, declared_bytes, None, NOT_MEASURABLE, note=SIMULATED_NOTE)
 
 
 # --- advice: suggested markers, over-users, generous declarations --------------------------

@@ -25,7 +25,7 @@ from typing import Final, NamedTuple, Protocol
 
 from pytest_gpushare.errors import SettingError
 from pytest_gpushare.gpus import nvml, visible
-from pytest_gpushare.observations import NOT_MEASURABLE, GpuObservation
+from pytest_gpushare.observations import NOT_MEASURABLE, GpuObservation, on_simulated
 from pytest_gpushare.threads import daemon_thread
 from pytest_gpushare.torch_cuda import initialised_cuda, release_cached, torch_peak_start, torch_peak_stop
 
@@ -377,11 +377,4 @@ class Watch:
 
 
 def _simulated(lease: LeasedDevice) -> GpuObservation:
-    return GpuObservation(
-        lease.uuid or "",
-        lease.device,
-        lease.mem,
-        None,
-        NOT_MEASURABLE,
-        note="simulated GPU: nothing to measure",
-    )
+    return on_simulated(lease.uuid or "", lease.device, lease.mem)

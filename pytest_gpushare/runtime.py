@@ -218,6 +218,12 @@ class Grant:
     released: bool = False
     need: Need | None = None  # what was asked of the lessor: a next test that asks the same may carry it
 
+    @property
+    def observable(self) -> bool:
+        """Whether it holds a real GPU, where a test's use can be observed (not only simulated
+        GPUs or the CPU)."""
+        return any(not g.is_cpu and g.uuid and not g.simulated for g in self.gpus)
+
 
 @dataclass
 class Runtime:
@@ -248,6 +254,8 @@ class Runtime:
     _opening: threading.Lock = field(default_factory=threading.Lock, repr=False)
     records: list[LeaseRecord] = field(default_factory=list)
     log: list[str] = field(default_factory=list)
+    #: What the lessor is asked for each need (:meth:`ledger_need`): asked twice per test, of few needs.
+    _asks: dict[tuple[GpuNeed, bool], Need] = field(default_factory=dict, repr=False)
 
     @property
     def ledger(self) -> Lessor:
@@ -357,11 +365,14 @@ class Runtime:
     def ledger_need(self, need: GpuNeed, *, anywhere: bool) -> Need:
         """What the lessor is asked for ``need``: a test that does not take ``gpu``/``gpus`` stays
         on the home GPU, where its memory really goes (see :meth:`acquire`)."""
-        prefer = self.visible[0] if self.visible else None
-        allowed = self.visible if anywhere or need.count > 1 or prefer is None else (prefer,)
-        return ledgers.Need(
-            mem=need.mem, count=need.count, exclusive=need.exclusive, prefer=prefer, allowed=allowed
-        )
+        found = self._asks.get((need, anywhere))
+        if found is None:
+            prefer = self.visible[0] if self.visible else None
+            allowed = self.visible if anywhere or need.count > 1 or prefer is None else (prefer,)
+            found = self._asks[need, anywhere] = ledgers.Need(
+                mem=need.mem, count=need.count, exclusive=need.exclusive, prefer=prefer, allowed=allowed
+            )
+        return found
 
     def drop_carried(self, *, unless: Need | None = None) -> None:
         """Give back a lease kept for a next test that did not take it, unless it was kept for

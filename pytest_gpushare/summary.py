@@ -31,6 +31,7 @@ from pytest_gpushare.entries import REPORT_ATTR, LeaseEntry, kept, merged_entry
 from pytest_gpushare.ollama import attribute_held
 from pytest_gpushare.planner import Plan
 from pytest_gpushare.session import (
+    MAIN_WORKER,
     env_set,
     get_plan,
     get_settings,
@@ -180,8 +181,9 @@ class Collector:
         if not isinstance(info, dict):
             return
         delattr(report, REPORT_ATTR)
-        entry = kept(cast(LeaseEntry, info), report.nodeid)
-        key = (_worker_of(report), report.nodeid)
+        worker = _worker_of(report)
+        entry = kept(cast(LeaseEntry, info), report.nodeid, worker or MAIN_WORKER)
+        key = (worker, report.nodeid)
         if report.when == "setup":
             self.running[key] = entry
             return
@@ -242,8 +244,12 @@ class Collector:
         # A run without GPU tests collected nothing: it must not plan (no NVML, no Ollama) here.
         plan = get_plan(self.config) if collected else None
         data = report.summarize(collected, self.lost + self.crashed, time.time(), plan)
-        observed = [e for e in collected if e.get("observed")]
-        records = [advice.observation_record(e["test_id"], e["observed"]) for e in observed]
+        simulated = frozenset(g.gpu.uuid for g in plan.gpus if g.gpu.simulated) if plan else frozenset()
+        records = [
+            advice.observation_record(e["test_id"], observed)
+            for e in self.collected
+            if (observed := e.get("observed") or _on_simulated(e, simulated))
+        ]
         data["observed"] = advice.observed_table(records)
         data["observed_records"] = records
         self._summary = (*seen, data)
@@ -290,6 +296,23 @@ class Collector:
     def pytest_unconfigure(self) -> None:
         if self._waiter is not None:
             self._waiter.stop()
+
+
+def _on_simulated(entry: LeaseEntry, simulated: frozenset[str]) -> list[advice.GpuObservation]:
+    """What a GPU test that held simulated GPUs only used on each: nothing to measure (its worker
+    did not watch it, and its report said nothing: ``Grant.observable``).
+    Nothing for a ``lease()`` block or a test whose worker crashed: nothing observed them."""
+    lease = entry.get("lease")
+    if lease is None or entry.get("outcome") in _UNOBSERVED or not lease["gpus"]:
+        return []
+    if not all(g["uuid"] in simulated for g in lease["gpus"]):
+        return []
+    # "cpu": the device a simulated GPU's GpuLease names (there is no CUDA device behind it).
+    return [advice.on_simulated(g["uuid"], "cpu", g["bytes"]) for g in lease["gpus"]]
+
+
+#: The outcomes of entries that are not a test's own: nothing observed them.
+_UNOBSERVED = ("lease()", "crashed")
 
 
 def _worker_of(report: object) -> str | None:

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, cast
 
 import pytest
 
-from pytest_gpushare.entries import REPORT_ATTR, LeaseEntry, compact_observation, teardown_entry
+from pytest_gpushare.entries import REPORT_ATTR, LeaseEntry, compact_observation, setup_entry, teardown_entry
 from pytest_gpushare.errors import GpuShareError, LeaseCancelled, LeaseTimeout, NeverFits, SettingError
 from pytest_gpushare.fixtures import STATE_KEY, ItemState, Role
 from pytest_gpushare.needs import TestNeeds
@@ -218,7 +218,7 @@ class LeaseHooks:
         except GpuShareError as exc:
             rt.log.append(f"{item.nodeid}: runs without a lease (the suite's own gpu marker): {exc}")
         else:
-            self.watch.begin(state.grant.gpus)
+            self._watch_begin(state.grant)
 
     def _not_run(self, state: ItemState, need: GpuNeed, why: str) -> None:
         """No GPU can ever serve this test: skip, run on CPU, or fail, per --gpushare-fallback."""
@@ -246,7 +246,13 @@ class LeaseHooks:
             else:
                 state.enforcement = result
                 self.runtime.log.extend(result.notes)
-        self.watch.begin(grant.gpus)
+        self._watch_begin(grant)
+
+    def _watch_begin(self, grant: Grant) -> None:
+        """Measure the test where it holds a real GPU: on simulated ones there is nothing to measure,
+        and the controller says so itself (observe is then never imported)."""
+        if grant.observable:
+            self.watch.begin(grant.gpus)
 
     # -- lease() blocks -----------------------------------------------------------------------
 
@@ -302,15 +308,16 @@ class LeaseHooks:
             return
         try:
             if grant.record is not None:
-                self._observe_end(state)
+                self._observe_end(state, grant)
         finally:
             then = None if grant.need is None else self.needs.asks(nextitem, rt, guest=state.guest)
             rt.release(grant, then=then)
 
-    def _observe_end(self, state: ItemState) -> None:
+    def _observe_end(self, state: ItemState, grant: Grant) -> None:
         if state.enforcement is not None:
             self.runtime.log.extend(state.enforcement.restore())
-        state.observed = [compact_observation(o) for o in self.watch.end()]
+        if grant.observable:
+            state.observed = [compact_observation(o) for o in self.watch.end()]
 
     # -- what the controller learns -----------------------------------------------------------
 
@@ -334,7 +341,7 @@ class LeaseHooks:
             if call.when == "setup" and grant.record is not None:
                 # The controller learns what the test holds before it runs: if its worker dies,
                 # the summary knows the lease it lost.
-                setattr(rep, REPORT_ATTR, LeaseEntry(lease=grant.record.to_dict()))
+                setattr(rep, REPORT_ATTR, setup_entry(grant.record))
             elif call.when == "teardown":
                 setattr(rep, REPORT_ATTR, self._entry(state, grant))
         return rep
@@ -346,8 +353,8 @@ class LeaseHooks:
         log = list(self._runtime.log) if self._runtime is not None else []
         if self._runtime is not None:
             self._runtime.log.clear()
-        lease = None if grant.record is None else grant.record.to_dict()
-        return teardown_entry(state.outcome, grant.fallback, state.observed, lease, log)
+        released_at = None if grant.record is None else grant.record.released_at
+        return teardown_entry(state.outcome, grant.fallback, state.observed, released_at, log)
 
     @pytest.hookimpl(trylast=True)
     def pytest_sessionfinish(self, session: pytest.Session) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -18,7 +19,7 @@ from conftest import wait_until
 from process_support import clean_env, run_command
 
 from pytest_gpushare import summary
-from pytest_gpushare.entries import REPORT_ATTR, LeaseEntry, teardown_entry
+from pytest_gpushare.entries import REPORT_ATTR, LeaseEntry, setup_entry, teardown_entry
 from pytest_gpushare.report import NOTABLE_WAIT_S, worker_wait_text
 from pytest_gpushare.runtime import LeaseRecord
 
@@ -145,20 +146,108 @@ def test_a_workers_wait_and_its_room_for_the_pending_test(pytester: pytest.Pytes
     assert worker_wait_text(mine["worker"], mine["waited_s"], mine["waited_with_room_s"]) in lines
 
 
-def test_no_worker_line_when_nobody_waited(pytester: pytest.Pytester, tmp_path: Path) -> None:
-    pytester.makepyfile(test_one="import pytest\n@pytest.mark.gpu(mem='1GiB')\ndef test_a(gpu): pass\n")
-    env = clean_env(GPUSHARE_LEDGER_DIR=str(tmp_path / "ledger"), GPUSHARE_OLLAMA="off")
+def _run_with_report(
+    pytester: pytest.Pytester, tmp_path: Path, simulate: str, **env: str
+) -> subprocess.CompletedProcess[str]:
+    """``pytest -n 2`` of pytester's folder on simulated GPUs, with a JSON report; it passed."""
     proc = run_command(
-        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-n", "2", "--gpushare-simulate=8GiB",
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-n", "2", f"--gpushare-simulate={simulate}",
          "--gpushare-report=report.json"],
         cwd=pytester.path,
-        env=env,
+        env=clean_env(GPUSHARE_LEDGER_DIR=str(tmp_path / "ledger"), GPUSHARE_OLLAMA="off", **env),
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout
+    return proc
+
+
+def test_no_worker_line_when_nobody_waited(pytester: pytest.Pytester, tmp_path: Path) -> None:
+    pytester.makepyfile(test_one="import pytest\n@pytest.mark.gpu(mem='1GiB')\ndef test_a(gpu): pass\n")
+    proc = _run_with_report(pytester, tmp_path, "8GiB")
     assert "gpushare" in proc.stdout and "1 lease(s)" in proc.stdout
     assert " for memory, " not in proc.stdout
     (worker,) = json.loads((pytester.path / "report.json").read_text())["workers"]
     assert worker["waited_s"] < NOTABLE_WAIT_S and worker["waited_with_room_s"] <= worker["waited_s"]
+
+
+SIMULATED_CONFTEST = """
+import json, os, sys, pytest
+from pytest_gpushare import lease
+
+OUT = os.environ["OUT"]
+
+@pytest.fixture(scope="session")
+def block():
+    with lease(mem="1GiB"):
+        yield
+
+def pytest_runtest_logreport(report):
+    # Before the plugin's own (trylast) takes the entry off: what each report carries.
+    entry = getattr(report, "gpushare", None)
+    if entry is not None:
+        with open(os.path.join(OUT, "entries.jsonl"), "a") as f:
+            f.write(json.dumps(entry) + "\\n")
+
+def pytest_sessionfinish(session):
+    if hasattr(session.config, "workerinput"):
+        with open(os.path.join(OUT, f"modules-{os.getpid()}.json"), "w") as f:
+            json.dump([m for m in sys.modules if m.startswith("pytest_gpushare")], f)
+"""
+
+SIMULATED_TESTS = """
+import pytest
+
+@pytest.mark.gpu(mem="2GiB")
+def test_marker():
+    pass
+
+@pytest.mark.gpu(mem="512MiB")
+def test_fixture(gpu):
+    pass
+
+@pytest.mark.gpu(mem="1GiB", count=2)
+def test_two(gpus, block):
+    pass
+"""
+
+
+def test_tests_on_simulated_gpus_are_not_watched_and_the_report_still_says_not_measurable(
+    pytester: pytest.Pytester, tmp_path: Path
+) -> None:
+    """Nothing can be measured on a simulated GPU: the workers do not watch the tests (observe is
+    never imported) and their reports say nothing of it; the controller writes each GPU test's
+    "not measurable" row itself, as a worker's watch would have (no row for a lease() block)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    pytester.makeconftest(SIMULATED_CONFTEST)
+    pytester.makepyfile(test_sim=SIMULATED_TESTS)
+    proc = _run_with_report(pytester, tmp_path, "2x8GiB", OUT=str(out))
+    assert "not measurable" not in proc.stdout  # the summary hides it on simulated GPUs, as before
+    report = json.loads((pytester.path / "report.json").read_text())
+    rows = {r["test_id"].split("::")[-1]: r for r in report["observed"]}
+    declared = {"test_marker": 2 * 2**30, "test_fixture": 2**29, "test_two": 2**30}
+    assert {t: r["declared_bytes"] for t, r in rows.items()} == declared
+    assert all((r["verdict"], r["observed_bytes"]) == ("not measurable", None) for r in rows.values())
+    entries = [json.loads(line) for line in (out / "entries.jsonl").read_text().splitlines()]
+    assert len(entries) >= 6 and not any("observed" in e for e in entries)
+    modules = [json.loads(p.read_text()) for p in out.glob("modules-*.json")]
+    assert modules and not any("pytest_gpushare.observe" in m for m in modules)
+
+
+def test_the_controller_writes_a_simulated_gpus_observations_as_a_watch_would() -> None:
+    """What the controller writes for a test on simulated GPUs is the watch's own "not measurable"."""
+    from pytest_gpushare.observations import observation_record, on_simulated
+    from pytest_gpushare.observe import Watch
+    from pytest_gpushare.runtime import GpuLease
+
+    leases = [
+        GpuLease("cpu", i, f"GPU-{i}", "Simulated GPU", 2**30, 8 * 2**30, False, simulated=True)
+        for i in (0, 1)
+    ]
+    watch = Watch(0)
+    watch.begin(leases)
+    watched = observation_record("t.py::test_a", watch.end())
+    written = observation_record("t.py::test_a", [on_simulated(f"GPU-{i}", "cpu", 2**30) for i in (0, 1)])
+    assert written == watched
 
 
 # --- each GPU test's entry, from its setup and teardown reports ---------------------------------
@@ -180,23 +269,21 @@ def _collector() -> summary.Collector:
 
 def _halves(record: LeaseRecord, released_at: float, **teardown: Any) -> tuple[LeaseEntry, LeaseEntry]:
     """The entries of a test's setup and teardown reports, as testhooks.py makes them."""
-    setup = LeaseEntry(lease=record.to_dict())
+    setup = setup_entry(record)
     record.released_at = released_at
     args = {"outcome": None, "fallback": None, "observed": [], "log": [], **teardown}
-    return setup, teardown_entry(lease=record.to_dict(), **args)
+    return setup, teardown_entry(released_at=record.released_at, **args)
 
 
-def test_a_teardown_report_carries_only_what_the_setup_report_did_not() -> None:
-    record = LeaseRecord("t.py::test_a", "gw0", [("GPU-1", 0, 2**30)], 0.25, 100.0)
-    _, teardown = _halves(record, 101.5, outcome="failed", log=["a note"])
-    released = {"released_at": 101.5, "held_s": 1.5}
-    assert teardown == {"outcome": "failed", "released": released, "log": ["a note"]}
+def test_each_report_carries_only_what_the_controller_does_not_know_by_then() -> None:
+    record = LeaseRecord("t.py::test_a", "gw0", [("GPU-1", 0, 2**30)], 0.25004, 100.0)
+    setup, teardown = _halves(record, 101.5, outcome="failed", log=["a note"])
+    # The setup half: the lease's GPUs, wait and start; the test id and worker are the report's.
+    assert setup == {"taken": [[["GPU-1", 0, 2**30]], 0.25, 100.0]}
+    assert teardown == {"outcome": "failed", "released_at": 101.5, "log": ["a note"]}
     # Neither half of a passed test that took no lease says anything (a CPU fallback says so).
     assert teardown_entry(None, None, [], None, []) == {}
     assert teardown_entry(None, "cpu", [], None, []) == {"fallback": "cpu"}
-    # A lease whose release failed adds nothing: the setup report's says "not given back".
-    unreleased = LeaseRecord("t.py::test_b", "gw0", [("GPU-1", 0, 2**30)], 0.0, 100.0).to_dict()
-    assert teardown_entry(None, None, [], unreleased, []) == {}
 
 
 def test_the_controller_keeps_one_entry_per_test_and_takes_it_off_both_reports() -> None:
