@@ -5,8 +5,9 @@ memory holds the tests queued behind it. Here the controller sends each worker o
 fit beside what the other workers may hold, larger and longer first (docs/concepts/dispatch.rst).
 
 From the bottom up: :mod:`.order` (what a test takes, which goes first), :mod:`.fit` (what each
-worker may hold), :mod:`.dispatcher` (the decisions; these three are pure), :mod:`.needs` (the
-file in which a worker reports its tests' needs) and :mod:`.scheduling` (xdist's scheduler,
+worker may hold, and when), :mod:`.queues` (what each worker was sent), :mod:`.dispatcher` (the
+decisions), :mod:`.plan` (how many workers run GPU tests; these five are pure), :mod:`.needs`
+(the file in which a worker reports its tests' needs) and :mod:`.scheduling` (xdist's scheduler,
 imported only where xdist runs; ``pytest_gpushare.workers`` makes it).
 """
 

@@ -6,7 +6,13 @@ scheduler calls. See docs/concepts/dispatch.rst for the reasoning.
 
 * **Order.** Pending tests wait in one line per distinct :class:`~.order.Demand` (a *class*),
   longest first; a worker is offered the classes heaviest head first (:func:`~.order.weight`).
-* **Fit.** A test goes to a worker only if it fits the worker's holds (:class:`~.fit.Holds`).
+* **Fit.** A test goes to a worker only if, over the window in which the worker is expected to
+  run it (after the tests queued ahead of it, from their durations), it fits beside what the
+  workers are expected to hold then (:class:`~.fit.Timeline`); a test of unknown duration, and
+  what is queued behind it, counts from its earliest start until it completes (the holds).
+* **GPU workers.** Only the workers added with ``gpu=True`` are sent GPU tests; the others run
+  tests without GPU work (a worker that leases nothing books no CUDA context: see
+  :mod:`~.plan`).
 * **Depth.** A worker is filled to two tests (xdist's worker cannot start a test before it has
   the next one), and beyond that while its queue is expected to take less than
   :data:`LOOKAHEAD_S`, up to xdist's own high-water mark (at least three), so that very short
@@ -21,21 +27,22 @@ scheduler calls. See docs/concepts/dispatch.rst for the reasoning.
   it would have fitted but for what workers holding less than it hold) for
   :data:`STARVE_S` is *reserved*: its room on the GPUs it will use is kept until one of its
   tests is sent. Other workers there are sent only what fits beside it, or what is smaller than
-  what they hold (so their holds shrink as their queues run). A worker holds at least the test
-  it holds next, so should every worker stall before the room is free (its need does not fit
-  beside the others' smallest tests), the reservation is given up for another STARVE_S.
+  what they hold and fits without it (so their holds shrink as their queues run). A worker
+  holds at least the test it holds next, so should every worker stall before the room is free
+  (its need does not fit beside the others' smallest tests), the reservation is given up for
+  another STARVE_S.
 """
 
 from __future__ import annotations
 
 import bisect
-from collections import deque
 from collections.abc import Collection, Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from pytest_gpushare.dispatch.fit import Holds
+from pytest_gpushare.dispatch.fit import Holds, Parts, Timeline
 from pytest_gpushare.dispatch.order import Demand, guess_duration, weight
+from pytest_gpushare.dispatch.queues import Sent, WorkerQueue
 
 __all__ = ["LOOKAHEAD_S", "STARVE_S", "Dispatcher"]
 
@@ -45,23 +52,6 @@ STARVE_S = 2.0
 LOOKAHEAD_S = 0.5
 
 W = TypeVar("W", bound=Hashable)
-Parts = tuple[tuple[str, int], ...]
-
-
-@dataclass(frozen=True)
-class _Sent:
-    index: int
-    parts: Parts
-    duration: float
-    forced: bool = False  # sent although it did not fit: it may wait for memory
-
-
-@dataclass
-class _Worker:
-    home: str | None
-    queue: deque[_Sent] = field(default_factory=deque)
-    queued_s: float = 0.0  # the expected duration of the whole queue
-    closing: bool = False  # told to shut down: it is sent nothing more
 
 
 @dataclass(eq=False)
@@ -102,6 +92,9 @@ class Dispatcher(Generic[W]):
         lookahead: float = LOOKAHEAD_S,
     ) -> None:
         self._holds: Holds[W] = Holds(rooms)
+        self._timeline: Timeline[W] = Timeline(rooms)
+        self._stale: set[W] = set()  # workers whose lane is to be worked out again
+        self._now: float | None = None  # the clock when the lanes were worked out
         guess = guess_duration(d for d in durations if d is not None)
         self._durations = [guess if d is None else d for d in durations]
         self._unknown = [d is None for d in durations]
@@ -109,7 +102,7 @@ class Dispatcher(Generic[W]):
         self._guess = guess
         self._starve_after = starve_after
         self._lookahead = lookahead
-        self._workers: dict[W, _Worker] = {}
+        self._workers: dict[W, WorkerQueue] = {}
         self._reserved: _Reservation | None = None
         self._class_of: list[_Class] = []
         classes: dict[Demand, _Class] = {}
@@ -127,18 +120,28 @@ class Dispatcher(Generic[W]):
 
     # --- workers -----------------------------------------------------------------------------
 
-    def add_worker(self, worker: W, home: str | None) -> None:
-        self._workers[worker] = _Worker(home if home in self._holds.rooms else None)
+    def add_worker(self, worker: W, home: str | None, *, gpu: bool = True) -> None:
+        """A worker at ``home`` (a GPU uuid); ``gpu``: it is sent GPU tests, else only tests
+        without GPU work."""
+        self._workers[worker] = WorkerQueue(home if home in self._holds.rooms else None, gpu)
+        self._stale.add(worker)
+
+    def gpu_workers_at(self, home: str | None) -> int:
+        """How many workers at ``home`` are sent GPU tests."""
+        return sum(1 for s in self._workers.values() if s.gpu and s.home == home)
 
     def close(self, worker: W) -> None:
         """``worker`` was told to shut down: it runs what it has and is sent nothing more."""
         self._workers[worker].closing = True
+        self._stale.add(worker)
 
     def remove_worker(self, worker: W) -> int | None:
         """``worker`` is gone. Its first unfinished test (the one it was running when it died) is
         returned; the others wait again."""
         state = self._workers.pop(worker)
         self._holds.forget(worker)
+        self._timeline.forget(worker)
+        self._stale.discard(worker)
         if not state.queue:
             return None
         crashed = state.queue.popleft()
@@ -148,6 +151,11 @@ class Dispatcher(Generic[W]):
 
     def queue(self, worker: W) -> list[int]:
         return [s.index for s in self._workers[worker].queue]
+
+    def head(self, worker: W) -> tuple[int, Parts] | None:
+        """``worker``'s first test and where it was placed (``(uuid, bytes)`` parts), if any."""
+        queue = self._workers[worker].queue
+        return (queue[0].index, queue[0].parts) if queue else None
 
     def hungry(self, exclude: Collection[W] = ()) -> list[W]:
         """The workers (not closing, not in ``exclude``) that would take more tests."""
@@ -219,20 +227,22 @@ class Dispatcher(Generic[W]):
                 self._reserved.cls.passed_since = now
                 self._reserved = None
                 sent += self._fill_fitting(worker, state, now)
-            if len(state.queue) == 1 and self.pending:
-                sent.append(self._send(worker, state, *self._stall_pick(worker, state), forced=True))
+            picked = self._stall_pick(worker, state) if len(state.queue) == 1 and self.pending else None
+            if picked is not None:
+                sent.append(self._send(worker, state, *picked, forced=True))
         return sent
 
-    def _fill_fitting(self, worker: W, state: _Worker, now: float, limit: int | None = None) -> list[int]:
+    def _fill_fitting(self, worker: W, state: WorkerQueue, now: float, limit: int | None = None) -> list[int]:
         sent: list[int] = []
         while self.pending and self._wants_more(state) and (limit is None or len(sent) < limit):
+            self._refresh_lanes(now)
             chosen = self._best(worker, state, now)
             if chosen is None:
                 break
             sent.append(self._send(worker, state, *chosen))
         return sent
 
-    def _wants_more(self, state: _Worker, *, low: bool = False) -> bool:
+    def _wants_more(self, state: WorkerQueue, *, low: bool = False) -> bool:
         """Whether ``state``'s queue is below its depth (``low``: below half the lookahead, when
         a refill starts: short tests then go out in batches, as xdist's load sends them)."""
         if state.closing:
@@ -243,7 +253,7 @@ class Dispatcher(Generic[W]):
         high = max(3, self.pending // max(1, len(self._workers)) // 2)
         return depth < high and state.queued_s < (self._lookahead / 2 if low else self._lookahead)
 
-    def _best(self, worker: W, state: _Worker, now: float) -> tuple[_Class, Parts] | None:
+    def _best(self, worker: W, state: WorkerQueue, now: float) -> tuple[_Class, Parts] | None:
         """The heaviest class whose head fits ``worker``; classes above it that did not fit
         have been passed over from now on."""
         skipped: list[_Class] = []
@@ -254,10 +264,11 @@ class Dispatcher(Generic[W]):
                     if other.passed_since is None and self._kept_out_by_smaller(state, other):
                         other.passed_since = now
                 return cls, parts
-            skipped.append(cls)
+            if state.gpu or not cls.demand.count:  # not sent a GPU test at all: not passed over
+                skipped.append(cls)
         return None
 
-    def _kept_out_by_smaller(self, state: _Worker, cls: _Class) -> bool:
+    def _kept_out_by_smaller(self, state: WorkerQueue, cls: _Class) -> bool:
         """Whether ``cls``'s head would fit on a GPU it may use if the workers that hold less
         than it there gave their room up: then smaller tests keep it out (it is passed over);
         otherwise larger ones do, and waiting for them is its place in line."""
@@ -277,21 +288,24 @@ class Dispatcher(Generic[W]):
         live.sort(key=lambda c: c.head_weight(self._durations), reverse=True)
         yield from live
 
-    def _stall_pick(self, worker: W, state: _Worker) -> tuple[_Class, Parts]:
+    def _stall_pick(self, worker: W, state: WorkerQueue) -> tuple[_Class, Parts] | None:
         """For a worker left with one test when nothing fits and nothing runs anywhere: the
-        smallest pending test."""
-        cls = min((c for c in self._classes if c.tests), key=lambda c: c.demand.largest)
+        smallest pending test it may run (None: none, it runs no GPU tests)."""
+        allowed = [c for c in self._classes if c.tests and (state.gpu or not c.demand.count)]
+        if not allowed:
+            return None
+        cls = min(allowed, key=lambda c: c.demand.largest)
         parts = self._place(worker, state, cls, fitting=False)
         assert parts is not None  # placed without fitting: always somewhere
         return cls, parts
 
-    def _send(self, worker: W, state: _Worker, cls: _Class, parts: Parts, *, forced: bool = False) -> int:
+    def _send(self, worker: W, state: WorkerQueue, cls: _Class, parts: Parts, *, forced: bool = False) -> int:
         index = cls.tests.pop()
         self.pending -= 1
-        duration = self._guess if self._unknown[index] else self._durations[index]
-        state.queue.append(_Sent(index, parts, duration, forced))
-        state.queued_s += duration
+        known = not self._unknown[index]
+        state.append(Sent(index, parts, self._durations[index] if known else self._guess, known, forced))
         self._holds.add(worker, parts)
+        self._stale.add(worker)
         cls.passed_since = None
         if self._reserved is not None and (self._reserved.cls is cls or not self._reserved.cls.tests):
             self._reserved = None
@@ -299,36 +313,60 @@ class Dispatcher(Generic[W]):
 
     # --- placing -----------------------------------------------------------------------------
 
-    def _place(self, worker: W, state: _Worker, cls: _Class, *, fitting: bool) -> Parts | None:
+    def _place(self, worker: W, state: WorkerQueue, cls: _Class, *, fitting: bool) -> Parts | None:
         """Where ``cls``'s head would go on ``worker``: ``(uuid, bytes)`` parts (empty: no GPU
         memory that dispatch models), or None when it does not fit (``fitting``)."""
         d = cls.demand
         if d.count == 0:
             return ()
+        if not state.gpu:
+            return None
         kept = self._kept_for_others(cls)
+        window = self._window(worker, cls) if fitting else (0.0, 0.0)
         if d.count == 1 and not d.anywhere:
             home = state.home
             if home is None or not d.on(home):
                 return ()
-            ok = not fitting or self._fits(worker, home, d.on(home), kept.get(home, 0))
+            ok = not fitting or self._fits(worker, home, d.on(home), kept.get(home, 0), window)
             return ((home, d.on(home)),) if ok else None
         chosen = [
             u
             for u in self._by_room(state.home, kept)
-            if d.on(u) and (not fitting or self._fits(worker, u, d.on(u), kept.get(u, 0)))
+            if d.on(u) and (not fitting or self._fits(worker, u, d.on(u), kept.get(u, 0), window))
         ][: d.count]
         if fitting and len(chosen) < d.count:
             return None
         return tuple((u, d.on(u)) for u in chosen)
 
-    def _fits(self, worker: W, uuid: str, need: int, kept: int) -> bool:
-        """Whether ``worker`` may be sent ``need`` bytes on ``uuid`` with ``kept`` bytes held back
-        there for a reserved test: it fits beside it, or it is smaller than what the worker
-        holds there (it takes no room; once the larger tests ahead of it end, the worker holds
-        less, which is how a reservation's room is freed)."""
-        if self._holds.fits(worker, uuid, need, kept):
+    def _fits(self, worker: W, uuid: str, need: int, kept: int, window: tuple[float, float]) -> bool:
+        """Whether ``worker`` may be sent ``need`` bytes on ``uuid`` to run over ``window`` with
+        ``kept`` bytes held back there for a reserved test: it fits beside it, or it is smaller
+        than what the worker holds there and fits without it (it raises no hold; once the larger
+        tests ahead of it end, the worker holds less, which is how a reservation's room is
+        freed)."""
+        timeline = self._timeline
+        if timeline.fits(worker, uuid, window, need, kept):
             return True
-        return kept > 0 and need < self._holds.hold(worker, uuid) and self._holds.fits(worker, uuid, need)
+        return (
+            kept > 0 and need < self._holds.hold(worker, uuid) and timeline.fits(worker, uuid, window, need)
+        )
+
+    def _window(self, worker: W, cls: _Class) -> tuple[float, float]:
+        """When ``worker`` is expected to run ``cls``'s head if it is sent it now."""
+        index = cls.tests[-1]
+        found = self._timeline.lane_of(worker)
+        assert found is not None  # the lanes are worked out before each choice
+        return found.window(None if self._unknown[index] else self._durations[index])
+
+    def _refresh_lanes(self, now: float) -> None:
+        """Work out again the lanes of the workers whose queue changed, of all when the clock moved
+        (a running test's expected end, and with it what follows, depends on it)."""
+        if now != self._now:
+            self._now = now
+            self._stale.update(self._workers)
+        for worker in self._stale:
+            self._timeline.set(worker, self._workers[worker].lane(now))
+        self._stale.clear()
 
     def _by_room(self, home: str | None, kept: Mapping[str, int]) -> list[str]:
         """The GPUs, the home first, then those with the most room left."""
@@ -353,7 +391,7 @@ class Dispatcher(Generic[W]):
         cls = min(starved, key=lambda c: c.passed_since or 0.0)
         d = cls.demand
         if d.count == 1 and not d.anywhere:
-            homes = {s.home for s in self._workers.values() if s.home is not None and d.on(s.home)}
+            homes = {s.home for s in self._workers.values() if s.gpu and s.home is not None and d.on(s.home)}
             gpus = sorted(homes, key=lambda u: -self._holds.free(u))[:1]
         else:
             gpus = [u for u in self._by_room(None, {}) if d.on(u)][: d.count]
@@ -386,13 +424,7 @@ class Dispatcher(Generic[W]):
         bisect.insort(cls.tests, index, key=self._line_key)
         self.pending += 1
 
-    def _take_out(self, state: _Worker, worker: W, indices: Sequence[int]) -> None:
-        wanted = set(indices)
-        if len(wanted) == 1 and state.queue and state.queue[0].index in wanted:
-            gone = [state.queue.popleft()]
-        else:
-            gone = [s for s in state.queue if s.index in wanted]
-            state.queue = deque(s for s in state.queue if s.index not in wanted)
-        for sent in gone:
+    def _take_out(self, state: WorkerQueue, worker: W, indices: Sequence[int]) -> None:
+        self._stale.add(worker)
+        for sent in state.take_out(indices):
             self._holds.remove(worker, sent.parts)
-            state.queued_s -= sent.duration

@@ -22,8 +22,10 @@ nothing.
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import pytest
@@ -35,6 +37,7 @@ from xdist.workermanage import WorkerController, parse_tx_spec_config
 from pytest_gpushare.dispatch.dispatcher import Dispatcher
 from pytest_gpushare.dispatch.needs import INPUT_KEY, read_needs
 from pytest_gpushare.dispatch.order import Demand, MarkedNeed, demand_of, memory_binds
+from pytest_gpushare.dispatch.plan import gpu_workers, rooms_for
 
 __all__ = ["STEAL_AFTER_S", "MemoryScheduling", "SessionFacts"]
 
@@ -77,6 +80,7 @@ class MemoryScheduling:
         self._core: Dispatcher[str] | None = None
         self._collection: list[str] = []
         self._steal_from: WorkerController | None = None
+        self._gpu_homes: Counter[str | None] = Counter()  # the plan's GPU workers per home GPU
         #: How dispatch decided ("memory", or "xdist: <why>"); None before the first schedule().
         self.mode: str | None = None
         #: Seconds each test took (node id), for the next run's order.
@@ -112,8 +116,13 @@ class MemoryScheduling:
         self._nodes[node] = None
         if self._core is None:
             self._load.add_node(node)
-        else:
-            self._core.add_worker(node.gateway.id, self.facts.home(node))
+            return
+        # A replacement worker takes GPU tests where the plan has fewer GPU workers at its home
+        # than it chose (one of them died).
+        home = self.facts.home(node)
+        self._core.add_worker(
+            node.gateway.id, home, gpu=self._core.gpu_workers_at(home) < self._gpu_homes[home]
+        )
 
     def add_node_collection(self, node: WorkerController, collection: Sequence[str]) -> None:
         ids = list(collection)
@@ -190,19 +199,30 @@ class MemoryScheduling:
         why = self._why_xdist()
         if why is not None:
             return f"xdist: {why}"
-        rooms = self._rooms()
-        assert self._needs is not None
-        demands = self._demands(self._needs, rooms)
-        homes = [self.facts.home(n) for n in self._nodes]
-        if not memory_binds(demands, [h for h in homes if h is not None], rooms):
+        needs = self._needs
+        assert needs is not None
+        homes = [h for h in map(self.facts.home, self._nodes) if h is not None]
+        rooms = rooms_for(self.facts.usable, homes, self.facts.context_bytes)
+        if not memory_binds(self._demands(needs, rooms), homes, rooms):
             return "xdist: every worker's largest test fits at once"
         self._collection = next(iter(self._collections.values()))
         durations = [self.facts.durations.get(t) for t in self._collection]
-        core: Dispatcher[str] = Dispatcher(rooms, demands, durations, workers=len(self._nodes))
-        for node, home in zip(self._nodes, homes, strict=True):
-            core.add_worker(node.gateway.id, home)
+        chosen = set(
+            gpu_workers(
+                homes, self.facts.usable, self.facts.context_bytes, partial(self._demands, needs), durations
+            )
+        )
+        rooms = rooms_for(self.facts.usable, [homes[i] for i in chosen], self.facts.context_bytes)
+        core: Dispatcher[str] = Dispatcher(
+            rooms, self._demands(needs, rooms), durations, workers=len(self._nodes)
+        )
+        for i, (node, home) in enumerate(zip(self._nodes, homes, strict=True)):
+            core.add_worker(node.gateway.id, home, gpu=i in chosen)
+        self._gpu_homes = Counter(homes[i] for i in chosen)
         self._core = core
-        return "memory"
+        if len(chosen) == len(homes):
+            return "memory"
+        return f"memory, GPU tests on {len(chosen)} of {len(homes)} workers (fewer CUDA contexts)"
 
     def _why_xdist(self) -> str | None:
         collections = list(self._collections.values())
@@ -217,15 +237,6 @@ class MemoryScheduling:
         if all(n is None for n in self._needs):
             return "no GPU tests"
         return None
-
-    def _rooms(self) -> dict[str, int]:
-        """Per GPU: the usable memory less the CUDA contexts of the workers at home there."""
-        rooms = dict(self.facts.usable)
-        for node in self._nodes:
-            home = self.facts.home(node)
-            if home in rooms:
-                rooms[home] -= self.facts.context_bytes
-        return {u: max(0, r) for u, r in rooms.items()}
 
     def _demands(self, needs: Sequence[MarkedNeed | None], rooms: Mapping[str, int]) -> list[Demand]:
         known: dict[MarkedNeed | None, Demand] = {}
