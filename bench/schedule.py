@@ -61,6 +61,7 @@ import math
 import os
 import random
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -225,6 +226,54 @@ def lower_bound(
     for w in range(1, workers + 1):
         terms = bound_terms(cases, usable, w, context)
         best = min(best, (max(terms.values()), terms), key=lambda b: b[0])
+    return best
+
+
+def chain_term(cases: Sequence[Case], room: int, workers: int) -> float:
+    """The conflict chain on one GPU with ``room`` for tests: the tests that need more than half
+    of it run one at a time (any two overfill it); the tests that fit beside none of them (their
+    need plus the smallest of them is over the room) run only while none of them runs. So no
+    schedule ends before the first group's time plus the least time the second group needs by
+    itself: the largest of its time over how many of its tests fit at once (and over workers),
+    its mem x time over the room, and its longest test."""
+    big = [c for c in cases if c.mem > room / 2]
+    if not big:
+        return 0.0
+    smallest = min(c.mem for c in big)
+    apart = sorted((c for c in cases if c.mem <= room / 2 and c.mem + smallest > room), key=lambda c: c.mem)
+    alone = 0.0
+    if apart:
+        at_once, used = 0, 0
+        for c in apart:  # the most of them that fit together: the smallest first
+            if used + c.mem > room:
+                break
+            at_once, used = at_once + 1, used + c.mem
+        alone = max(
+            sum(c.seconds for c in apart) / max(1, min(workers, at_once)),
+            sum(c.mem * c.seconds for c in apart) / room,
+            *(c.seconds for c in apart),
+        )
+    return sum(c.seconds for c in big) + alone
+
+
+def conflict_bound(
+    cases: Sequence[Case], usable: Sequence[int], workers: int, context: int = 0
+) -> float | None:
+    """A second lower bound, for one-GPU boxes (None elsewhere): the least over w <= ``workers``
+    of the largest of the tight bound's terms and :func:`chain_term` with the room that w
+    contexts leave. Valid as the tight bound is (every one of the w workers' contexts counted
+    for the whole run), and never below it; it is higher where contexts keep tests apart that
+    the memory term lets share the room (issue 14's mix at 512MiB: with 3 to 7 workers a 6GiB
+    test fits beside no 14GiB one, with 2 the run takes 38 s / 2)."""
+    if len(usable) != 1:
+        return None
+    best = math.inf
+    for w in range(1, workers + 1):
+        room = usable[0] - w * context
+        if room <= 0:
+            continue
+        terms = bound_terms(cases, usable, w, context)
+        best = min(best, max(*terms.values(), chain_term(cases, room, w)))
     return best
 
 
@@ -424,6 +473,7 @@ class Way:
     kind: str  # "plugin", "fixed" or "plain"
     context: int  # the CUDA context per worker and GPU: the plugin's booking, the auditor's model
     args: tuple[str, ...] = ()
+    first: bool = False  # a first run: the suite's pytest cache is emptied before it
 
 
 @dataclass
@@ -436,6 +486,7 @@ class Outcome:
     over: int
     cache: str
     load_after: float
+    ran: int  # workers that ran a test
 
 
 def has_dispatch_option() -> bool:
@@ -471,13 +522,15 @@ def plain_slots(box: Box, cases: Sequence[Case]) -> list[int] | None:
 
 
 def ways(sc: Scenario) -> list[Way]:
-    found: list[Way] = []
+    # A first run (nothing learned), then the runs after it, as a user's successive runs go:
+    # the plugin's dispatch plans with the durations the first one recorded.
+    found = [Way(f"plugin, contexts {ctx(CONTEXT)}, first run", "plugin", CONTEXT, first=True)]
+    found += [Way(f"plugin, contexts {ctx(c)}", "plugin", c) for c in CONTEXTS]
     if has_dispatch_option():
         xdist = ("--gpushare-dispatch=xdist",)
         found.append(
             Way(f"plugin --gpushare-dispatch=xdist, contexts {ctx(CONTEXT)}", "plugin", CONTEXT, xdist)
         )
-    found += [Way(f"plugin, contexts {ctx(c)}", "plugin", c) for c in CONTEXTS]
     # Sessions that share a box would share its slots through a box-wide lock; the box's own
     # scenario measures fixed slots there.
     slots = fixed_slots(sc.box, sc.cases)
@@ -530,8 +583,10 @@ def run_way(work: Path, sc: Scenario, way: Way) -> Outcome:
             if way.kind == "plugin"
             else work / tag / f"suite{s}"
         )
-        if (suite / ".pytest_cache").exists():
-            cache = "warm"
+        if way.first:
+            shutil.rmtree(suite / ".pytest_cache", ignore_errors=True)
+        if (suite / ".pytest_cache" / "v" / "gpushare" / "durations").exists():
+            cache = "warm"  # the durations an earlier run recorded
         write_suite(suite, cases, PLUGIN_CONFTEST if way.kind == "plugin" else PINNED_CONFTEST)
         args, env = session_command(sc, way, slots)
         jobs.append(
@@ -559,7 +614,8 @@ def run_way(work: Path, sc: Scenario, way: Way) -> Outcome:
         recs = [{**r, "gpu": places[r["gpu"]]} for r in recs]
     makespan = max(r["end"] for r in recs) - min(r["start"] for r in recs)
     peak, over = occupancy(recs, sc.box.usable, way.context)
-    return Outcome(way, workers, wall, makespan, peak, over, cache, os.getloadavg()[0])
+    ran = len({r["worker"] for r in recs})
+    return Outcome(way, workers, wall, makespan, peak, over, cache, os.getloadavg()[0], ran)
 
 
 def _worker_count(output: str, way: Way, slots: Sequence[int]) -> int:
@@ -615,6 +671,7 @@ class Refs:
     context: int
     bound: float
     terms: dict[str, float]
+    conflict: float | None  # the second bound (one-GPU boxes)
     greedy: float
     order: str
     greedy_workers: int
@@ -638,16 +695,38 @@ def measure(work: Path, sc: Scenario) -> list[Ratio]:
         for r in refs.values():
             if r.greedy < greedy[0]:
                 greedy = (r.greedy, f"{r.order}, found with contexts {ctx(r.context)}", r.greedy_workers)
-        refs[c] = Refs(c, bound, terms, *greedy)
+        conflict = conflict_bound(sc.cases, sc.box.usable, workers, c)
+        refs[c] = Refs(c, bound, terms, conflict, *greedy)
     rows = [_row(o, refs[o.way.context]) for o in outcomes]
     for c, ref in refs.items():
-        rows.append((f"tight lower bound, contexts {ctx(c)}", workers, f"{ref.bound:.2f} s", "1.00x", "-"))
+        rows.append(
+            (
+                f"tight lower bound, contexts {ctx(c)}",
+                workers,
+                f"{ref.bound:.2f} s",
+                "1.00x",
+                _of(ref.bound, ref),
+                "-",
+            )
+        )
+        if ref.conflict is not None:
+            rows.append(
+                (
+                    f"conflict lower bound, contexts {ctx(c)}",
+                    workers,
+                    f"{ref.conflict:.2f} s",
+                    f"{ref.conflict / ref.bound:.2f}x",
+                    "1.00x",
+                    "-",
+                )
+            )
         rows.append(
             (
                 f"offline greedy, contexts {ctx(c)} ({ref.order})",
                 ref.greedy_workers,
                 f"{ref.greedy:.2f} s",
                 f"{ref.greedy / ref.bound:.2f}x",
+                _of(ref.greedy, ref),
                 "1.00x",
             )
         )
@@ -660,12 +739,13 @@ def measure(work: Path, sc: Scenario) -> list[Ratio]:
             "wall",
             "makespan",
             "/ bound",
+            "/ conflict",
             "/ greedy",
             "peak (tests+contexts)",
             "over",
             "load",
         ],
-        [row if len(row) == 10 else (*row[:2], "-", "-", *row[2:], "-", "-", "-") for row in rows],
+        [row if len(row) == 11 else (*row[:2], "-", "-", *row[2:], "-", "-", "-") for row in rows],
     )
     for text in hung:
         print("  " + text.replace("\n", "\n    "))
@@ -677,15 +757,21 @@ def measure(work: Path, sc: Scenario) -> list[Ratio]:
     return _ratios(sc, outcomes, refs)
 
 
+def _of(value: float, ref: Refs) -> str:
+    """``value`` over the conflict bound, where there is one."""
+    return "-" if ref.conflict is None else f"{value / ref.conflict:.2f}x"
+
+
 def _row(o: Outcome, ref: Refs) -> tuple[object, ...]:
     is_plugin = o.way.kind == "plugin"
     return (
         o.way.label,
-        o.workers,
+        o.workers if o.ran == o.workers else f"{o.workers} ({o.ran} ran tests)",
         o.cache if is_plugin else "-",
         f"{o.wall_s:.1f} s",
         f"{o.makespan_s:.2f} s",
         f"{o.makespan_s / ref.bound:.2f}x" if is_plugin else "-",
+        _of(o.makespan_s, ref) if is_plugin else "-",
         f"{o.makespan_s / ref.greedy:.2f}x" if is_plugin else "-",
         sizes(o.peak),
         o.over,
@@ -695,12 +781,18 @@ def _row(o: Outcome, ref: Refs) -> tuple[object, ...]:
 
 def _ratios(sc: Scenario, outcomes: Sequence[Outcome], refs: dict[int, Refs]) -> list[Ratio]:
     ratios = []
-    default = [o for o in outcomes if o.way.kind == "plugin" and not o.way.args]
+    default = [o for o in outcomes if o.way.kind == "plugin" and not o.way.args and not o.way.first]
     for o in default:
         ref = refs[o.way.context]
         ratios.append(
             Ratio(f"{sc.name} makespan / tight bound, {o.way.label}", o.makespan_s / ref.bound, 1.10)
         )
+        if ref.conflict is not None:
+            ratios.append(
+                Ratio(
+                    f"{sc.name} makespan / conflict bound, {o.way.label}", o.makespan_s / ref.conflict, 1.10
+                )
+            )
         ratios.append(
             Ratio(f"{sc.name} makespan / offline greedy, {o.way.label}", o.makespan_s / ref.greedy, 1.05)
         )

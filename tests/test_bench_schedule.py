@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 import sys
 
+import pytest
 from test_bench import BENCH, RATIO_RE, ratio_lines, run_bench
 
 sys.path.insert(0, str(BENCH))
@@ -89,6 +90,19 @@ def test_lower_bound_takes_the_largest_term_at_the_best_worker_count() -> None:
     # contexts, 3 workers leave 2GiB (8 GiB*s take 4 s), 2 workers leave 4GiB but take 4 s too.
     bound, terms = schedule.lower_bound(small, [8 * GIB], workers=3, context=2 * GIB)
     assert (bound, terms["workers"], terms["memory"]) == (4.0, 4.0, 2.0)
+
+
+def test_conflict_bound_keeps_apart_what_contexts_keep_apart() -> None:
+    mix = [Case("big", 14 * GIB, 3.0)] * 5 + [Case("mid", 6 * GIB, 1.0)] * 15 + [Case("s", GIB, 0.2)] * 40
+    # Issue 14's mix at 512MiB contexts on 21GiB: with 3 to 7 workers a 6GiB test fits beside no
+    # 14GiB one (15 s of 14GiB tests, then 15 s of 6GiB tests three at a time: 20 s); with 2 the
+    # run takes 38 s / 2. The tight bound's memory term (15.8 s) lets them share the room.
+    assert schedule.lower_bound(mix, [21 * GIB], workers=7, context=512 * MIB)[0] < 16.0
+    assert schedule.conflict_bound(mix, [21 * GIB], workers=7, context=512 * MIB) == pytest.approx(19.0)
+    assert schedule.chain_term(mix, int(19.5 * GIB), workers=3) == pytest.approx(20.0)
+    # Without contexts they fit together: the bound is the tight one.
+    assert schedule.conflict_bound(mix, [21 * GIB], workers=7) == pytest.approx(15.0)
+    assert schedule.conflict_bound(mix, [21 * GIB, 21 * GIB], workers=7) is None  # one-GPU boxes only
 
 
 def test_greedy_packs_by_memory_and_pays_contexts() -> None:

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import pytest
 
 from pytest_gpushare.dispatch.dispatcher import Dispatcher
-from pytest_gpushare.dispatch.fit import Holds
+from pytest_gpushare.dispatch.fit import OVERRUN_S, Holds, Timeline, lane
 from pytest_gpushare.dispatch.order import (
     NO_GPU,
     Demand,
@@ -25,7 +26,8 @@ from pytest_gpushare.dispatch.order import (
     memory_binds,
     weight,
 )
-from pytest_gpushare.units import GiB, MemRequest
+from pytest_gpushare.dispatch.plan import gpu_workers, rooms_for, spread
+from pytest_gpushare.units import GiB, MemRequest, MiB
 
 G = "GPU-0"
 
@@ -88,6 +90,81 @@ def test_a_worker_holds_the_largest_need_of_its_queue() -> None:
     assert (holds.hold("w1", G), holds.total(G)) == (2, 2)
     holds.forget("w1")
     assert holds.total(G) == 0
+
+
+def test_a_queued_test_counts_from_its_expected_start_and_the_last_until_it_completes() -> None:
+    small, large = ((G, 1 * GiB),), ((G, 16 * GiB),)
+    queue = lane([(small, 1.0), (large, 2.0)], since=0.0, now=0.5)
+    assert queue.mine == {G: [(0.0, 1.0, GiB), (1.0, 3.0, 16 * GiB)]}
+    # The others count the last from its start on: xdist's worker starts it only with another
+    # test in hand, and may hold its memory (a carried lease) until then.
+    assert queue.segments == {G: [(0.0, 1.0, GiB), (1.0, math.inf, 16 * GiB)]}
+    assert (queue.next_start, queue.certain) == (3.0, True)
+    assert queue.window(0.5) == (3.0, 3.5)
+    # A running test that overran is expected to end soon.
+    assert lane([(small, 1.0)], since=0.0, now=4.0).mine == {G: [(0.0, 4.0 + OVERRUN_S, GiB)]}
+    # Unknown durations: from the earliest start until completed, the largest so far (the holds).
+    unknown = lane([(small, None), (large, 1.0), (small, None)], since=0.0, now=0.5)
+    assert unknown.mine == {G: [(0.0, 0.0, GiB), (0.0, math.inf, 16 * GiB)]}
+    assert unknown.window(1.0) == (1.0, math.inf)
+
+    timeline: Timeline[str] = Timeline({G: 17 * GiB})
+    timeline.set("gw0", queue)
+    # 1GiB fits beside gw0's small test at once, and while its large one runs; 2GiB only before
+    assert timeline.fits("gw1", G, (0.0, 1.0), 2 * GiB) and timeline.fits("gw1", G, (2.0, 2.5), GiB)
+    assert not timeline.fits("gw1", G, (0.5, 1.5), 2 * GiB)
+    # gw0 itself runs one test at a time: a test after its queue counts beside nothing of its own
+    assert timeline.fits("gw0", G, queue.window(1.0), 17 * GiB)
+
+
+def test_a_large_test_goes_out_behind_a_small_one_that_runs_beside_others() -> None:
+    # gw1 holds a 2GiB test running and a 1GiB one next; gw0 runs an 8GiB test for 1 s. A 16GiB
+    # test queued behind gw0's runs when gw1's 2GiB test has ended: 1 + 16 <= 17. Counted from
+    # when it is sent (the holds), 2 + 16 would not fit, and gw0 could not start its 8GiB test.
+    demands = [one_gpu(8), one_gpu(2), one_gpu(1), one_gpu(16)]
+    d: Dispatcher[str] = Dispatcher({G: 17 * GiB}, demands, [1.0, 1.0, 0.9, 0.2], workers=4)
+    d.add_worker("gw0", G)
+    d.add_worker("gw1", G)
+    assert d.fill("gw0", 0.0, limit=1) == [0]
+    assert d.fill("gw1", 0.0) == [1, 2]
+    assert d.fill("gw0", 0.0, refill=True) == [3]
+    holds: Holds[str] = Holds({G: 17 * GiB})
+    holds.add("gw1", [(G, 2 * GiB)])
+    holds.add("gw1", [(G, GiB)])
+    holds.add("gw0", [(G, 8 * GiB)])
+    assert not holds.fits("gw0", G, 16 * GiB)
+
+
+def test_workers_without_gpu_work_are_sent_only_tests_without_gpu_work() -> None:
+    demands = [one_gpu(1), NO_GPU, one_gpu(1), NO_GPU]
+    d: Dispatcher[str] = Dispatcher({G: 21 * GiB}, demands, [1.0] * 4, workers=2)
+    d.add_worker("gw0", G, gpu=False)
+    assert d.fill("gw0", 0.0) == [1, 3]
+    assert d.fill("gw0", 0.0) == [] and d.pending == 2
+    d.add_worker("gw1", G)
+    assert d.fill("gw1", 0.0) == [0, 2]
+
+
+def mix_needs() -> tuple[list[MarkedNeed], list[float]]:
+    demands, durations = realistic_mix()
+    return [MarkedNeed(MemRequest(bytes=d.on(G))) for d in demands], durations
+
+
+def test_the_plan_runs_gpu_tests_on_fewer_workers_where_contexts_crowd_the_card() -> None:
+    needs, durations = mix_needs()
+    usable = {G: 21 * GiB}
+
+    def demands(rooms: Mapping[str, int]) -> list[Demand]:
+        return [demand_of(n, {G: 24 * GiB}, rooms) for n in needs]
+
+    # 7 contexts of 512MiB leave 17.5GiB: no 6GiB test beside a 14GiB one (about 23 s, and the
+    # best any schedule does on 3 to 7 workers is 20 s); 2 leave 20GiB: 19 s.
+    assert gpu_workers([G] * 7, usable, 512 * MiB, demands, durations) == [0, 1]
+    assert gpu_workers([G] * 7, usable, 0, demands, durations) == list(range(7))
+    # A first run: how long tests take is not known, every worker runs GPU tests.
+    assert gpu_workers([G] * 7, usable, 512 * MiB, demands, [None] * len(needs)) == list(range(7))
+    assert rooms_for(usable, [G, G], 512 * MiB) == {G: 20 * GiB}
+    assert spread(["a", "a", "b", "b", "a"]) == [0, 2, 1, 3, 4]  # any first w spread over the GPUs
 
 
 # --- a simulated run ------------------------------------------------------------------------------

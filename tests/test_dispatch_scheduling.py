@@ -175,6 +175,31 @@ def test_workers_that_xdist_shuts_down_are_sent_nothing(tmp_path: Path) -> None:
     assert [n.sent for n in nodes] == before
 
 
+def test_where_contexts_crowd_the_card_gpu_tests_go_to_fewer_workers(tmp_path: Path) -> None:
+    # Issue 14's mix on 21GiB with 7 workers and durations from an earlier run: the plan runs GPU
+    # tests on 2 workers (2 CUDA contexts leave room for a 6GiB test beside a 14GiB one).
+    kinds = [(14, 3.0)] * 5 + [(6, 1.0)] * 15 + [(1, 0.2)] * 40
+    ids = [f"t.py::test[{i}]" for i in range(len(kinds))]
+    write_needs(tmp_path / "needs.json", ids, [MarkedNeed(MemRequest(bytes=g * GiB)) for g, _ in kinds])
+    nodes = [Node(f"gw{i}", tmp_path / "needs.json") for i in range(7)]
+    session = SessionFacts(
+        usable={G: 21 * GiB},
+        totals={G: 24 * GiB},
+        context_bytes=GiB // 2,
+        home=lambda node: G,
+        durations={t: s for t, (_, s) in zip(ids, kinds, strict=True)},
+        waiting=dict,
+        clock=lambda: 100.0,
+    )
+    sched = MemoryScheduling(Config(7), None, session)  # type: ignore[arg-type]
+    start(sched, nodes, ids)
+    assert sched.mode == "memory, GPU tests on 2 of 7 workers (fewer CUDA contexts)"
+    assert [bool(n.sent) for n in nodes] == [True, True] + [False] * 5
+    done: list[int] = []
+    run_to_the_end(sched, nodes, done)
+    assert sorted(done) == list(range(len(ids)))
+
+
 @pytest.mark.parametrize("bad", ["", "{}", '{"version": 1, "digest": "x", "classes": [], "tests": []}'])
 def test_a_needs_file_of_another_collection_is_no_file(tmp_path: Path, bad: str) -> None:
     from pytest_gpushare.dispatch.needs import read_needs
