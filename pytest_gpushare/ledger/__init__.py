@@ -8,7 +8,8 @@ Any process that wants GPU memory opens a :class:`Ledger` on the shared ledger f
   owners that use the GPU with the usable memory their sessions computed, the bookings (test
   leases and CUDA contexts) and the waiters. Replaced atomically under the lock (a reader never
   sees half a file), framed with a checksum so that damage reads as damage, and with a
-  generation number that grows with every write.
+  generation number that grows with every write; the payload begins with the sessions that wait
+  on the GPU, which a broker reads without the lock to give its spare memory back at once.
 * ``live-<key>.lock`` per owning process, flocked for its whole life: a booking or waiter whose
   owner's lock can be taken belongs to a dead process and is reclaimed, with a log line, at the
   next access of any process (``gone-<key>.lock``, the file renamed, tells the others so). Its
@@ -33,7 +34,8 @@ status document and the lines about it); :mod:`.owners` (a ledger held to the ho
 :mod:`.access` (one locked pass: load, repair, reclaim the dead, save); :mod:`.status` (one such
 pass over every ledger, for ``gpushare status``); :mod:`.admission` (the pure rules: who may
 take memory now); :mod:`.holder` (what this process holds, pressed on every ledger it touches),
-:mod:`.passes` (this process's passes and its presence in the folder) and :mod:`.handle` (the
+:mod:`.passes` (this process's passes and its presence in the folder), :mod:`.signals` (what
+is seen without the locks: a ledger written, another session waiting) and :mod:`.handle` (the
 :class:`Ledger`) on top.
 """
 

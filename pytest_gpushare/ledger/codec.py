@@ -9,6 +9,14 @@ Owners, bookings and waiters are kept as rows (JSON arrays of their values, in t
 16 processes on a GPU the ledger is read and written under its lock at every access, and rows
 make it about a third smaller and a third quicker to parse and to write.
 
+A ledger's payload begins with ``"waiting"``: the sessions whose requests wait on the GPU, as
+:func:`session_tag` names them, at most :data:`WAITING_NAMED` (two are enough to tell any reader
+whether a session other than its own waits). A process can so see whether another session waits
+by reading the file's first bytes, without its lock (:func:`waiting_in_head`). It is made from
+the waiters when the ledger is written, after the dead owners' waiters were dropped, so it is as
+true as they are; readers never take it for more than a hint (the waiters are the record), and a
+reader of an older version ignores the key.
+
 Parsing never trusts the data: any wrong type, missing field, absurd number or dangling
 reference raises :class:`Damaged`, and the ledger treats the whole file as unreadable. Pure
 functions over bytes; the files themselves are handled by :mod:`.folder` and :mod:`.liveness`.
@@ -46,7 +54,10 @@ __all__ = [
     "frame",
     "parse_gpu_state",
     "parse_holdings",
+    "session_tag",
     "unframe",
+    "waiting_in_head",
+    "waiting_sessions",
 ]
 
 VERSION = 1
@@ -68,6 +79,10 @@ OWNER_FIELDS = (
     "usable_bytes",
     "joined_at",
 )
+#: How many waiting sessions a ledger's head names at most.
+WAITING_NAMED = 2
+#: How many bytes of a ledger file hold its header line and its waiting sessions.
+WAITING_HEAD_BYTES = 160
 BOOKING_FIELDS = ("lease_id", "owner", "test_id", "bytes", "kind", "taken_at")
 WAITER_FIELDS = ("ticket", "owner", "test_id", "bytes", "context_bytes", "count", "exclusive", "since")
 
@@ -81,6 +96,7 @@ class Damaged(Exception):
     """The content of a ledger or holdings file cannot be used; ``str()`` says why."""
 
 
+_WAITING = re.compile(rb'[^\n]{0,80}\n\{"version":%d,"waiting":"([0-9a-f ]{0,80})"' % VERSION)
 _FRAME = re.compile(rb"GPUSHARE-([A-Z]{1,20}) ([0-9]{1,9}) ([0-9a-f]{8})(?: ([0-9]{1,19}))?\n")
 
 
@@ -341,10 +357,34 @@ def parse_gpu_state(data: bytes, uuid: str) -> GpuState:
     return state
 
 
+def session_tag(session_id: str) -> str:
+    """A session as a ledger's head names it: the CRC-32 of its id, in hex (ids may be long; two
+    sessions that share a tag only make the waiters of one look like the other's own)."""
+    return f"{zlib.crc32(session_id.encode()):08x}"
+
+
+def waiting_sessions(state: GpuState) -> list[str]:
+    """The tags of the sessions with a waiter on the GPU, each once, in the waiters' order."""
+    tags: dict[str, None] = {}
+    for w in state.waiters:
+        owner = state.owners.get(w.owner)
+        tags[session_tag(owner.session_id if owner is not None else w.owner)] = None
+    return list(tags)
+
+
+def waiting_in_head(head: bytes) -> list[str] | None:
+    """The tags of the waiting sessions that a ledger file's first :data:`WAITING_HEAD_BYTES`
+    name; None when they name none (a ledger written by an older version: read it whole)."""
+    match = _WAITING.match(head)
+    return None if match is None else match.group(1).decode().split()
+
+
 def dump_gpu_state(state: GpuState) -> bytes:
-    """The ledger file's bytes: the state as JSON, framed with its generation."""
+    """The ledger file's bytes: the state as JSON, framed with its generation, the waiting
+    sessions first."""
     document = {
         "version": VERSION,
+        "waiting": " ".join(waiting_sessions(state)[:WAITING_NAMED]),
         "uuid": state.uuid,
         "name": state.name,
         "total_bytes": state.total_bytes,

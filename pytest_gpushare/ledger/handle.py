@@ -14,11 +14,10 @@ reach the ledger (the folder takes no writes, its lock stays taken) raises
 :class:`~pytest_gpushare.errors.ReleaseDeferred`: the lease stays booked, on the safe side, until
 this process's next access succeeds or the process ends.
 
-Waiting: a request that cannot be served registers as a waiter on each candidate GPU (visible to
-``gpushare status`` and the controller's "waiting" lines) and sleeps with bounded back-off
-(:data:`BACKOFF_MIN_S` doubling to :data:`BACKOFF_MAX_S`), looking at the candidate ledgers'
-header lines (their generation changes with every write) and retrying when one changed, and at
-least every :data:`FULL_CHECK_S`.
+Waiting: a request that cannot be served registers as a waiter on each candidate GPU (seen by
+``gpushare status``, the controller's "waiting" lines and :meth:`Ledger.others_waiting`) and
+sleeps until a candidate ledger is written, and at least every :data:`FULL_CHECK_S`
+(:class:`~.signals.Sleeper`: woken by the write, or polling where the folder cannot be watched).
 """
 
 from __future__ import annotations
@@ -47,9 +46,9 @@ from pytest_gpushare.ledger.admission import (
     never_fits,
     place,
 )
-from pytest_gpushare.ledger.files import read_head
 from pytest_gpushare.ledger.passes import OPEN_LOCK_S, RELEASE_LOCK_S, WITHDRAW_LOCK_S, Pass, Passes
 from pytest_gpushare.ledger.records import CONTEXT, TEST, Booking, GpuState, Lease, Owner, Waiter
+from pytest_gpushare.ledger.signals import Sleeper, WaitingLook
 from pytest_gpushare.ledger.status import STATUS_LOCK_TIMEOUT_S, read_status
 from pytest_gpushare.ledger.views import describe, held_by, lease_holders, limits_of_others, release_deferred
 
@@ -61,8 +60,6 @@ __all__ = ["Ledger", "ledger_name", "read_status"]
 FULL_CHECK_S = 0.5
 #: While a request waits, fresh usable memory is asked for at most this often.
 REFRESH_S = 2.0
-BACKOFF_MIN_S = 0.001
-BACKOFF_MAX_S = 0.025
 CONTEXT_TEST_ID = "CUDA context"
 
 #: What the candidate GPUs looked like when a try failed: each one's ledger and verdict.
@@ -81,8 +78,8 @@ class _Request:
     start: float
     deadline: float
     registered: bool = False  # a waiter was written for it
-    delay: float = BACKOFF_MIN_S  # the next back-off
     refreshed: float = 0.0  # when fresh usable memory was last asked for
+    sleeper: Sleeper | None = None  # how it sleeps between tries, once it waited
 
 
 class Ledger:
@@ -129,6 +126,7 @@ class Ledger:
         self._ids = itertools.count(1)
         self._closed = False
         self._closing = threading.Lock()
+        self._waiting = WaitingLook(owner.session_id)
         self._passes = Passes(
             folder,
             self._gpus,
@@ -196,6 +194,8 @@ class Ledger:
             return lease
         finally:
             self._holder.tickets.discard(ticket)
+            if req.sleeper is not None:
+                req.sleeper.close()
             if req.registered and lease is None:
                 self._withdraw(req, uuids)
 
@@ -223,6 +223,11 @@ class Ledger:
                 error = release_deferred(lease, labels, exc)
                 self._log(error.message)
                 raise error from None
+
+    def others_waiting(self, uuids: Sequence[str]) -> set[str]:
+        """Which of ``uuids`` another session waits on, read without the lock (:mod:`.signals`)."""
+        self._check_usable()
+        return {u for u in uuids if self._waiting.others_wait(self._passes.folder, u)}
 
     def snapshot(self) -> dict[str, Any]:
         """The ledgers of this ledger's GPUs after reclaiming the dead: see :func:`read_status`."""
@@ -282,26 +287,29 @@ class Ledger:
             if lease is not None:
                 return lease
             req.registered = req.registered or register
-            self._back_off(req, uuids, view)
+            if req.sleeper is None:
+                req.sleeper = Sleeper([ledger_name(u) for u in uuids], lambda: self._passes.folder)
+                if req.sleeper.watched:
+                    continue  # once more: a write before the watch began woke nobody
+            self._back_off(req, req.sleeper, view)
 
-    def _back_off(self, req: _Request, uuids: list[str], view: View) -> None:
-        """Sleep, each time longer, until a candidate ledger changed (its header line),
+    def _back_off(self, req: _Request, sleeper: Sleeper, view: View) -> None:
+        """Sleep until a candidate ledger was written (see the module docstring),
         :data:`FULL_CHECK_S` passed or fresh usable memory was asked for; raise
         :class:`LeaseTimeout` at the deadline."""
         checked = time.monotonic()
-        seen = self._signature(uuids)
+        sleeper.mark()
         while True:
             now = time.monotonic()
             if now >= req.deadline:
                 raise self._timed_out(req, now - req.start, view)
-            time.sleep(min(req.delay, req.deadline - now))
-            req.delay = min(req.delay * 2, BACKOFF_MAX_S)
+            written = sleeper.sleep(min(checked + FULL_CHECK_S, req.deadline) - now)
             now = time.monotonic()
             if self._refresh is not None and now - req.refreshed >= REFRESH_S:
                 self._do_refresh()
                 req.refreshed = now
                 return
-            if now >= req.deadline or now - checked >= FULL_CHECK_S or self._signature(uuids) != seen:
+            if written or now >= req.deadline or now - checked >= FULL_CHECK_S:
                 return
 
     def _withdraw(self, req: _Request, uuids: list[str]) -> None:
@@ -312,11 +320,6 @@ class Ledger:
                 pass
         except LedgerError as exc:
             self._log(f"gpushare: could not withdraw the wait of {req.test_id}: {exc}")
-
-    def _signature(self, uuids: Sequence[str]) -> tuple[bytes | None, ...]:
-        """What tells the ledger files' versions apart: their header lines, whose generation and
-        checksum change with every write (a rebuilt file starts over, with another checksum)."""
-        return tuple(read_head(self._passes.folder, ledger_name(uuid)) for uuid in uuids)
 
     def _do_refresh(self) -> None:
         assert self._refresh is not None
