@@ -1,6 +1,7 @@
-"""The broker's engine growing its pool against a box that is nearly full, driven in this
-process with a fake box ledger and simulated time: a request that waits for the box to grow the
-pool must not wait on memory the pool itself keeps idle."""
+"""The broker's engine growing its pool and giving it back, against a box that is nearly full or
+that another session waits on, driven in this process with a fake box ledger and simulated time:
+a request that waits for the box to grow the pool must not wait on memory the pool itself keeps
+idle, and another session's waiter gets the pool's spare memory at once."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import pytest
 from pytest_gpushare.broker import engine as engine_module
 from pytest_gpushare.broker.box import Done
 from pytest_gpushare.broker.engine import Engine
-from pytest_gpushare.broker.giveback import PATIENCE_S
+from pytest_gpushare.broker.giveback import PATIENCE_S, WATCH_S
 from pytest_gpushare.broker.pool import Ask, Pool
 from pytest_gpushare.broker.protocol import Acquire, Granted, Message, need_to_wire
 from pytest_gpushare.ledger import FAIR_AFTER_S, Lease, LedgerGpu, Need, Owner
@@ -48,6 +49,8 @@ class FakeBox:
     chunks: set[str] = field(default_factory=set)  # ... of which the pool's chunks
     jobs: list[_Job] = field(default_factory=list)
     given_back: list[int] = field(default_factory=list)
+    waiting_elsewhere: set[str] = field(default_factory=set)  # GPUs another session waits on
+    looks: int = 0  # how often the engine read whether one does
     engine: Engine | None = None
     now: float = 0.0
     _ids: int = 0
@@ -78,8 +81,9 @@ class FakeBox:
     def close_worker(self, conn: int) -> None:
         pass
 
-    def watch(self, uuids: Sequence[str]) -> None:
-        pass  # no other session waits
+    def others_waiting(self, uuids: Sequence[str]) -> set[str]:
+        self.looks += 1
+        return self.waiting_elsewhere.intersection(uuids)
 
     def publish(self, doc: Any) -> None:
         pass
@@ -123,7 +127,7 @@ class Run:
             policy="spread",
             fair_after=FAIR_AFTER_S,
             linger_s=1.0,
-            watch_s=0.1,
+            watch_s=WATCH_S,
         )
         box.engine = self.engine
         self._requests = 0
@@ -371,4 +375,27 @@ def test_a_growth_that_waits_in_the_box_gets_the_chunks_it_did_not_need_given_ba
     run.step(PATIENCE_S / 2)
     assert box.given_back == []
     run.step(PATIENCE_S)
+    assert box.given_back == [GiB]
+
+
+def test_spare_memory_goes_back_at_once_when_another_session_waits(monkeypatch: pytest.MonkeyPatch) -> None:
+    box = FakeBox(usable=20 * GiB)
+    run = Run(monkeypatch, box, workers=2)
+    kept = run.acquire(0, GiB, "t-kept")
+    box.waiting_elsewhere = {UUID}
+    run.release(0, kept)  # no time passes
+    assert box.given_back == [GiB]
+
+
+def test_spare_memory_lingers_while_no_other_session_waits_and_goes_within_the_watch(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    box = FakeBox(usable=20 * GiB)
+    run = Run(monkeypatch, box, workers=2)
+    run.release(0, run.acquire(0, GiB, "t-1"))
+    looks = box.looks
+    run.step(0.5)
+    assert box.given_back == [] and box.looks > looks  # looked, saw nobody
+    box.waiting_elsewhere = {UUID}
+    run.step(WATCH_S)
     assert box.given_back == [GiB]

@@ -16,8 +16,9 @@ owners stay live while any worker keeps them open, which workers do until they e
 
 Everything here may wait (a ledger lock, memory), so nothing runs on the serving thread: each
 growth and pass-through waits in a thread of its own with its request's deadline; releases,
-closes, the watch for other sessions' waiters and the running file go, in order, through one
-housekeeping thread. Results go back through ``report`` as :class:`Done` and :class:`Watched`.
+closes and the running file go, in order, through one housekeeping thread. Results go back
+through ``report`` as :class:`Done`. The one exception, :meth:`Box.others_waiting`, reads the
+heads of the ledger files without their locks and never waits.
 """
 
 from __future__ import annotations
@@ -63,7 +64,8 @@ class Done:
 
 @dataclass(frozen=True)
 class Watched:
-    """GPUs of the watch on which another session waits."""
+    """No longer reported: another session's waiters are read on the serving thread
+    (:meth:`Box.others_waiting`). Kept while the server's event queue still names it."""
 
     uuids: frozenset[str]
 
@@ -202,25 +204,14 @@ class Box:
 
         self._tasks.put(task)
 
-    def watch(self, uuids: Sequence[str]) -> None:
-        """Report (:class:`Watched`) on which of ``uuids`` another session waits."""
-        wanted = set(uuids)
-
-        def task() -> None:
-            found: set[str] = set()
-            try:
-                snapshot = self.controller.snapshot()
-            except LedgerError as exc:
-                self._log(f"gpushare: the session broker could not read the ledgers: {exc}")
-            else:
-                for gpu in snapshot["gpus"]:
-                    if gpu["uuid"] in wanted and any(
-                        w["owner"].get("session_id") != self.session_id for w in gpu["waiters"]
-                    ):
-                        found.add(gpu["uuid"])
-            self._report(Watched(frozenset(found)))
-
-        self._tasks.put(task)
+    def others_waiting(self, uuids: Sequence[str]) -> set[str]:
+        """Which of ``uuids`` another session waits on, read without the ledgers' locks (on the
+        serving thread: it never waits); none when the ledgers cannot be read."""
+        try:
+            return self.controller.others_waiting(uuids)
+        except LedgerError as exc:
+            self._log(f"gpushare: the session broker could not read the ledgers: {exc}")
+            return set()
 
     def publish(self, doc: RunningDoc) -> None:
         """Write the session's running file (the latest document wins when writes queue up)."""

@@ -257,8 +257,7 @@ class Engine:
 
     def done(self, event: Done | Watched) -> None:
         if isinstance(event, Watched):
-            self._giveback.watched(event.uuids)
-            return
+            return  # no longer reported (see Watched)
         p = self._tickets.get(event.ticket)
         w = self._workers.get(event.conn)
         if w is not None:

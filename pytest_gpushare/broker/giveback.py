@@ -21,8 +21,10 @@ enough, the smallest goes, and a request still short once its growth comes asks 
 younger than ``patience_s`` is most likely being granted (the box had the memory): giving a
 chunk back for it then only made the pool grow again a moment later, two box-ledger writes for
 nothing (issue 13, row 3: with 8 workers, most of the session's writes).
-Whether another session waits is asked of the box (:meth:`Box.watch`, off this thread) every
-``watch_s`` (default :data:`WATCH_S`) while some GPU has had spare memory that long.
+Whether another session waits is read from the heads of the box's ledgers, without their locks
+(:meth:`Box.others_waiting`, a few microseconds): at once when a GPU's pool comes to have spare
+memory (a test ended), and every ``watch_s`` (default :data:`WATCH_S`) while it has, so that a
+session that starts to wait later gets the memory within that long (issue 13, row 4).
 """
 
 from __future__ import annotations
@@ -41,8 +43,8 @@ LINGER_S = 1.0
 #: A growth under way this long waits in the box: only then do the chunks it does not need go
 #: back for it (a free box grants one in about a millisecond, a loaded one in tens).
 PATIENCE_S = 0.1
-#: While spare memory lingers, the box ledger is asked this often whether another session waits.
-WATCH_S = 0.1
+#: While spare memory lingers, the box's ledgers are read this often for another session's waiters.
+WATCH_S = 0.01
 
 
 class GiveBack:
@@ -55,15 +57,8 @@ class GiveBack:
         self._watch_s = watch_s
         self._patience_s = patience_s
         self._window_start = 0.0
-        self._spare_since: dict[str, float] = {}  # GPUs with spare memory now, since when
-        self._others: set[str] = set()  # GPUs where the last watch saw another session wait
-        self._watching = False
-        self._next_watch = 0.0
-
-    def watched(self, uuids: Collection[str]) -> None:
-        """The box's answer to a watch: another session waits on ``uuids``."""
-        self._watching = False
-        self._others = set(uuids)
+        self._spare: set[str] = set()  # GPUs with spare memory now
+        self._next_look = 0.0  # when to read the box's ledgers for other sessions' waiters again
 
     def tick(
         self, now: float, wake: list[float], queue: Collection[Pending], growths: Iterable[Growth]
@@ -84,35 +79,36 @@ class GiveBack:
             self._pool.new_window()
             self._window_start = now
             idle = [u for u in self._pool.gpus if u not in waited_on and self._pool.has_spare(u, idle=True)]
-            gave = self._give_back(idle, idle=True)
-        for uuid in self._pool.changed():
-            if self._pool.has_spare(uuid):
-                self._spare_since.setdefault(uuid, now)
-            else:
-                self._spare_since.pop(uuid, None)
-        if self._spare_since:
-            wanted = [u for u in self._spare_since if u in self._others or u in urgent]
-            gave = self._give_back(wanted, idle=False) or gave
-            self._watch(now, wake)
-        self._others.clear()  # a watch's answer counts once: the next watch asks again
+            gave = self._give_back(idle, idle=True) or gave
+        look = self._spare_now()
+        if self._spare:
+            if now >= self._next_look:
+                look, self._next_look = set(self._spare), now + self._watch_s
+            wanted = self._spare.intersection(urgent)
+            wanted |= self._box.others_waiting(sorted(look - wanted)) if look - wanted else set()
+            gave = self._give_back(sorted(wanted), idle=False) or gave
+        if self._spare:
+            wake.append(self._next_look)
         if self._pool.holds_any():
             wake.append(self._window_start + self._linger_s)
         return gave
 
+    def _spare_now(self) -> set[str]:
+        """Track which GPUs' pools have spare memory; those that have come to have it."""
+        new = set()
+        for uuid in self._pool.changed():
+            if not self._pool.has_spare(uuid):
+                self._spare.discard(uuid)
+            elif uuid not in self._spare:
+                self._spare.add(uuid)
+                new.add(uuid)
+        return new
+
     def _give_back(self, uuids: list[str], *, idle: bool) -> bool:
         for uuid in uuids:
             self._box.release_chunks(self._pool.take_spare(uuid, idle=idle))
-            self._spare_since.pop(uuid, None)
+            self._spare.discard(uuid)
         return bool(uuids)
-
-    def _watch(self, now: float, wake: list[float]) -> None:
-        lingering = [u for u, s in self._spare_since.items() if now - s >= self._watch_s]
-        if lingering and not self._watching and now >= self._next_watch:
-            self._watching = True
-            self._next_watch = now + self._watch_s
-            self._box.watch(lingering)
-        if self._spare_since:
-            wake.append(max(self._next_watch, min(self._spare_since.values()) + self._watch_s))
 
 
 def over_asked(
