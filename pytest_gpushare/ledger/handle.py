@@ -15,9 +15,8 @@ reach the ledger (the folder takes no writes, its lock stays taken) raises
 this process's next access succeeds or the process ends.
 
 Waiting: a request that cannot be served registers as a waiter on each candidate GPU (seen by
-``gpushare status``, the controller's "waiting" lines and :meth:`Ledger.others_waiting`) and
-sleeps until a candidate ledger is written, and at least every :data:`FULL_CHECK_S`
-(:class:`~.signals.Sleeper`: woken by the write, or polling where the folder cannot be watched).
+``gpushare status`` and :meth:`Ledger.others_waiting`) and sleeps until a candidate ledger is
+written (:class:`~.signals.Sleeper`), and at least every :data:`FULL_CHECK_S`.
 """
 
 from __future__ import annotations
@@ -48,7 +47,7 @@ from pytest_gpushare.ledger.admission import (
 )
 from pytest_gpushare.ledger.passes import OPEN_LOCK_S, RELEASE_LOCK_S, WITHDRAW_LOCK_S, Pass, Passes
 from pytest_gpushare.ledger.records import CONTEXT, TEST, Booking, GpuState, Lease, Owner, Waiter
-from pytest_gpushare.ledger.signals import Sleeper, WaitingLook
+from pytest_gpushare.ledger.signals import Sleeper, WaitingLook, Watches
 from pytest_gpushare.ledger.status import STATUS_LOCK_TIMEOUT_S, read_status
 from pytest_gpushare.ledger.views import describe, held_by, lease_holders, limits_of_others, release_deferred
 
@@ -127,6 +126,7 @@ class Ledger:
         self._closed = False
         self._closing = threading.Lock()
         self._waiting = WaitingLook(owner.session_id)
+        self._watches = Watches()
         self._passes = Passes(
             folder,
             self._gpus,
@@ -262,6 +262,7 @@ class Ledger:
             )
         finally:
             self._passes.close()
+            self._watches.close()
 
     def __enter__(self) -> Ledger:
         return self
@@ -288,15 +289,14 @@ class Ledger:
                 return lease
             req.registered = req.registered or register
             if req.sleeper is None:
-                req.sleeper = Sleeper([ledger_name(u) for u in uuids], lambda: self._passes.folder)
+                req.sleeper = Sleeper(uuids, lambda: self._passes.folder, self._watches)
                 if req.sleeper.watched:
                     continue  # once more: a write before the watch began woke nobody
             self._back_off(req, req.sleeper, view)
 
     def _back_off(self, req: _Request, sleeper: Sleeper, view: View) -> None:
-        """Sleep until a candidate ledger was written (see the module docstring),
-        :data:`FULL_CHECK_S` passed or fresh usable memory was asked for; raise
-        :class:`LeaseTimeout` at the deadline."""
+        """Sleep until a candidate ledger was written, :data:`FULL_CHECK_S` passed or fresh
+        usable memory was asked for; raise :class:`LeaseTimeout` at the deadline."""
         checked = time.monotonic()
         sleeper.mark()
         while True:

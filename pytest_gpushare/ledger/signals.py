@@ -5,9 +5,12 @@ another session waits on a GPU.
   A request that waits sleeps on an inotify descriptor of the folder (:class:`Changes`) that
   such a rename wakes, so it tries again as soon as a ledger it waits on was written, instead of
   finding out at its next poll (up to ``BACKOFF_MAX_S`` later, issue 13 row 4). The descriptor
-  is made before the request's first try, so no write after that try is missed. Where inotify
-  cannot be had (another kernel, the account's ``max_user_instances`` spent) the request polls
-  as before: :meth:`Changes.open` answers None.
+  is watching before the request's last try before it sleeps, so no write after that try is
+  missed. Where inotify cannot be had (another kernel, the account's ``max_user_instances``
+  spent) the request polls as before: :meth:`Changes.open` answers None. A ledger keeps its
+  watches for its next waits (:class:`Watches`): closing one costs the kernel tens of
+  milliseconds (it waits for an RCU grace period), which a request served after a wait would
+  otherwise spend before it returns (issue 13, row 4).
 * **Another session waits.** A ledger's head names the sessions that wait on its GPU
   (:func:`.codec.waiting_in_head`); :class:`WaitingLook` reads those first bytes, and the whole
   file only when it was written by an older version, once per version of the file. A waiter
@@ -25,8 +28,9 @@ import functools
 import os
 import select
 import struct
+import threading
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 from pytest_gpushare.errors import LedgerError
@@ -42,7 +46,7 @@ from pytest_gpushare.ledger.codec import (
 from pytest_gpushare.ledger.files import FileTooLarge, Unusable, read_file, read_head
 from pytest_gpushare.ledger.folder import LedgerFolder
 
-__all__ = ["BACKOFF_MAX_S", "BACKOFF_MIN_S", "Changes", "Sleeper", "WaitingLook"]
+__all__ = ["BACKOFF_MAX_S", "BACKOFF_MIN_S", "Changes", "Sleeper", "WaitingLook", "Watches"]
 
 #: Where the folder cannot be watched, a waiter looks again after this long, doubling up to
 #: :data:`BACKOFF_MAX_S`.
@@ -70,8 +74,9 @@ class Changes:
     """An inotify descriptor on the folder that wakes :meth:`wait` when a file is renamed into
     it (a ledger written); see the module docstring. :meth:`close` gives it back."""
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, folder: LedgerFolder) -> None:
         self._fd = fd
+        self.folder = folder
         self._poll = select.poll()
         self._poll.register(fd, select.POLLIN)
 
@@ -88,7 +93,7 @@ class Changes:
         if libc.inotify_add_watch(fd, f"/proc/self/fd/{folder.fd}".encode(), _IN_MOVED_TO) < 0:
             os.close(fd)
             return None
-        return cls(fd)
+        return cls(fd, folder)
 
     def wait(self, timeout: float, names: Collection[str]) -> bool:
         """Sleep up to ``timeout`` seconds, until one of ``names`` is written; whether one was
@@ -116,20 +121,55 @@ class Changes:
                 offset += _EVENT.size + size
                 hit = hit or name in wanted or bool(mask & _IN_Q_OVERFLOW)
 
+    def clear(self) -> None:
+        """Forget the writes seen so far."""
+        self._drain(())
+
     def close(self) -> None:
         os.close(self._fd)
 
 
-class Sleeper:
-    """How a request sleeps between its tries, on the ledger files ``names`` of the folder that
-    ``current`` gives (the folder as it is now, should it have been made again): woken by a
-    write where the folder can be watched (:attr:`watched`), else polling their header lines
-    with back-off. :meth:`close` gives the watch back."""
+class Watches:
+    """A ledger's idle :class:`Changes`, kept for its next waits (see the module docstring);
+    each wait takes one of its own (a watch wakes one reader). Thread-safe."""
 
-    def __init__(self, names: list[str], current: Callable[[], LedgerFolder]) -> None:
-        self._names = names
+    def __init__(self) -> None:
+        self._idle: list[Changes] = []
+        self._lock = threading.Lock()
+
+    def take(self, folder: LedgerFolder) -> Changes | None:
+        """A watch on ``folder`` with no write seen yet, or None where there can be none."""
+        with self._lock:
+            kept = self._idle.pop() if self._idle else None
+        if kept is not None and kept.folder is folder:
+            kept.clear()
+            return kept
+        if kept is not None:
+            kept.close()  # on a folder that was made again since
+        return Changes.open(folder)
+
+    def put(self, changes: Changes) -> None:
+        with self._lock:
+            self._idle.append(changes)
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for changes in idle:
+            changes.close()
+
+
+class Sleeper:
+    """How a request sleeps between its tries, on the ledgers of the GPUs ``uuids`` in the folder
+    that ``current`` gives (the folder as it is now, should it have been made again): woken by a
+    write where the folder can be watched (:attr:`watched`, a watch taken from ``watches``),
+    else polling their header lines with back-off. :meth:`close` gives the watch back."""
+
+    def __init__(self, uuids: Sequence[str], current: Callable[[], LedgerFolder], watches: Watches) -> None:
+        self._names = [ledger_name(u) for u in uuids]
         self._current = current
-        self._changes = Changes.open(current())
+        self._watches = watches
+        self._changes = watches.take(current())
         self._delay = BACKOFF_MIN_S
         self._seen: tuple[bytes | None, ...] = ()
 
@@ -159,7 +199,8 @@ class Sleeper:
 
     def close(self) -> None:
         if self._changes is not None:
-            self._changes.close()
+            self._watches.put(self._changes)
+            self._changes = None
 
 
 class WaitingLook:

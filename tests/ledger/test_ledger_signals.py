@@ -21,7 +21,7 @@ from pytest_gpushare.ledger.codec import LEDGER_FRAME, frame, unframe
 from pytest_gpushare.ledger.files import read_file, write_file
 from pytest_gpushare.ledger.folder import open_ledger_folder
 from pytest_gpushare.ledger.handle import Ledger
-from pytest_gpushare.ledger.signals import Changes, Sleeper
+from pytest_gpushare.ledger.signals import Changes, Sleeper, Watches
 
 folder = pytest.fixture(ledger_support.folder)
 make = pytest.fixture(ledger_support.make)
@@ -50,12 +50,12 @@ def test_a_sleeper_polls_where_the_folder_cannot_be_watched(
 ) -> None:
     monkeypatch.setattr(Changes, "open", classmethod(lambda cls, folder: None))
     opened = open_ledger_folder(tmp_path / "ledgers")
-    sleeper = Sleeper(["gpu-a.json"], lambda: opened)
+    sleeper = Sleeper(["GPU-a"], lambda: opened, Watches())
     try:
         assert not sleeper.watched
         sleeper.mark()
         assert not sleeper.sleep(0.01)
-        write_file(opened, "gpu-a.json", b"x", "t")
+        write_file(opened, ledger_name("GPU-a"), b"x", "t")
         assert sleeper.sleep(0.01)
     finally:
         sleeper.close()
