@@ -47,7 +47,8 @@ class CarriedLease:
     def keep(self, lease: Lease, need: Need | None, then: Need | None) -> bool:
         """Keep ``lease`` (granted for ``need``) for a next test that asks for ``then``, if it
         may be carried: the same need, a carriable lease the broker has not asked back."""
-        if then is None or then != need or not self._carrier.may_carry(lease):
+        # ``is`` first: the runtime asks with the same Need object for the same need.
+        if then is None or (then is not need and then != need) or not self._carrier.may_carry(lease):
             return False
         try:
             self._carrier.watch_recalls(self._recalled)
@@ -66,7 +67,7 @@ class CarriedLease:
         if kept is None:
             return None
         kept_for, lease = kept
-        if kept_for != need:
+        if kept_for is not need and kept_for != need:
             self._give_back(lease)
             return None
         try:

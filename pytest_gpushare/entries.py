@@ -3,11 +3,12 @@
 xdist serialises every report of every test, so each half carries only what the controller does
 not know without it. The setup report carries the lease while the test runs, so that the
 controller knows what a worker that dies holds, in short (:func:`setup_entry`: its GPUs, wait
-and start; the test id and worker are the report's own); the teardown report carries what the
-controller does not know by then (:func:`teardown_entry`). The controller makes the lease's
-record whole again from the setup half (:func:`kept`), merges the two (:func:`merged_entry`),
-then takes the entry off the report: pytest's terminal reporter keeps every report to the end
-of the run. A ``lease()`` block's entry travels whole in the worker's ``workeroutput``.
+and start, or only its start where the worker's previous test handed the lease on; the test id
+and worker are the report's own); the teardown report carries what the controller does not know
+by then (:func:`teardown_entry`). The controller makes the lease's record whole again from the
+setup half (:func:`kept`), merges the two (:func:`merged_entry`), then takes the entry off the
+report: pytest's terminal reporter keeps every report to the end of the run. A ``lease()``
+block's entry travels whole in the worker's ``workeroutput``.
 """
 
 from __future__ import annotations
@@ -44,15 +45,20 @@ class LeaseEntry(TypedDict, total=False):
     fallback: str | None  # how a test (or lease() block) no GPU could serve ran: "skip", "cpu", "fail"
     lease: dict[str, Any]  # LeaseRecord.to_dict(); absent when no memory was leased
     taken: list[Any]  # a setup report's only word on the lease: [[uuid, index, bytes]...], waited_s, taken_at
+    carried_at: float  # ... or its taken_at alone: the lease of the worker's previous test, handed on
     released_at: float  # a teardown report's only word on the lease (its held_s follows from it)
     observed: list[dict[str, Any]]  # what the test was seen to use, per device
     log: list[str]  # the plugin's notes on the test (waits, enforcement, ignored hook errors)
 
 
 def setup_entry(record: LeaseRecord) -> LeaseEntry:
-    """A GPU test's entry on its setup report: its lease in short (``taken``), which
-    :func:`kept` makes the record's dict (``LeaseRecord.to_dict``) again. The test id and the
-    worker are the report's own, and nothing is released yet."""
+    """A GPU test's entry on its setup report: its lease in short (``taken``), or where the
+    worker's previous test handed it on only when this test took it (``carried_at``: the GPUs are
+    the previous lease's, the wait 0 s), which :func:`kept` makes the record's dict
+    (``LeaseRecord.to_dict``) again. The test id and the worker are the report's own, and nothing
+    is released yet."""
+    if record.carried:
+        return LeaseEntry(carried_at=record.taken_at)
     return LeaseEntry(taken=[[list(p) for p in record.parts], round(record.waited_s, 4), record.taken_at])
 
 
@@ -96,27 +102,34 @@ def merged_entry(setup: LeaseEntry | None, teardown: LeaseEntry) -> LeaseEntry:
     return teardown
 
 
-def kept(entry: LeaseEntry, test_id: str, worker: str) -> LeaseEntry:
+def kept(entry: LeaseEntry, test_id: str, worker: str, previous: list[dict[str, Any]] | None) -> LeaseEntry:
     """A half of an entry as the controller keeps it to the end of the run, from the report of
     ``test_id`` (the report's node id, which pytest keeps too) that ``worker`` ran: a setup
     half's lease as its record's dict, and every other string interned (each report arrives
-    deserialised on its own, with its own copies of the same uuids and notes)."""
+    deserialised on its own, with its own copies of the same uuids and notes). ``previous``: the
+    ``gpus`` of the lease that ``worker``'s last setup half named, which a carried lease holds
+    (the list is shared: a lease's ``gpus`` is never changed)."""
     out: dict[str, Any] = {"test_id": test_id}
     for key, value in cast(dict[str, Any], entry).items():
         if key == "taken":
-            out["lease"] = _lease(value, test_id, worker)
+            parts, waited_s, taken_at = value
+            gpus = [{"uuid": sys.intern(uuid), "index": index, "bytes": size} for uuid, index, size in parts]
+            out["lease"] = _lease(test_id, worker, gpus, waited_s, taken_at)
+        elif key == "carried_at":
+            out["lease"] = _lease(test_id, worker, previous or [], 0.0, value)
         else:
             out[key] = value if key == "released_at" else _interned(value)
     return cast(LeaseEntry, out)
 
 
-def _lease(taken: list[Any], test_id: str, worker: str) -> dict[str, Any]:
-    """The dict of ``LeaseRecord.to_dict`` from a setup half's ``taken``."""
-    parts, waited_s, taken_at = taken
+def _lease(
+    test_id: str, worker: str, gpus: list[dict[str, Any]], waited_s: float, taken_at: float
+) -> dict[str, Any]:
+    """The dict of ``LeaseRecord.to_dict`` of a lease not given back yet."""
     return {
         "test_id": test_id,
         "worker": worker,
-        "gpus": [{"uuid": sys.intern(uuid), "index": index, "bytes": size} for uuid, index, size in parts],
+        "gpus": gpus,
         "waited_s": waited_s,
         "taken_at": taken_at,
         "released_at": None,

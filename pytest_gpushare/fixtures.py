@@ -60,14 +60,14 @@ def plugin_fixture(item: pytest.Item) -> bool:
     return False
 
 
-def gpu_role(item: pytest.Item, suite_marker: bool, adopt: bool) -> Role | None:
-    """Whether ``item`` is a GPU test of the plugin (see the module docstring).
+def gpu_role(marker: pytest.Mark | None, takes_fixture: bool, suite_marker: bool, adopt: bool) -> Role | None:
+    """Whether a test is a GPU test of the plugin (see the module docstring), from its closest
+    ``gpu`` marker and whether it takes the plugin's fixture (:func:`plugin_fixture`).
 
     ``suite_marker``: the suite registers its own ``gpu`` marker; ``adopt``:
     ``gpushare_adopt_marker`` hands its bare markers to the plugin.
     """
-    marker = item.get_closest_marker("gpu")
-    if (marker is not None and (marker.args or marker.kwargs)) or plugin_fixture(item):
+    if (marker is not None and (marker.args or marker.kwargs)) or takes_fixture:
         return "ours"
     if marker is None:
         return None

@@ -23,7 +23,8 @@ if TYPE_CHECKING:
 
 __all__ = ["TestNeeds"]
 
-_ROLE_KEY = pytest.StashKey["Role | None"]()
+#: A test's role, its closest ``gpu`` marker and whether it takes the plugin's fixture.
+_SEEN_KEY = pytest.StashKey["tuple[Role | None, pytest.Mark | None, bool]"]()
 _NEED_KEY = pytest.StashKey["tuple[GpuNeed, bool] | SettingError"]()
 
 
@@ -43,16 +44,22 @@ class TestNeeds:
         self._by_mark: dict[int, tuple[pytest.Mark, GpuNeed]] = {}
 
     def role(self, item: pytest.Item) -> Role | None:
+        return self._seen(item)[0]
+
+    def _seen(self, item: pytest.Item) -> tuple[Role | None, pytest.Mark | None, bool]:
+        """``item``'s role, closest ``gpu`` marker and whether it takes the plugin's fixture:
+        what its role and its need are both made of, looked up once."""
         try:
-            return item.stash[_ROLE_KEY]
+            return item.stash[_SEEN_KEY]
         except KeyError:
             pass
         if self._suite_marker is None:  # asked once conftests are in: they may register it
             self._suite_marker = suite_gpu_marker(self.config) is not None
-        role = item.stash[_ROLE_KEY] = gpu_role(
-            item, self._suite_marker, get_settings(self.config).adopt_marker
-        )
-        return role
+        marker = item.get_closest_marker("gpu")
+        takes_fixture = plugin_fixture(item)
+        role = gpu_role(marker, takes_fixture, self._suite_marker, get_settings(self.config).adopt_marker)
+        seen = item.stash[_SEEN_KEY] = (role, marker, takes_fixture)
+        return seen
 
     def need(self, item: pytest.Item) -> tuple[GpuNeed, bool]:
         """What GPU test ``item`` needs and whether it takes ``gpu``/``gpus``; a bad marker raises
@@ -71,20 +78,19 @@ class TestNeeds:
     def _work_out(self, item: pytest.Item) -> tuple[GpuNeed, bool]:
         from pytest_gpushare.runtime import GpuNeed, need_from_marker
 
-        marker = item.get_closest_marker("gpu")
+        _, marker, takes_fixture = self._seen(item)
         default = get_settings(self.config).default_mem
         if marker is None:
             return GpuNeed(mem=default), True
-        seen = self._by_mark.get(id(marker))
-        if seen is not None and seen[0] is marker:
-            return seen[1], plugin_fixture(item)
+        known = self._by_mark.get(id(marker))
+        if known is not None and known[0] is marker:
+            return known[1], takes_fixture
         # Types count: True == 1, but mem=True is a bad marker where mem=1 is a good one.
         key = (
             tuple((type(a), a) for a in marker.args),
             tuple(sorted((k, type(v), v) for k, v in marker.kwargs.items())),
         )
         source = f"the marker on {item.nodeid}"
-        takes_fixture = plugin_fixture(item)
         try:
             need = self._needs.get(key)
         except TypeError:  # an unhashable argument: validated every time

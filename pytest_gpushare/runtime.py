@@ -194,6 +194,7 @@ class LeaseRecord:
     taken_at: float
     released_at: float | None = None
     block: bool = False  # a lease() block, not a test's lease
+    carried: bool = False  # the lease of this process's previous test, handed on (waited 0 s)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -218,7 +219,7 @@ class Grant:
     released: bool = False
     need: Need | None = None  # what was asked of the lessor: a next test that asks the same may carry it
 
-    @property
+    @functools.cached_property
     def observable(self) -> bool:
         """Whether it holds a real GPU, where a test's use can be observed (not only simulated
         GPUs or the CPU)."""
@@ -256,6 +257,10 @@ class Runtime:
     log: list[str] = field(default_factory=list)
     #: What the lessor is asked for each need (:meth:`ledger_need`): asked twice per test, of few needs.
     _asks: dict[tuple[GpuNeed, bool], Need] = field(default_factory=dict, repr=False)
+    #: The views of the devices leased so far, by uuid, size and CUDA_VISIBLE_DEVICES (:meth:`_device`).
+    _devices: dict[tuple[str, int, str | None], tuple[GpuLease, int]] = field(
+        default_factory=dict, repr=False
+    )
 
     @property
     def ledger(self) -> Lessor:
@@ -342,25 +347,37 @@ class Runtime:
         gpus: list[GpuLease] = []
         parts: list[tuple[str, int, int]] = []
         for uuid, n_bytes in lease.parts:
-            g = self.plan.by_uuid(uuid).gpu
-            idx = self.device_index(uuid)
-            gpus.append(
-                GpuLease(
-                    device="cpu" if g.simulated else f"cuda:{idx}",
-                    index=idx,
-                    uuid=uuid,
-                    name=g.name,
-                    mem=n_bytes,
-                    total=g.total_bytes,
-                    is_cpu=False,
-                    simulated=g.simulated,
-                )
-            )
-            parts.append((uuid, g.index, n_bytes))
-        record = LeaseRecord(test_id, self.worker, parts, lease.waited_s, taken, block=block)
+            view, plan_index = self._device(uuid, n_bytes)
+            gpus.append(view)
+            parts.append((uuid, plan_index, n_bytes))
+        record = LeaseRecord(
+            test_id, self.worker, parts, lease.waited_s, taken, block=block, carried=carried is not None
+        )
         self.records.append(record)
         self._notify("pytest_gpushare_lease_acquired", gpus=gpus, test_id=test_id, waited=lease.waited_s)
         return Grant(lease, gpus, record, need=ledger_need)
+
+    def _device(self, uuid: str, n_bytes: int) -> tuple[GpuLease, int]:
+        """The view a test gets of ``n_bytes`` leased on ``uuid``, and that GPU's index in the
+        plan; made once per device, size and ``CUDA_VISIBLE_DEVICES`` (which decides the ``N``
+        of ``cuda:N``: :meth:`device_index`). A :class:`GpuLease` is immutable: tests share it."""
+        key = (uuid, n_bytes, os.environ.get("CUDA_VISIBLE_DEVICES"))
+        found = self._devices.get(key)
+        if found is None:
+            g = self.plan.by_uuid(uuid).gpu
+            idx = self.device_index(uuid)
+            view = GpuLease(
+                device="cpu" if g.simulated else f"cuda:{idx}",
+                index=idx,
+                uuid=uuid,
+                name=g.name,
+                mem=n_bytes,
+                total=g.total_bytes,
+                is_cpu=False,
+                simulated=g.simulated,
+            )
+            found = self._devices[key] = (view, g.index)
+        return found
 
     def ledger_need(self, need: GpuNeed, *, anywhere: bool) -> Need:
         """What the lessor is asked for ``need``: a test that does not take ``gpu``/``gpus`` stays

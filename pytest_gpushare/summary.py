@@ -165,6 +165,8 @@ class Collector:
         #: The setup half of each running GPU test's entry (what it holds), by the worker that
         #: runs it (None: this process) and its node id, until its teardown report.
         self.running: dict[tuple[str | None, str], LeaseEntry] = {}
+        #: The GPUs of the lease each worker's last setup report named: a lease it carries on.
+        self._gpus: dict[str | None, list[dict[str, Any]]] = {}
         self.started = time.time()
         self._waiter: WaitWatcher | None = None
         self._watch_checked = False
@@ -182,10 +184,12 @@ class Collector:
             return
         delattr(report, REPORT_ATTR)
         worker = _worker_of(report)
-        entry = kept(cast(LeaseEntry, info), report.nodeid, worker or MAIN_WORKER)
+        entry = kept(cast(LeaseEntry, info), report.nodeid, worker or MAIN_WORKER, self._gpus.get(worker))
         key = (worker, report.nodeid)
         if report.when == "setup":
             self.running[key] = entry
+            if "lease" in entry:
+                self._gpus[worker] = entry["lease"]["gpus"]
             return
         entry = merged_entry(self.running.pop(key, None), entry)
         entry.setdefault("outcome", report.outcome)
@@ -244,7 +248,11 @@ class Collector:
         # A run without GPU tests collected nothing: it must not plan (no NVML, no Ollama) here.
         plan = get_plan(self.config) if collected else None
         data = report.summarize(collected, self.lost + self.crashed, time.time(), plan)
-        simulated = frozenset(g.gpu.uuid for g in plan.gpus if g.gpu.simulated) if plan else frozenset()
+        # The "not measurable" rows of tests on simulated GPUs show in the JSON report alone (the
+        # terminal leaves them out, report.summary_lines): made only where there is one.
+        simulated: frozenset[str] = frozenset()
+        if plan is not None and get_settings(self.config).report:
+            simulated = frozenset(g.gpu.uuid for g in plan.gpus if g.gpu.simulated)
         records = [
             advice.observation_record(e["test_id"], observed)
             for e in self.collected

@@ -309,6 +309,25 @@ def test_the_controller_keeps_one_entry_per_test_and_takes_it_off_both_reports()
     assert not any(hasattr(rep, REPORT_ATTR) for rep in reports)
 
 
+def test_a_lease_handed_on_to_the_next_test_travels_as_its_start_alone() -> None:
+    """A worker's test that takes over its previous test's lease says only when: the controller
+    knows the GPUs from that test's setup report (shared, not copied) and the wait is 0 s."""
+    first = LeaseRecord("t.py::test_a", "gw0", [("GPU-1", 0, 2**30)], 0.5, 100.0)
+    second = LeaseRecord("t.py::test_b", "gw0", [("GPU-1", 0, 2**30)], 0.0, 101.0, carried=True)
+    (setup_a, teardown_a), (setup_b, teardown_b) = _halves(first, 100.9), _halves(second, 102.0)
+    assert setup_b == {"carried_at": 101.0}
+    collector = _collector()
+    for nodeid, setup, teardown in (
+        ("t.py::test_a", setup_a, teardown_a),
+        ("t.py::test_b", setup_b, teardown_b),
+    ):
+        collector.pytest_runtest_logreport(_report(nodeid, "setup", json.loads(json.dumps(setup)), "gw0"))
+        collector.pytest_runtest_logreport(_report(nodeid, "teardown", teardown, "gw0"))
+    assert [e["lease"] for e in collector.collected] == [first.to_dict(), second.to_dict()]
+    a, b = (e["lease"]["gpus"] for e in collector.collected)
+    assert a is b
+
+
 def test_the_controller_keeps_one_copy_of_what_every_report_repeats() -> None:
     """Each report arrives deserialised on its own: the node id is the report's (pytest keeps it
     anyway), and a uuid, a worker id or a key that two entries share is one string."""

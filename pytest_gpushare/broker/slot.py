@@ -25,6 +25,7 @@ __all__ = ["SLOT_BYTES", "SlotReader", "SlotWriter"]
 
 SLOT_BYTES = 16384
 _HEAD = struct.Struct("=QI")
+_ENCODER = json.JSONEncoder(separators=(",", ":"))  # made once: json.dumps makes one per call
 
 
 class SlotWriter:
@@ -43,13 +44,13 @@ class SlotWriter:
 
     def write(self, lease_id: str, test_id: str, taken_at: float) -> bool:
         """Record the carried lease's new holder; False when it does not fit (send it instead)."""
-        data = json.dumps([lease_id, test_id, taken_at], separators=(",", ":")).encode()
+        data = _ENCODER.encode([lease_id, test_id, taken_at]).encode()
         if _HEAD.size + len(data) > SLOT_BYTES:
             return False
-        self._map[: _HEAD.size] = _HEAD.pack(self._seq + 1, 0)
+        _HEAD.pack_into(self._map, 0, self._seq + 1, 0)
         self._map[_HEAD.size : _HEAD.size + len(data)] = data
         self._seq += 2
-        self._map[: _HEAD.size] = _HEAD.pack(self._seq, len(data))
+        _HEAD.pack_into(self._map, 0, self._seq, len(data))
         return True
 
     def close_fd(self) -> None:
