@@ -3,8 +3,8 @@
 The pool of a GPU is made of *chunks*: leases that the controller's owner holds in the box
 ledger. What they add up to is the pool's limit; the tests' leases are booked inside it. Whether
 a request may take memory, and where, is decided by the box ledger's own rules
-(:func:`pytest_gpushare.ledger.evaluate` and ``place``, fairness among waiters
-included), run over the pool's state instead of a ledger file's. Workers' CUDA contexts are not
+(:func:`pytest_gpushare.ledger.choose`, fairness among waiters included), run over the pool's
+state instead of a ledger file's. Workers' CUDA contexts are not
 in the pool: each worker's contexts are booked in the box ledger under that worker's own owner
 (:mod:`.box`), so an exclusive request of any session subtracts them as it does everywhere.
 
@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
-from pytest_gpushare.ledger import TEST, Booking, GpuState, Lease, LedgerGpu, Need, Waiter, evaluate, place
+from pytest_gpushare.ledger import TEST, Booking, GpuState, Lease, LedgerGpu, Need, choose, waiter_of
 from pytest_gpushare.units import format_size
 
 __all__ = ["POOL_OWNER", "Ask", "Pool"]
@@ -170,21 +170,20 @@ class Pool:
     def choose(self, ask: Ask, uuids: Sequence[str], now: float) -> list[tuple[str, int]] | None:
         """Where the pools of ``uuids`` can serve ``ask`` now, by the ledger's rules: the
         ``(uuid, bytes)`` parts, or None."""
-        fits = {
-            u: evaluate(
-                self._states[u],
-                self._gpus[u],
-                ask.need,
-                owner=POOL_OWNER,
-                context_bytes=0,
-                ticket=ask.ticket,
-                since=ask.since,
-                now=now,
-                fair_after=self.fair_after,
-            )
-            for u in uuids
-        }
-        chosen = place(ask.need, fits, list(uuids), self.policy, self._index)
+        fits, chosen = choose(
+            self._states,
+            self._gpus,
+            ask.need,
+            list(uuids),
+            self.policy,
+            self._index,
+            owner=POOL_OWNER,
+            context_bytes=0,
+            ticket=ask.ticket,
+            since=ask.since,
+            now=now,
+            fair_after=self.fair_after,
+        )
         return None if chosen is None else [(u, fits[u].grant) for u in chosen]
 
     def book(self, lease_id: str, ask: Ask, parts: Sequence[tuple[str, int]], now: float) -> None:
@@ -235,18 +234,9 @@ class Pool:
         """Register ``ask`` as waiting on ``uuids``, so that once it has waited ``fair_after``
         younger requests may not take what it needs there (the ledger's fairness)."""
         for uuid in uuids:
-            waiter = Waiter(
-                ask.ticket,
-                ask.worker,
-                ask.test_id,
-                self.want(ask, uuid),
-                context_bytes,
-                ask.need.count,
-                ask.need.exclusive,
-                ask.since,
-            )
-            state = self._states[uuid]
-            state.waiters = [w for w in state.waiters if w.ticket != ask.ticket] + [waiter]
+            gpu = self._gpus[uuid]
+            waiter = waiter_of(ask.need, gpu, ask.ticket, ask.worker, ask.test_id, context_bytes, ask.since)
+            self._states[uuid].add_waiter(waiter)
 
     def unwait(self, ticket: str) -> None:
         for state in self._states.values():

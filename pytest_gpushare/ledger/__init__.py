@@ -52,10 +52,12 @@ if TYPE_CHECKING:
         LedgerGpu,
         Need,
         candidates,
+        choose,
         evaluate,
         ledger_gpus,
         never_fits,
         place,
+        waiter_of,
     )
     from pytest_gpushare.ledger.folder import default_ledger_dir, ledger_dir_for, prepare_ledger_dir
     from pytest_gpushare.ledger.handle import Ledger
@@ -78,6 +80,7 @@ _HOMES = {
     "Owner": "pytest_gpushare.ledger.records",
     "Waiter": "pytest_gpushare.ledger.records",
     "candidates": "pytest_gpushare.ledger.admission",
+    "choose": "pytest_gpushare.ledger.admission",
     "default_ledger_dir": "pytest_gpushare.ledger.folder",
     "evaluate": "pytest_gpushare.ledger.admission",
     "holders_text": "pytest_gpushare.ledger.views",
@@ -89,6 +92,7 @@ _HOMES = {
     "read_status": "pytest_gpushare.ledger.status",
     "trust_lines": "pytest_gpushare.ledger.views",
     "waiting_lines": "pytest_gpushare.ledger.views",
+    "waiter_of": "pytest_gpushare.ledger.admission",
 }
 
 __all__ = [
@@ -105,6 +109,7 @@ __all__ = [
     "Owner",
     "Waiter",
     "candidates",
+    "choose",
     "default_ledger_dir",
     "evaluate",
     "holders_text",
@@ -115,6 +120,7 @@ __all__ = [
     "prepare_ledger_dir",
     "read_status",
     "trust_lines",
+    "waiter_of",
     "waiting_lines",
 ]
 

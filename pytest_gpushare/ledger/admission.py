@@ -58,10 +58,12 @@ __all__ = [
     "LedgerGpu",
     "Need",
     "candidates",
+    "choose",
     "evaluate",
     "gpu_label",
     "never_fits",
     "place",
+    "waiter_of",
 ]
 
 #: After this long a waiter is protected from younger requests.
@@ -218,6 +220,48 @@ def _kept_for(
         if w.exclusive or left < w.bytes + w.context_bytes:
             return w
     return None
+
+
+def choose(
+    states: Mapping[str, GpuState],
+    gpus: Mapping[str, LedgerGpu],
+    need: Need,
+    uuids: Sequence[str],
+    policy: str,
+    index: Mapping[str, int],
+    *,
+    owner: str,
+    context_bytes: int,
+    ticket: str,
+    since: float,
+    now: float,
+    fair_after: float,
+) -> tuple[dict[str, Fit], list[str] | None]:
+    """The verdict of each GPU of ``uuids`` on a request (:func:`evaluate`), and the GPUs that
+    would serve it (:func:`place`), or None."""
+    fits = {
+        u: evaluate(
+            states[u],
+            gpus[u],
+            need,
+            owner=owner,
+            context_bytes=context_bytes,
+            ticket=ticket,
+            since=since,
+            now=now,
+            fair_after=fair_after,
+        )
+        for u in uuids
+    }
+    return fits, place(need, fits, uuids, policy, index)
+
+
+def waiter_of(
+    need: Need, gpu: LedgerGpu, ticket: str, owner: str, test_id: str, context_bytes: int, since: float
+) -> Waiter:
+    """The waiter record of request ``ticket`` of ``owner`` for ``need`` on ``gpu``."""
+    size = need.mem.resolve(gpu.total_bytes)
+    return Waiter(ticket, owner, test_id, size, context_bytes, need.count, need.exclusive, since)
 
 
 def place(

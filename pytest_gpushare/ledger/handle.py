@@ -40,16 +40,16 @@ from pytest_gpushare.ledger.admission import (
     LedgerGpu,
     Need,
     candidates,
-    evaluate,
+    choose,
     gpu_label,
     never_fits,
-    place,
+    waiter_of,
 )
 from pytest_gpushare.ledger.passes import OPEN_LOCK_S, RELEASE_LOCK_S, WITHDRAW_LOCK_S, Pass, Passes
-from pytest_gpushare.ledger.records import CONTEXT, TEST, Booking, GpuState, Lease, Owner, Waiter
-from pytest_gpushare.ledger.signals import Sleeper, WaitingLook, Watches
+from pytest_gpushare.ledger.records import CONTEXT, TEST, Booking, GpuState, Lease, Owner
+from pytest_gpushare.ledger.signals import Sleeper, read_states
 from pytest_gpushare.ledger.status import STATUS_LOCK_TIMEOUT_S, read_status
-from pytest_gpushare.ledger.views import describe, held_by, lease_holders, limits_of_others, release_deferred
+from pytest_gpushare.ledger.views import describe, lease_timeout, release_deferred
 
 # ledger_name and read_status are re-exported for the callers that still reach them here
 # (bench/schedule.py) rather than through the facade, :mod:`pytest_gpushare.ledger`.
@@ -125,8 +125,6 @@ class Ledger:
         self._ids = itertools.count(1)
         self._closed = False
         self._closing = threading.Lock()
-        self._waiting = WaitingLook(owner.session_id)
-        self._watches = Watches()
         self._passes = Passes(
             folder,
             self._gpus,
@@ -227,7 +225,7 @@ class Ledger:
     def others_waiting(self, uuids: Sequence[str]) -> set[str]:
         """Which of ``uuids`` another session waits on, read without the lock (:mod:`.signals`)."""
         self._check_usable()
-        return {u for u in uuids if self._waiting.others_wait(self._passes.folder, u)}
+        return {u for u in uuids if self._passes.waiting.others_wait(self._passes.folder, u)}
 
     def snapshot(self) -> dict[str, Any]:
         """The ledgers of this ledger's GPUs after reclaiming the dead: see :func:`read_status`."""
@@ -262,7 +260,6 @@ class Ledger:
             )
         finally:
             self._passes.close()
-            self._watches.close()
 
     def __enter__(self) -> Ledger:
         return self
@@ -289,14 +286,14 @@ class Ledger:
                 return lease
             req.registered = req.registered or register
             if req.sleeper is None:
-                req.sleeper = Sleeper(uuids, lambda: self._passes.folder, self._watches)
+                req.sleeper = Sleeper(uuids, lambda: self._passes.folder, self._passes.watches)
                 if req.sleeper.watched:
                     continue  # once more: a write before the watch began woke nobody
-            self._back_off(req, req.sleeper, view)
+            self._back_off(req, uuids, req.sleeper, view)
 
-    def _back_off(self, req: _Request, sleeper: Sleeper, view: View) -> None:
-        """Sleep until a candidate ledger was written, :data:`FULL_CHECK_S` passed or fresh
-        usable memory was asked for; raise :class:`LeaseTimeout` at the deadline."""
+    def _back_off(self, req: _Request, uuids: list[str], sleeper: Sleeper, view: View) -> None:
+        """Sleep until a candidate ledger was written so that it could serve ``req``, :data:`FULL_CHECK_S`
+        passed or fresh usable memory was asked for; raise :class:`LeaseTimeout` at the deadline."""
         checked = time.monotonic()
         sleeper.mark()
         while True:
@@ -309,8 +306,18 @@ class Ledger:
                 self._do_refresh()
                 req.refreshed = now
                 return
-            if written or now >= req.deadline or now - checked >= FULL_CHECK_S:
+            if now >= req.deadline or now - checked >= FULL_CHECK_S:
                 return
+            if written and self._worth_a_try(req, uuids):
+                return
+
+    def _worth_a_try(self, req: _Request, uuids: list[str]) -> bool:
+        """Whether the ledgers, read without their locks, could serve ``req`` now (:mod:`.signals`);
+        the dead are reclaimed by the next locked pass, :data:`FULL_CHECK_S` later at the latest."""
+        states = read_states(self._passes.folder, uuids)
+        if states is None:
+            return True  # the locked pass repairs what cannot be read
+        return self._choose(states, req, uuids, time.time())[1] is not None
 
     def _withdraw(self, req: _Request, uuids: list[str]) -> None:
         # Reconciling drops waiters whose ticket is gone; a failure here leaves the record
@@ -331,16 +338,10 @@ class Ledger:
         self.set_usable(fresh)
 
     def _timed_out(self, req: _Request, waited: float, view: View, locked_by: str = "") -> LeaseTimeout:
-        states = [state for state, _ in view]
         reasons = [f"{self._label(state)}: {fit.why}" for state, fit in view if fit.why]
-        reasons += limits_of_others(states, self._label, self.owner, self._holder.usable)
-        if locked_by:
-            reasons.append(locked_by)
-        holders = lease_holders(states, self._label)
-        message = f"{req.test_id}: no GPU memory for {req.need.describe()} after waiting {waited:.1f}s"
-        if reasons:
-            message += " (" + "; ".join(reasons) + ")"
-        return LeaseTimeout(message + held_by(holders, long=True), waited, holders)
+        usable, states = self._holder.usable, [s for s, _ in view]
+        what = f"{req.test_id}: no GPU memory for {req.need.describe()}"
+        return lease_timeout(what, waited, states, reasons, self._label, self.owner, usable, locked_by)
 
     # --- one try ------------------------------------------------------------------------------
 
@@ -373,19 +374,24 @@ class Ledger:
         self, p: Pass, req: _Request, uuids: list[str], *, register: bool
     ) -> tuple[Lease | None, View]:
         now = time.time()
-        fits = {u: self._fit(p.states[u], req, now) for u in uuids}
-        chosen = place(req.need, fits, uuids, self._policy, self._index)
+        fits, chosen = self._choose(p.states, req, uuids, now)
         if chosen is None:
             if register:
                 self._register(p, req, fits)
             return None, [(p.states[u], fits[u]) for u in uuids]
         return self._grant(p, req, chosen, fits, now), []
 
-    def _fit(self, state: GpuState, req: _Request, now: float) -> Fit:
-        return evaluate(
-            state,
-            self._gpus[state.uuid],
+    def _choose(
+        self, states: Mapping[str, GpuState], req: _Request, uuids: list[str], now: float
+    ) -> tuple[dict[str, Fit], list[str] | None]:
+        """The verdict of each candidate GPU on ``req``, and the GPUs that would serve it."""
+        return choose(
+            states,
+            self._gpus,
             req.need,
+            uuids,
+            self._policy,
+            self._index,
             owner=self.owner.key,
             context_bytes=self._context_bytes,
             ticket=req.ticket,
@@ -396,16 +402,10 @@ class Ledger:
 
     def _register(self, p: Pass, req: _Request, fits: Mapping[str, Fit]) -> None:
         """Record the request as a waiter in each candidate's ledger (once; again if it changed)."""
-        need, ticket = req.need, req.ticket
+        key, gpus = self.owner.key, self._gpus
         for uuid, fit in fits.items():
-            state = p.states[uuid]
-            want = need.mem.resolve(self._gpus[uuid].total_bytes)
-            count, exclusive = need.count, need.exclusive
-            waiter = Waiter(
-                ticket, self.owner.key, req.test_id, want, fit.context, count, exclusive, req.since
-            )
-            if waiter not in state.waiters:
-                state.waiters = [w for w in state.waiters if w.ticket != req.ticket] + [waiter]
+            waiter = waiter_of(req.need, gpus[uuid], req.ticket, key, req.test_id, fit.context, req.since)
+            if p.states[uuid].add_waiter(waiter):
                 p.dirty.add(uuid)
 
     def _grant(self, p: Pass, req: _Request, chosen: list[str], fits: Mapping[str, Fit], now: float) -> Lease:

@@ -34,6 +34,7 @@ from pytest_gpushare.ledger.holder import Holder
 from pytest_gpushare.ledger.liveness import watch
 from pytest_gpushare.ledger.locks import locked
 from pytest_gpushare.ledger.records import GpuState, Owner
+from pytest_gpushare.ledger.signals import WaitingLook, Watches
 
 __all__ = [
     "ALIVE_MAX_AGE_S",
@@ -97,6 +98,8 @@ class Passes:
         self.trust_s = trust_s
         self.grace_s = grace_s
         self.key = owner.key
+        self.watches = Watches()  # this owner's idle watches on the folder, for its next waits
+        self.waiting = WaitingLook(owner.session_id)  # whether other sessions wait, seen without locks
         self.mutex = threading.RLock()
         self.folder: LedgerFolder = open_ledger_folder(path)
         try:
@@ -234,4 +237,5 @@ class Passes:
         try:
             self.holder.close(tombstone=not self.left)
         finally:
+            self.watches.close()
             self.folder.close()

@@ -199,6 +199,13 @@ class GpuState:
     def has_context(self, key: str) -> bool:
         return any(b.owner == key and b.kind == CONTEXT for b in self.bookings)
 
+    def add_waiter(self, waiter: Waiter) -> bool:
+        """Record ``waiter``, in place of an older record of its ticket; whether that changed anything."""
+        if waiter in self.waiters:
+            return False
+        self.waiters = [w for w in self.waiters if w.ticket != waiter.ticket] + [waiter]
+        return True
+
     def remember(self, at: float, event: str, text: str) -> None:
         self.history.append({"at": at, "event": event, "text": text})
         del self.history[:-HISTORY_KEEP]

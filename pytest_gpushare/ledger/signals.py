@@ -10,7 +10,10 @@ another session waits on a GPU.
   spent) the request polls as before: :meth:`Changes.open` answers None. A ledger keeps its
   watches for its next waits (:class:`Watches`): closing one costs the kernel tens of
   milliseconds (it waits for an RCU grace period), which a request served after a wait would
-  otherwise spend before it returns (issue 13, row 4).
+  otherwise spend before it returns (issue 13, row 4). A write wakes every request waiting on
+  the GPU; each reads the ledgers whole without the lock (:func:`read_states`) and takes the
+  lock only when they could serve it now, so that a queue of passes that cannot succeed does
+  not form behind the lock, ahead of the writer's next pass.
 * **Another session waits.** A ledger's head names the sessions that wait on its GPU
   (:func:`.codec.waiting_in_head`); :class:`WaitingLook` reads those first bytes, and the whole
   file only when it was written by an older version, once per version of the file. A waiter
@@ -45,8 +48,9 @@ from pytest_gpushare.ledger.codec import (
 )
 from pytest_gpushare.ledger.files import FileTooLarge, Unusable, read_file, read_head
 from pytest_gpushare.ledger.folder import LedgerFolder
+from pytest_gpushare.ledger.records import GpuState
 
-__all__ = ["BACKOFF_MAX_S", "BACKOFF_MIN_S", "Changes", "Sleeper", "WaitingLook", "Watches"]
+__all__ = ["BACKOFF_MAX_S", "BACKOFF_MIN_S", "Changes", "Sleeper", "WaitingLook", "Watches", "read_states"]
 
 #: Where the folder cannot be watched, a waiter looks again after this long, doubling up to
 #: :data:`BACKOFF_MAX_S`.
@@ -203,6 +207,21 @@ class Sleeper:
             self._changes = None
 
 
+def read_states(folder: LedgerFolder, uuids: Sequence[str]) -> dict[str, GpuState] | None:
+    """The ledgers of ``uuids`` as they are now, read without their locks (each whole: files are
+    replaced, never written in place); None when one is missing or cannot be read."""
+    states = {}
+    for uuid in uuids:
+        try:
+            data = read_file(folder, ledger_name(uuid))
+            if data is None:
+                return None
+            states[uuid] = parse_gpu_state(data, uuid)
+        except (Damaged, FileTooLarge, Unusable, LedgerError):
+            return None
+    return states
+
+
 class WaitingLook:
     """Whether a session other than ``session_id`` waits on a GPU, read without the lock; see
     the module docstring."""
@@ -231,8 +250,5 @@ class WaitingLook:
     def _read_whole(folder: LedgerFolder, name: str, uuid: str) -> list[str]:
         """The waiting sessions of a ledger that an older version wrote; none when it cannot be
         read (the next locked pass repairs it)."""
-        try:
-            data = read_file(folder, name)
-            return [] if data is None else waiting_sessions(parse_gpu_state(data, uuid))
-        except (Damaged, FileTooLarge, Unusable, LedgerError):
-            return []
+        states = read_states(folder, [uuid])
+        return [] if states is None else waiting_sessions(states[uuid])

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-from pytest_gpushare.errors import ReleaseDeferred
+from pytest_gpushare.errors import LeaseTimeout, ReleaseDeferred
 from pytest_gpushare.ledger.records import CONTEXT, Booking, GpuState, Lease, Owner, Waiter
 from pytest_gpushare.units import format_size
 
@@ -184,6 +184,27 @@ def lease_holders(states: Iterable[GpuState], label: Callable[[GpuState], str]) 
             )
             holders.append(f"{b.test_id} ({format_size(b.bytes)} on {label(state)}, {who})")
     return tuple(holders)
+
+
+def lease_timeout(
+    what: str,
+    waited: float,
+    states: Sequence[GpuState],
+    reasons: list[str],
+    label: Callable[[GpuState], str],
+    me: Owner,
+    usable: Mapping[str, int],
+    locked_by: str = "",
+) -> LeaseTimeout:
+    """The error of a request (``what``: "<test>: no GPU memory for <need>") that waited
+    ``waited`` seconds in vain on the GPUs of ``states``: why it could not be served there
+    (``reasons``, the limits other sessions set, who held a lock), and who holds their memory."""
+    reasons = reasons + limits_of_others(states, label, me, usable) + ([locked_by] if locked_by else [])
+    holders = lease_holders(states, label)
+    message = f"{what} after waiting {waited:.1f}s"
+    if reasons:
+        message += " (" + "; ".join(reasons) + ")"
+    return LeaseTimeout(message + held_by(holders, long=True), waited, holders)
 
 
 def waiting_lines(

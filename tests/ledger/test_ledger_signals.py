@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import ledger_support
 import pytest
@@ -20,7 +21,7 @@ from pytest_gpushare.ledger.access import ledger_name
 from pytest_gpushare.ledger.codec import LEDGER_FRAME, frame, unframe
 from pytest_gpushare.ledger.files import read_file, write_file
 from pytest_gpushare.ledger.folder import open_ledger_folder
-from pytest_gpushare.ledger.handle import Ledger
+from pytest_gpushare.ledger.handle import FULL_CHECK_S, Ledger
 from pytest_gpushare.ledger.signals import Changes, Sleeper, Watches
 
 folder = pytest.fixture(ledger_support.folder)
@@ -142,3 +143,35 @@ def test_a_killed_waiter_is_named_until_the_next_locked_pass_only(
         return holder.others_waiting(["GPU-0"]) == set()
 
     wait_until(dropped, "the killed waiter dropped from the ledger's head")
+
+
+def test_a_write_that_cannot_serve_a_waiter_does_not_make_it_take_the_lock(
+    make: Callable[..., Ledger], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every write wakes every waiter; only one that the ledger, read without the lock, could
+    # serve tries under the lock (else a queue of vain passes forms ahead of the next release).
+    holder, waiter, busy = make(session="a"), make(session="b"), make(session="c")
+    lease = holder.acquire(need(8), "big", 1)
+    tries: list[float] = []
+    attempt = Ledger._attempt
+
+    def counted(self: Ledger, *args: Any, **kw: Any) -> Any:
+        if self is waiter:
+            tries.append(time.monotonic())
+        return attempt(self, *args, **kw)
+
+    monkeypatch.setattr(Ledger, "_attempt", counted)
+    got: list[object] = []
+    thread = threading.Thread(target=lambda: got.append(waiter.acquire(need(8), "next", 30)))
+    thread.start()
+    wait_until(lambda: holder.others_waiting(["GPU-0"]) == {"GPU-0"}, "the waiter registered")
+    wait_until(lambda: len(tries) >= 2, "its try once the folder was watched")
+    before = len(tries)
+    started = time.monotonic()
+    for n in range(5):
+        busy.release(busy.acquire(need(1), f"small-{n}", 1))  # ten writes, none frees 8GiB
+    # A try that FULL_CHECK_S brings (dead owners, aging) may come; the ten writes bring none.
+    assert len([t for t in tries[before:] if t - started < FULL_CHECK_S]) == 0
+    holder.release(lease)
+    thread.join(30)
+    assert got, "the waiter was not served"
