@@ -14,6 +14,7 @@ import math
 import os
 import platform
 import re
+import resource
 import statistics
 import subprocess
 import sys
@@ -168,17 +169,21 @@ def with_bytecode(env: Mapping[str, str], cache: str | os.PathLike[str]) -> dict
 
 @dataclass(frozen=True)
 class Run:
-    """A finished command: its wall time, exit status and output."""
+    """A finished command: its wall time, exit status and output, and the CPU time (user and
+    system) of its whole process tree: every process it waited for, xdist's workers included."""
 
     wall_s: float
     returncode: int
     output: str
+    cpu_s: float = math.nan
 
 
 def run(
     args: Sequence[str], cwd: str | os.PathLike[str], env: Mapping[str, str], timeout: float = 600
 ) -> Run:
-    """Run ``args`` and time it from start to exit; the output is kept for the error message."""
+    """Run ``args`` and time it from start to exit; the output is kept for the error message. Its
+    CPU time is what this process's reaped children used meanwhile: run one command at a time."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     proc = subprocess.run(
         list(args),
@@ -190,7 +195,10 @@ def run(
         timeout=timeout,
         check=False,
     )
-    return Run(time.perf_counter() - start, proc.returncode, proc.stdout)
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
+    return Run(wall, proc.returncode, proc.stdout, cpu)
 
 
 def pytest_cmd(*args: str) -> list[str]:

@@ -8,7 +8,9 @@ tests, how often it writes the box ledger for them, and what it adds to start-up
    simulated 24GiB GPU, with ``-n 2``, ``-n 8`` and in one process, each with the plugin (each
    test leases and releases its 1GiB: under xdist through the session's broker, in one process
    from the box ledger) and with ``-p no:gpushare`` (the marker registered in the ini), side by
-   side, modes alternated, median of each. The load average is printed beside every figure.
+   side, modes alternated, median of each. The load average is printed beside every figure, and
+   the CPU time (user and system) of each run's whole process tree beside its wall time: on a
+   shared box it moves less with the load than the wall time does.
 2. Box-ledger writes per test of those runs, counted from the generation in the ledger file's
    header (every write increments it).
 3. ``pytest --collect-only`` in a folder with one GPU test, with and without the plugin, Ollama
@@ -87,10 +89,11 @@ def ollama_answers() -> bool:
 
 
 class Measured:
-    """Wall times, load averages and ledger writes of one mode's runs."""
+    """Wall times, CPU times, load averages and ledger writes of one mode's runs."""
 
     def __init__(self) -> None:
         self.walls: list[float] = []
+        self.cpus: list[float] = []
         self.loads: list[str] = []
         self.writes: list[int] = []
 
@@ -122,6 +125,7 @@ def suite_runs(work: Path, tests: int, files: int, repeats: int) -> dict[str, Me
                     f"{mode}: the summary does not show {tests} leases:\n{result.output[-2000:]}"
                 )
             measured[mode].walls.append(result.wall_s)
+            measured[mode].cpus.append(result.cpu_s)
             measured[mode].loads.append(load())
             measured[mode].writes.append(ledger_writes(ledger) - before)
     return measured
@@ -181,13 +185,23 @@ def main(argv: list[str] | None = None) -> int:
     table(
         f"{tests} trivial tests, gpu(mem='1GiB'), simulated 24GiB GPU, wall with start-up, "
         f"{repeats} runs of each, alternated",
-        ["mode", "median wall", "min", "max", "per test", "box writes/test", "load after (median run)"],
+        [
+            "mode",
+            "median wall",
+            "min",
+            "max",
+            "median CPU",
+            "per test",
+            "box writes/test",
+            "load after (median run)",
+        ],
         [
             (
                 mode,
                 f"{median(m.walls):.2f} s",
                 f"{min(m.walls):.2f} s",
                 f"{max(m.walls):.2f} s",
+                f"{median(m.cpus):.2f} s",
                 f"{median(m.walls) / tests * 1e6:.0f} us",
                 f"{median(m.writes) / tests:.3f}" if mode.endswith("with plugin") else "-",
                 _median_load(m),
@@ -216,7 +230,11 @@ def main(argv: list[str] | None = None) -> int:
         with_plugin = median(suites[f"{name}, with plugin"].walls)
         without = median(suites[f"{name}, -p no:gpushare"].walls)
         added = (with_plugin - without) / tests * 1e6
-        print(f"{name}: {added:.0f} us more per test than -p no:gpushare (medians)")
+        cpu = [median(suites[f"{name}, {m}"].cpus) for m in ("with plugin", "-p no:gpushare")]
+        print(
+            f"{name}: {added:.0f} us more per test than -p no:gpushare (medians); CPU of the process "
+            f"tree {cpu[0] / cpu[1]:.2f}x, {(cpu[0] - cpu[1]) / tests * 1e6:.0f} us more per test"
+        )
         ratios.append(Ratio(f"wall with plugin / without, {name} (median)", with_plugin / without, 1.10))
     writes = [median(suites[f"{name}, with plugin"].writes) / tests for name in LAYOUTS if LAYOUTS[name]]
     delta = (median(starts["with plugin"].walls) - median(starts["-p no:gpushare"].walls)) * 1000
