@@ -26,6 +26,7 @@ __all__ = ["TestNeeds"]
 #: A test's role, its closest ``gpu`` marker and whether it takes the plugin's fixture.
 _SEEN_KEY = pytest.StashKey["tuple[Role | None, pytest.Mark | None, bool]"]()
 _NEED_KEY = pytest.StashKey["tuple[GpuNeed, bool] | SettingError"]()
+_PLACED_KEY = pytest.StashKey["tuple[Role, GpuNeed, bool] | None"]()
 
 
 class TestNeeds:
@@ -103,15 +104,23 @@ class TestNeeds:
     def placed(self, item: pytest.Item) -> tuple[Role, GpuNeed, bool] | None:
         """``item``'s role, need, and whether its lease may go to any GPU (it takes ``gpu`` or
         ``gpus`` and is fully ours: a suite's own bare marker stays on the home GPU); None for
-        no GPU test or a bad marker (which fails the test at setup)."""
-        role = self.role(item)
-        if role is None:
-            return None
+        no GPU test or a bad marker (which fails the test at setup). Asked of every test at
+        collection (dispatch) and of each next test at a teardown: kept in its stash."""
         try:
-            need, takes_fixture = self.need(item)
-        except SettingError:
-            return None
-        return role, need, takes_fixture and role == "ours"
+            return item.stash[_PLACED_KEY]
+        except KeyError:
+            pass
+        found: tuple[Role, GpuNeed, bool] | None = None
+        role = self.role(item)
+        if role is not None:
+            try:
+                need, takes_fixture = self.need(item)
+            except SettingError:
+                pass
+            else:
+                found = (role, need, takes_fixture and role == "ours")
+        item.stash[_PLACED_KEY] = found
+        return found
 
     def asks(self, item: pytest.Item | None, runtime: Runtime, *, guest: bool) -> Need | None:
         """What ``item`` will ask ``runtime``'s lessor for, where it is a GPU test whose role is

@@ -146,7 +146,7 @@ class LeaseHooks:
     def pytest_runtest_protocol(
         self, item: pytest.Item, nextitem: pytest.Item | None
     ) -> Generator[None, object, object]:
-        item.stash[STATE_KEY] = ItemState()
+        state = item.stash[STATE_KEY] = ItemState()
         try:
             result = yield
         except BaseException:
@@ -157,7 +157,7 @@ class LeaseHooks:
                 self._runtime.drop_carried()
             raise
         finally:
-            grant = item.stash[STATE_KEY].grant
+            grant = state.grant
             if grant is not None and not grant.released:  # the teardown hook did not run
                 self._release(item, nextitem)
             del item.stash[STATE_KEY]
