@@ -17,6 +17,7 @@ import pytest
 
 from pytest_gpushare.dispatch.dispatcher import Dispatcher
 from pytest_gpushare.dispatch.fit import OVERRUN_S, Holds, Timeline, lane
+from pytest_gpushare.dispatch.lines import Joining
 from pytest_gpushare.dispatch.order import (
     NO_GPU,
     Demand,
@@ -26,7 +27,7 @@ from pytest_gpushare.dispatch.order import (
     memory_binds,
     weight,
 )
-from pytest_gpushare.dispatch.plan import gpu_workers, rooms_for, spread
+from pytest_gpushare.dispatch.plan import Plan, dispatch_makespan, make_plan, rooms_for, spread
 from pytest_gpushare.units import GiB, MemRequest, MiB
 
 G = "GPU-0"
@@ -157,14 +158,60 @@ def test_the_plan_runs_gpu_tests_on_fewer_workers_where_contexts_crowd_the_card(
     def demands(rooms: Mapping[str, int]) -> list[Demand]:
         return [demand_of(n, {G: 24 * GiB}, rooms) for n in needs]
 
-    # 7 contexts of 512MiB leave 17.5GiB: no 6GiB test beside a 14GiB one (about 23 s, and the
-    # best any schedule does on 3 to 7 workers is 20 s); 2 leave 20GiB: 19 s.
-    assert gpu_workers([G] * 7, usable, 512 * MiB, demands, durations) == [0, 1]
-    assert gpu_workers([G] * 7, usable, 0, demands, durations) == list(range(7))
+    # 7 contexts of 512MiB leave 17.5GiB: no 6GiB test beside a 14GiB one (about 23 s); 2 leave
+    # 20GiB: 19 s. Better still, 2 until the 14GiB and 6GiB tests are out (15 s side by side),
+    # then all 7, whose contexts fit once those have ended, run the 1GiB tests (1.2 s).
+    plan = make_plan([G] * 7, usable, 512 * MiB, demands, durations)
+    assert plan == Plan((0, 1), GiB)
+    assert plan.describe(7) == ", GPU tests on 2 of 7 workers, all 7 once no test over 1.0GiB waits"
+    two = rooms_for(usable, [G, G], 512 * MiB)
+    seven = rooms_for(usable, [G] * 7, 512 * MiB)
+    team = [(G, i in plan.gpu) for i in range(7)]
+    joining = Joining(GiB, seven, demands(seven))
+    phased = dispatch_makespan(two, demands(two), durations, team, joining=joining, context_bytes=512 * MiB)
+    assert phased < 17.5
+    assert dispatch_makespan(two, demands(two), durations, team) == pytest.approx(19.0)
+    assert make_plan([G] * 7, usable, 0, demands, durations) == Plan(tuple(range(7)))
     # A first run: how long tests take is not known, every worker runs GPU tests.
-    assert gpu_workers([G] * 7, usable, 512 * MiB, demands, [None] * len(needs)) == list(range(7))
+    assert make_plan([G] * 7, usable, 512 * MiB, demands, [None] * len(needs)) == Plan(tuple(range(7)))
+    assert Plan(tuple(range(7))).describe(7) == ""
+    assert Plan((0, 1)).describe(7) == ", GPU tests on 2 of 7 workers (fewer CUDA contexts)"
     assert rooms_for(usable, [G, G], 512 * MiB) == {G: 20 * GiB}
     assert spread(["a", "a", "b", "b", "a"]) == [0, 2, 1, 3, 4]  # any first w spread over the GPUs
+
+
+def test_workers_join_once_no_large_test_waits_and_only_where_the_smaller_room_fits() -> None:
+    # 10GiB usable, contexts of 1GiB: gw0 alone leaves 9GiB, both leave 8GiB. gw1 joins once the
+    # 8GiB test is out; its 2GiB test goes out once gw0's 8GiB test has ended (8 + 2 > 8).
+    needs = [MarkedNeed(MemRequest(bytes=8 * GiB)), MarkedNeed(MemRequest(bytes=2 * GiB))] * 2
+    needs.append(MarkedNeed(MemRequest(bytes=GiB), exclusive=True))
+
+    def demands(rooms: Mapping[str, int]) -> list[Demand]:
+        return [demand_of(n, {G: 12 * GiB}, rooms) for n in needs]
+
+    one, both = {G: 9 * GiB}, {G: 8 * GiB}
+    d: Dispatcher[str] = Dispatcher(
+        one, demands(one), [0.1] * 5, workers=2, joining=Joining(2 * GiB, both, demands(both))
+    )
+    d.add_worker("gw0", G)
+    d.add_worker("gw1", G, gpu=False)
+    assert d.fill("gw1", 0.0) == [] and not d.joined  # no GPU work for it yet
+    assert d.fill("gw0", 0.0, limit=2) == [4, 0]  # the exclusive test (the whole 9GiB), an 8GiB one
+    assert not d.joined
+    assert d.fill("gw0", 0.0, refill=True, limit=1) == [2]  # the last 8GiB test: none waits now
+    assert d.joined
+    assert d.fill("gw1", 0.0) == []  # 8GiB held and 2GiB more overfill the smaller room
+    for index in (4, 0, 2):
+        d.completed("gw0", index, 0.1)
+    assert d.fill("gw1", 0.3) == [1, 3]
+    # After the joining, a worker added (a crashed one's replacement) runs GPU tests, and a test
+    # that waits again takes its demand in the smaller room (an exclusive one, all of it).
+    d.completed("gw1", 1, 0.1)
+    d.completed("gw1", 3, 0.1)
+    d.add_worker("gw2", G, gpu=False)
+    d.requeue(4)
+    assert d.fill("gw2", 0.5) == [4]
+    assert d.head("gw2") == (4, ((G, 8 * GiB),))
 
 
 # --- a simulated run ------------------------------------------------------------------------------

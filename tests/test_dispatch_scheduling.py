@@ -177,7 +177,8 @@ def test_workers_that_xdist_shuts_down_are_sent_nothing(tmp_path: Path) -> None:
 
 def test_where_contexts_crowd_the_card_gpu_tests_go_to_fewer_workers(tmp_path: Path) -> None:
     # Issue 14's mix on 21GiB with 7 workers and durations from an earlier run: the plan runs GPU
-    # tests on 2 workers (2 CUDA contexts leave room for a 6GiB test beside a 14GiB one).
+    # tests on 2 workers (2 CUDA contexts leave room for a 6GiB test beside a 14GiB one) until no
+    # test over 1GiB waits, then on all 7.
     kinds = [(14, 3.0)] * 5 + [(6, 1.0)] * 15 + [(1, 0.2)] * 40
     ids = [f"t.py::test[{i}]" for i in range(len(kinds))]
     write_needs(tmp_path / "needs.json", ids, [MarkedNeed(MemRequest(bytes=g * GiB)) for g, _ in kinds])
@@ -193,11 +194,13 @@ def test_where_contexts_crowd_the_card_gpu_tests_go_to_fewer_workers(tmp_path: P
     )
     sched = MemoryScheduling(Config(7), None, session)  # type: ignore[arg-type]
     start(sched, nodes, ids)
-    assert sched.mode == "memory, GPU tests on 2 of 7 workers (fewer CUDA contexts)"
+    assert sched.mode == "memory, GPU tests on 2 of 7 workers, all 7 once no test over 1.0GiB waits"
     assert [bool(n.sent) for n in nodes] == [True, True] + [False] * 5
     done: list[int] = []
     run_to_the_end(sched, nodes, done)
     assert sorted(done) == list(range(len(ids)))
+    joined = {i for node in nodes[2:] for batch in node.sent for i in batch}
+    assert joined and all(kinds[i][0] == 1 for i in joined)  # the others ran only 1GiB tests
 
 
 @pytest.mark.parametrize("bad", ["", "{}", '{"version": 1, "digest": "x", "classes": [], "tests": []}'])

@@ -12,7 +12,10 @@ scheduler calls. See docs/concepts/dispatch.rst for the reasoning.
   what is queued behind it, counts from its earliest start until it completes (the holds).
 * **GPU workers.** Only the workers added with ``gpu=True`` are sent GPU tests; the others run
   tests without GPU work (a worker that leases nothing books no CUDA context: see
-  :mod:`~.plan`).
+  :mod:`~.plan`). With a :class:`~.lines.Joining`, they join the GPU workers once no pending
+  GPU test needs more than its threshold: from then on the rooms count their contexts too (the
+  tests' demands with them), so a joining worker's first GPU test goes out only once it fits
+  the smaller room, as the large tests still held drain.
 * **Depth.** A worker is filled to two tests (xdist's worker cannot start a test before it has
   the next one), and beyond that while its queue is expected to take less than
   :data:`LOOKAHEAD_S`, up to xdist's own high-water mark (at least three), so that very short
@@ -37,11 +40,12 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Collection, Hashable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from pytest_gpushare.dispatch.fit import Holds, Parts, Timeline
-from pytest_gpushare.dispatch.order import Demand, guess_duration, weight
+from pytest_gpushare.dispatch.lines import Joining, Line, make_lines, regroup
+from pytest_gpushare.dispatch.order import Demand, guess_duration
 from pytest_gpushare.dispatch.queues import Sent, WorkerQueue
 
 __all__ = ["LOOKAHEAD_S", "STARVE_S", "Dispatcher"]
@@ -54,20 +58,9 @@ LOOKAHEAD_S = 0.5
 W = TypeVar("W", bound=Hashable)
 
 
-@dataclass(eq=False)
-class _Class:
-    demand: Demand
-    share: float  # weight per second
-    tests: list[int] = field(default_factory=list)  # lightest first: pop() takes the head
-    passed_since: float | None = None
-
-    def head_weight(self, durations: Sequence[float]) -> float:
-        return self.share * durations[self.tests[-1]]
-
-
 @dataclass(frozen=True)
 class _Reservation:
-    cls: _Class
+    cls: Line
     parts: Mapping[str, int]
 
 
@@ -78,7 +71,8 @@ class Dispatcher(Generic[W]):
     ``durations[i]``: test ``i``'s demand and expected duration (None: unknown; it is expected to
     take :func:`~.order.guess_duration` of the known ones for its place in line, and, for how
     deep queues go, the mean of what the unknown tests completed so far took). ``workers``: how
-    many workers the session runs (for the weights).
+    many workers the session runs (for the weights). ``joining``: when the workers added without
+    GPU work join the others (None: never).
     """
 
     def __init__(
@@ -90,6 +84,7 @@ class Dispatcher(Generic[W]):
         workers: int,
         starve_after: float = STARVE_S,
         lookahead: float = LOOKAHEAD_S,
+        joining: Joining | None = None,
     ) -> None:
         self._holds: Holds[W] = Holds(rooms)
         self._timeline: Timeline[W] = Timeline(rooms)
@@ -104,26 +99,23 @@ class Dispatcher(Generic[W]):
         self._lookahead = lookahead
         self._workers: dict[W, WorkerQueue] = {}
         self._reserved: _Reservation | None = None
-        self._class_of: list[_Class] = []
-        classes: dict[Demand, _Class] = {}
-        for demand in demands:
-            cls = classes.get(demand)
-            if cls is None:
-                cls = classes[demand] = _Class(demand, weight(demand, 1.0, rooms, workers))
-            self._class_of.append(cls)
-        self._classes = list(classes.values())
-        for index in range(len(demands)):
-            self._class_of[index].tests.append(index)
-        for cls in self._classes:
-            cls.tests.sort(key=self._line_key)
+        self._weigh_with = workers
+        self._classes, self._class_of = make_lines(
+            rooms, demands, workers, range(len(demands)), self._line_key
+        )
         self.pending = len(demands)
+        self._joining = joining
+        #: Whether every worker runs GPU tests from now on (the joining happened).
+        self.joined = False
+        self._large = 0 if joining is None else sum(map(self._is_large, range(len(demands))))
+        self._join_if_due()
 
     # --- workers -----------------------------------------------------------------------------
 
     def add_worker(self, worker: W, home: str | None, *, gpu: bool = True) -> None:
         """A worker at ``home`` (a GPU uuid); ``gpu``: it is sent GPU tests, else only tests
-        without GPU work."""
-        self._workers[worker] = WorkerQueue(home if home in self._holds.rooms else None, gpu)
+        without GPU work (until the joining, after which every worker is)."""
+        self._workers[worker] = WorkerQueue(home if home in self._holds.rooms else None, gpu or self.joined)
         self._stale.add(worker)
 
     def gpu_workers_at(self, home: str | None) -> int:
@@ -253,10 +245,10 @@ class Dispatcher(Generic[W]):
         high = max(3, self.pending // max(1, len(self._workers)) // 2)
         return depth < high and state.queued_s < (self._lookahead / 2 if low else self._lookahead)
 
-    def _best(self, worker: W, state: WorkerQueue, now: float) -> tuple[_Class, Parts] | None:
+    def _best(self, worker: W, state: WorkerQueue, now: float) -> tuple[Line, Parts] | None:
         """The heaviest class whose head fits ``worker``; classes above it that did not fit
         have been passed over from now on."""
-        skipped: list[_Class] = []
+        skipped: list[Line] = []
         for cls in self._offer_order():
             parts = self._place(worker, state, cls, fitting=True)
             if parts is not None:
@@ -268,7 +260,7 @@ class Dispatcher(Generic[W]):
                 skipped.append(cls)
         return None
 
-    def _kept_out_by_smaller(self, state: WorkerQueue, cls: _Class) -> bool:
+    def _kept_out_by_smaller(self, state: WorkerQueue, cls: Line) -> bool:
         """Whether ``cls``'s head would fit on a GPU it may use if the workers that hold less
         than it there gave their room up: then smaller tests keep it out (it is passed over);
         otherwise larger ones do, and waiting for them is its place in line."""
@@ -280,7 +272,7 @@ class Dispatcher(Generic[W]):
         )
         return any(0 < d.on(u) <= self._holds.rooms[u] - self._holds.held_by_larger(u, d.on(u)) for u in gpus)
 
-    def _offer_order(self) -> Iterator[_Class]:
+    def _offer_order(self) -> Iterator[Line]:
         reserved = self._reserved.cls if self._reserved is not None else None
         if reserved is not None and reserved.tests:
             yield reserved
@@ -288,7 +280,7 @@ class Dispatcher(Generic[W]):
         live.sort(key=lambda c: c.head_weight(self._durations), reverse=True)
         yield from live
 
-    def _stall_pick(self, worker: W, state: WorkerQueue) -> tuple[_Class, Parts] | None:
+    def _stall_pick(self, worker: W, state: WorkerQueue) -> tuple[Line, Parts] | None:
         """For a worker left with one test when nothing fits and nothing runs anywhere: the
         smallest pending test it may run (None: none, it runs no GPU tests)."""
         allowed = [c for c in self._classes if c.tests and (state.gpu or not c.demand.count)]
@@ -299,9 +291,10 @@ class Dispatcher(Generic[W]):
         assert parts is not None  # placed without fitting: always somewhere
         return cls, parts
 
-    def _send(self, worker: W, state: WorkerQueue, cls: _Class, parts: Parts, *, forced: bool = False) -> int:
+    def _send(self, worker: W, state: WorkerQueue, cls: Line, parts: Parts, *, forced: bool = False) -> int:
         index = cls.tests.pop()
         self.pending -= 1
+        self._large -= self._is_large(index)
         known = not self._unknown[index]
         state.append(Sent(index, parts, self._durations[index] if known else self._guess, known, forced))
         self._holds.add(worker, parts)
@@ -309,11 +302,12 @@ class Dispatcher(Generic[W]):
         cls.passed_since = None
         if self._reserved is not None and (self._reserved.cls is cls or not self._reserved.cls.tests):
             self._reserved = None
+        self._join_if_due()
         return index
 
     # --- placing -----------------------------------------------------------------------------
 
-    def _place(self, worker: W, state: WorkerQueue, cls: _Class, *, fitting: bool) -> Parts | None:
+    def _place(self, worker: W, state: WorkerQueue, cls: Line, *, fitting: bool) -> Parts | None:
         """Where ``cls``'s head would go on ``worker``: ``(uuid, bytes)`` parts (empty: no GPU
         memory that dispatch models), or None when it does not fit (``fitting``)."""
         d = cls.demand
@@ -351,7 +345,7 @@ class Dispatcher(Generic[W]):
             kept > 0 and need < self._holds.hold(worker, uuid) and timeline.fits(worker, uuid, window, need)
         )
 
-    def _window(self, worker: W, cls: _Class) -> tuple[float, float]:
+    def _window(self, worker: W, cls: Line) -> tuple[float, float]:
         """When ``worker`` is expected to run ``cls``'s head if it is sent it now."""
         index = cls.tests[-1]
         found = self._timeline.lane_of(worker)
@@ -397,7 +391,7 @@ class Dispatcher(Generic[W]):
             gpus = [u for u in self._by_room(None, {}) if d.on(u)][: d.count]
         self._reserved = _Reservation(cls, {u: d.on(u) for u in gpus})
 
-    def _kept_for_others(self, cls: _Class) -> Mapping[str, int]:
+    def _kept_for_others(self, cls: Line) -> Mapping[str, int]:
         """What a reservation keeps on each GPU from tests other than its own."""
         if self._reserved is None or self._reserved.cls is cls:
             return {}
@@ -423,6 +417,31 @@ class Dispatcher(Generic[W]):
         cls = self._class_of[index]
         bisect.insort(cls.tests, index, key=self._line_key)
         self.pending += 1
+        self._large += self._is_large(index)
+
+    # --- the joining -------------------------------------------------------------------------
+
+    def _is_large(self, index: int) -> bool:
+        """Whether test ``index`` keeps the workers without GPU work from joining."""
+        if self._joining is None or self.joined:
+            return False
+        d = self._class_of[index].demand
+        return d.count > 0 and d.largest > self._joining.threshold
+
+    def _join_if_due(self) -> None:
+        """Once no pending test is large, every worker runs GPU tests: the rooms count every
+        worker's context, and the pending tests wait again under their demands there."""
+        joining = self._joining
+        if joining is None or self.joined or self._large > 0:
+            return
+        self.joined = True
+        self._reserved = None
+        self._holds.rooms = dict(joining.rooms)
+        self._timeline.rooms = dict(joining.rooms)
+        self._classes, self._class_of = regroup(self._classes, joining, self._weigh_with, self._line_key)
+        for state in self._workers.values():
+            state.gpu = True
+        self._stale.update(self._workers)
 
     def _take_out(self, state: WorkerQueue, worker: W, indices: Sequence[int]) -> None:
         self._stale.add(worker)

@@ -35,9 +35,10 @@ from xdist.scheduler import LoadScheduling
 from xdist.workermanage import WorkerController, parse_tx_spec_config
 
 from pytest_gpushare.dispatch.dispatcher import Dispatcher
+from pytest_gpushare.dispatch.lines import Joining
 from pytest_gpushare.dispatch.needs import INPUT_KEY, read_needs
 from pytest_gpushare.dispatch.order import Demand, MarkedNeed, demand_of, memory_binds
-from pytest_gpushare.dispatch.plan import gpu_workers, rooms_for
+from pytest_gpushare.dispatch.plan import make_plan, rooms_for
 
 __all__ = ["STEAL_AFTER_S", "MemoryScheduling", "SessionFacts"]
 
@@ -118,7 +119,7 @@ class MemoryScheduling:
             self._load.add_node(node)
             return
         # A replacement worker takes GPU tests where the plan has fewer GPU workers at its home
-        # than it chose (one of them died).
+        # than it chose (one of them died), and once the plan's workers joined (every one does).
         home = self.facts.home(node)
         self._core.add_worker(
             node.gateway.id, home, gpu=self._core.gpu_workers_at(home) < self._gpu_homes[home]
@@ -207,22 +208,21 @@ class MemoryScheduling:
             return "xdist: every worker's largest test fits at once"
         self._collection = next(iter(self._collections.values()))
         durations = [self.facts.durations.get(t) for t in self._collection]
-        chosen = set(
-            gpu_workers(
-                homes, self.facts.usable, self.facts.context_bytes, partial(self._demands, needs), durations
-            )
-        )
-        rooms = rooms_for(self.facts.usable, [homes[i] for i in chosen], self.facts.context_bytes)
+        usable, context = self.facts.usable, self.facts.context_bytes
+        plan = make_plan(homes, usable, context, partial(self._demands, needs), durations)
+        rooms = rooms_for(usable, [homes[i] for i in plan.gpu], context)
+        joining = None
+        if plan.threshold is not None:
+            full = rooms_for(usable, homes, context)
+            joining = Joining(plan.threshold, full, self._demands(needs, full))
         core: Dispatcher[str] = Dispatcher(
-            rooms, self._demands(needs, rooms), durations, workers=len(self._nodes)
+            rooms, self._demands(needs, rooms), durations, workers=len(self._nodes), joining=joining
         )
         for i, (node, home) in enumerate(zip(self._nodes, homes, strict=True)):
-            core.add_worker(node.gateway.id, home, gpu=i in chosen)
-        self._gpu_homes = Counter(homes[i] for i in chosen)
+            core.add_worker(node.gateway.id, home, gpu=i in plan.gpu)
+        self._gpu_homes = Counter(homes[i] for i in plan.gpu)
         self._core = core
-        if len(chosen) == len(homes):
-            return "memory"
-        return f"memory, GPU tests on {len(chosen)} of {len(homes)} workers (fewer CUDA contexts)"
+        return "memory" + plan.describe(len(homes))
 
     def _why_xdist(self) -> str | None:
         collections = list(self._collections.values())
