@@ -25,7 +25,6 @@ another session waits on a GPU.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import functools
 import os
@@ -68,7 +67,9 @@ _EVENT = struct.Struct("iIII")  # struct inotify_event: wd, mask, cookie, len; t
 def _libc() -> Any:
     """The C library's inotify calls, or None where there are none."""
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        # The symbols the process has loaded, the C library's among them: find_library("c")
+        # would start ldconfig, tens of milliseconds on a loaded box, on a request's first wait.
+        libc = ctypes.CDLL(None, use_errno=True)
         return libc if hasattr(libc, "inotify_init1") and hasattr(libc, "inotify_add_watch") else None
     except OSError:
         return None
