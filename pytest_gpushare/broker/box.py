@@ -34,7 +34,7 @@ from pytest_gpushare.errors import LedgerError, ReleaseDeferred
 from pytest_gpushare.ledger import Lease, Ledger, LedgerGpu, Need, Owner
 from pytest_gpushare.threads import daemon_thread
 
-__all__ = ["DescriptorOf", "Done", "OpenLedger", "Watched", "facade_descriptor"]
+__all__ = ["DescriptorOf", "Done", "OpenLedger", "facade_descriptor"]
 
 #: Opens the session's :class:`Ledger` for an owner with this CUDA context size (the session's
 #: folder, GPUs, policy, log and usable-memory refresh are the caller's).
@@ -62,14 +62,6 @@ class Done:
     fds: tuple[int, ...] = ()
 
 
-@dataclass(frozen=True)
-class Watched:
-    """No longer reported: another session's waiters are read on the serving thread
-    (:meth:`Box.others_waiting`). Kept while the server's event queue still names it."""
-
-    uuids: frozenset[str]
-
-
 Task = Callable[[], None]
 
 
@@ -83,7 +75,7 @@ class Box:
         *,
         session_id: str,
         context_bytes: int,
-        report: Callable[[Done | Watched], None],
+        report: Callable[[Done], None],
         descriptor_of: DescriptorOf = facade_descriptor,
         log: Callable[[str], None],
     ) -> None:

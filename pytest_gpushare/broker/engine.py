@@ -39,7 +39,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from pytest_gpushare.broker.box import Box, Done, Watched
+from pytest_gpushare.broker.box import Box, Done
 from pytest_gpushare.broker.giveback import LINGER_S, PATIENCE_S, WATCH_S, GiveBack, growths_bring
 from pytest_gpushare.broker.pool import Ask, Pool
 from pytest_gpushare.broker.protocol import (
@@ -255,9 +255,7 @@ class Engine:
 
     # --- what the box answered ----------------------------------------------------------------------
 
-    def done(self, event: Done | Watched) -> None:
-        if isinstance(event, Watched):
-            return  # no longer reported (see Watched)
+    def done(self, event: Done) -> None:
         p = self._tickets.get(event.ticket)
         w = self._workers.get(event.conn)
         if w is not None:

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pytest_gpushare.broker import protocol as proto
-from pytest_gpushare.broker.box import Box, DescriptorOf, Done, OpenLedger, Watched, facade_descriptor
+from pytest_gpushare.broker.box import Box, DescriptorOf, Done, OpenLedger, facade_descriptor
 from pytest_gpushare.broker.engine import PUBLISH_S, Engine
 from pytest_gpushare.broker.giveback import LINGER_S, WATCH_S
 from pytest_gpushare.broker.slot import SlotReader
@@ -120,7 +120,7 @@ class Broker:
         log: Callable[[str], None] | None = None,
     ) -> None:
         self._log = log if log is not None else (lambda _line: None)
-        self._events: queue.SimpleQueue[Done | Watched | _Call] = queue.SimpleQueue()
+        self._events: queue.SimpleQueue[Done | _Call] = queue.SimpleQueue()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -206,7 +206,7 @@ class Broker:
 
     # --- the serving thread -------------------------------------------------------------------------
 
-    def _post(self, event: Done | Watched | _Call) -> None:
+    def _post(self, event: Done | _Call) -> None:
         """Hand an event to the serving thread (any thread may call this)."""
         self._events.put(event)
         self._wake()
