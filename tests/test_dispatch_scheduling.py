@@ -175,32 +175,52 @@ def test_workers_that_xdist_shuts_down_are_sent_nothing(tmp_path: Path) -> None:
     assert [n.sent for n in nodes] == before
 
 
-def test_where_contexts_crowd_the_card_gpu_tests_go_to_fewer_workers(tmp_path: Path) -> None:
-    # Issue 14's mix on 21GiB with 7 workers and durations from an earlier run: the plan runs GPU
-    # tests on 2 workers (2 CUDA contexts leave room for a 6GiB test beside a 14GiB one) until no
-    # test over 1GiB waits, then on all 7.
-    kinds = [(14, 3.0)] * 5 + [(6, 1.0)] * 15 + [(1, 0.2)] * 40
-    ids = [f"t.py::test[{i}]" for i in range(len(kinds))]
-    write_needs(tmp_path / "needs.json", ids, [MarkedNeed(MemRequest(bytes=g * GiB)) for g, _ in kinds])
+MIX = [(14, 3.0)] * 5 + [(6, 1.0)] * 15 + [(1, 0.2)] * 40
+MIX_IDS = [f"t.py::test[{i}]" for i in range(len(MIX))]
+
+
+def mix_run(tmp_path: Path) -> tuple[MemoryScheduling, list[Node]]:
+    """Issue 14's mix on 21GiB with 7 workers and durations from an earlier run, scheduled."""
+    write_needs(tmp_path / "needs.json", MIX_IDS, [MarkedNeed(MemRequest(bytes=g * GiB)) for g, _ in MIX])
     nodes = [Node(f"gw{i}", tmp_path / "needs.json") for i in range(7)]
     session = SessionFacts(
         usable={G: 21 * GiB},
         totals={G: 24 * GiB},
         context_bytes=GiB // 2,
         home=lambda node: G,
-        durations={t: s for t, (_, s) in zip(ids, kinds, strict=True)},
+        durations={t: s for t, (_, s) in zip(MIX_IDS, MIX, strict=True)},
         waiting=dict,
         clock=lambda: 100.0,
     )
     sched = MemoryScheduling(Config(7), None, session)  # type: ignore[arg-type]
-    start(sched, nodes, ids)
+    start(sched, nodes, MIX_IDS)
+    return sched, nodes
+
+
+def test_where_contexts_crowd_the_card_gpu_tests_go_to_fewer_workers(tmp_path: Path) -> None:
+    # The plan runs GPU tests on 2 workers (2 CUDA contexts leave room for a 6GiB test beside a
+    # 14GiB one) until no test over 1GiB waits, then on all 7.
+    sched, nodes = mix_run(tmp_path)
     assert sched.mode == "memory, GPU tests on 2 of 7 workers, all 7 once no test over 1.0GiB waits"
     assert [bool(n.sent) for n in nodes] == [True, True] + [False] * 5
     done: list[int] = []
     run_to_the_end(sched, nodes, done)
-    assert sorted(done) == list(range(len(ids)))
+    assert sorted(done) == list(range(len(MIX)))
     joined = {i for node in nodes[2:] for batch in node.sent for i in batch}
-    assert joined and all(kinds[i][0] == 1 for i in joined)  # the others ran only 1GiB tests
+    assert joined and all(MIX[i][0] == 1 for i in joined)  # the others ran only 1GiB tests
+
+
+def test_a_crashed_gpu_workers_replacement_takes_its_place_before_the_joining(tmp_path: Path) -> None:
+    sched, nodes = mix_run(tmp_path)
+    gw0 = nodes[0]
+    sched.remove_node(gw0)
+    replacement = Node("gw7", tmp_path / "needs.json")
+    sched.add_node(replacement)
+    sched.add_node_collection(replacement, MIX_IDS)
+    sched.schedule()
+    sent = [i for batch in replacement.sent for i in batch]
+    assert sent and MIX[sent[0]][0] > 1  # a large test: it runs GPU tests as gw0 did
+    assert not any(n.sent for n in nodes[2:])  # the others still wait for the joining
 
 
 @pytest.mark.parametrize("bad", ["", "{}", '{"version": 1, "digest": "x", "classes": [], "tests": []}'])
