@@ -13,7 +13,25 @@ imported only where xdist runs; ``pytest_gpushare.workers`` makes it).
 
 from __future__ import annotations
 
-from pytest_gpushare.dispatch.dispatcher import LOOKAHEAD_S, STARVE_S, Dispatcher
-from pytest_gpushare.dispatch.order import NO_GPU, Demand, MarkedNeed
+from typing import TYPE_CHECKING
+
+from pytest_gpushare.lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from pytest_gpushare.dispatch.dispatcher import LOOKAHEAD_S, STARVE_S, Dispatcher
+    from pytest_gpushare.dispatch.order import NO_GPU, Demand, MarkedNeed
+
+#: public name -> the module that defines it. Imported on first use (PEP 562): a worker writes
+#: its needs file (:mod:`.needs`, :mod:`.order`) and never loads the dispatcher.
+_HOMES = {
+    "LOOKAHEAD_S": "pytest_gpushare.dispatch.dispatcher",
+    "STARVE_S": "pytest_gpushare.dispatch.dispatcher",
+    "Dispatcher": "pytest_gpushare.dispatch.dispatcher",
+    "NO_GPU": "pytest_gpushare.dispatch.order",
+    "Demand": "pytest_gpushare.dispatch.order",
+    "MarkedNeed": "pytest_gpushare.dispatch.order",
+}
 
 __all__ = ["LOOKAHEAD_S", "NO_GPU", "STARVE_S", "Demand", "Dispatcher", "MarkedNeed"]
+
+__getattr__, __dir__ = lazy_exports(globals(), _HOMES)

@@ -13,7 +13,6 @@ the known durations of this run's tests, else :data:`UNKNOWN_S`.
 
 from __future__ import annotations
 
-import statistics
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -79,6 +78,8 @@ def weight(demand: Demand, duration_s: float, rooms: Mapping[str, int], workers:
 def guess_duration(known: Iterable[float]) -> float:
     """The expected duration of a test never seen: the median of the known ones, else 1 s."""
     values = list(known)
+    import statistics  # here: it loads fractions and decimal, which a worker writing needs never uses
+
     return statistics.median(values) if values else UNKNOWN_S
 
 
